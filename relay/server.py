@@ -1,0 +1,249 @@
+"""The relay: agents connect in over mutual-TLS WebSocket; cloud DICOM callers connect to its listeners.
+
+- ``/tunnel`` (configurable) accepts one WebSocket per site. The site is the CN of the client certificate
+  the TLS handshake verified against the relay CA — never anything the agent says.
+- Each ``[[listeners]]`` entry is a DICOM port: the A-ASSOCIATE-RQ is routed by called AE within that
+  listener's table, the calling AE checked, and a stream opened to the site's agent with the request.
+- Streams an agent opens name a called AE; they are dialed only to that site's ``[[sites.destinations]]``.
+- The admin port serves ``/api/status`` (JSON) on loopback by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from relay.config import RelaySettings
+from relay.pki import PkiError, site_from_certificate
+from tunnel_core.codes import ErrorCode, TargetKind
+from tunnel_core.dicom import AssociateRequest, RejectReason
+from tunnel_core.frames import OpenPayload
+from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
+from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
+from tunnel_link.associations import (
+    Association,
+    AssociationTracker,
+    IngressLimits,
+    STREAM_LIMIT,
+    serve_caller,
+    serve_stream,
+)
+from tunnel_link.errors import LinkError
+from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
+from tunnel_link.sockets import tune
+from tunnel_link.tls import server_context
+
+log = logging.getLogger("relay")
+
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class SiteState:
+    name: str
+    destinations: dict[str, Destination]
+    session: MuxSession | None = None
+    peer: str = ""
+    connects: int = 0
+    last_disconnect: float | None = None
+    last_disconnect_reason: str = ""
+
+
+class Relay:
+    """Build with settings, then ``await run()``; or ``async with relay.running():`` in tests."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        self.limits = settings.mux.to_limits()
+        self.tracker = AssociationTracker("r")
+        self.sites = {s.name: SiteState(s.name, _destinations(s)) for s in settings.sites}
+        self.tables = {li.name: _ingress_table(li) for li in settings.listeners}
+        self.bound: dict[str, tuple[str, int]] = {}
+        self._stopping = asyncio.Event()
+        self.started = time.time()
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with AsyncExitStack() as stack:
+            await self.start(stack)
+            await self._stopping.wait()
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """Bind every port; everything is torn down when ``stack`` closes."""
+        s = self.settings
+        ssl_ctx = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path)
+        tunnel_app = web.Application()
+        tunnel_app.router.add_get(s.tunnel.path, self._tunnel_ws)
+        self.bound["tunnel"] = await _serve_app(stack, tunnel_app, s.tunnel.host, s.tunnel.port, ssl_ctx)
+        admin_app = web.Application()
+        admin_app.router.add_get("/api/status", self._status)
+        admin_app.router.add_get("/healthz", self._healthz)
+        self.bound["admin"] = await _serve_app(stack, admin_app, s.admin.host, s.admin.port, None)
+        for listener in s.listeners:
+            self.bound[f"listener:{listener.name}"] = await self._serve_listener(stack, listener)
+        stack.push_async_callback(self._close_sessions)
+        log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _close_sessions(self) -> None:
+        for site in self.sites.values():
+            if site.session is not None:
+                await site.session.close(ErrorCode.GOING_AWAY, "relay shutting down")
+
+    async def _serve_listener(self, stack: AsyncExitStack, listener) -> tuple[str, int]:
+        limits = IngressLimits(listener.artim_timeout, listener.max_associate_rq)
+        table = self.tables[listener.name]
+
+        async def on_caller(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def decide(req: AssociateRequest, assoc: Association) -> TunnelStream | RejectReason:
+                return await self._route_caller(table, req, assoc)
+            await serve_caller(reader, writer, limits=limits, decide=decide, tracker=self.tracker,
+                               direction="cloud-to-site")
+
+        server = await asyncio.start_server(on_caller, listener.host, listener.port, limit=STREAM_LIMIT)
+        stack.push_async_callback(_close_server, server)
+        return server.sockets[0].getsockname()[:2]
+
+    # --- routing ----------------------------------------------------------------------------------------
+
+    def online_sites(self) -> set[str]:
+        return {name for name, site in self.sites.items()
+                if site.session is not None and not site.session.draining}
+
+    async def _route_caller(self, table: dict[str, IngressRoute], req: AssociateRequest,
+                            assoc: Association) -> TunnelStream | RejectReason:
+        decision = decide_ingress(table, req.called_ae, req.calling_ae, self.online_sites())
+        if not isinstance(decision, Accept):
+            return decision.reason
+        assoc.site, assoc.route = decision.site, decision.route
+        session = self.sites[decision.site].session
+        if session is None:
+            return RejectReason.SITE_OFFLINE
+        try:
+            return await session.open_stream(OpenPayload(TargetKind.ROUTE, decision.route, req.calling_ae))
+        except StreamLimitReached:
+            return RejectReason.CAPACITY
+        except (ConnectionDraining, LinkError):
+            return RejectReason.SITE_OFFLINE
+
+    async def _agent_stream(self, site: SiteState, stream: TunnelStream) -> None:
+        """A stream the site's agent opened: only this site's cloud destinations are reachable."""
+        def choose(req: AssociateRequest) -> Destination | ErrorCode:
+            if stream.open.kind is not TargetKind.CALLED_AE or stream.open.target != req.called_ae:
+                return ErrorCode.PROTOCOL_ERROR
+            return decide_destination(site.destinations, req.called_ae, req.calling_ae)
+
+        await serve_stream(stream, limits=IngressLimits(), choose=choose, connect_timeout=CONNECT_TIMEOUT,
+                           tracker=self.tracker, direction="site-to-cloud", site=site.name)
+
+    # --- the agent-facing WebSocket ---------------------------------------------------------------------
+
+    async def _tunnel_ws(self, request: web.Request) -> web.StreamResponse:
+        site = self._identify(request)
+        if site is None:
+            raise web.HTTPForbidden(text="certificate does not name a configured site\n")
+        tune(request.transport)
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
+        await ws.prepare(request)
+        peer = f"{request.remote}"
+
+        async def on_stream(stream: TunnelStream) -> None:
+            await self._agent_stream(site, stream)
+
+        session = MuxSession(ws, Mux(Role.RELAY, self.limits),
+                             heartbeat_interval=self.settings.tunnel.heartbeat_interval,
+                             on_stream=on_stream, label=site.name)
+        previous = site.session
+        site.session, site.peer = session, peer
+        site.connects += 1
+        log.info("tunnel=%s connected from %s", site.name, peer)
+        if previous is not None:
+            await previous.close(ErrorCode.GOING_AWAY, "replaced by a newer connection from the site")
+        try:
+            await session.run()
+        finally:
+            if site.session is session:
+                site.session = None
+            site.last_disconnect = time.time()
+            site.last_disconnect_reason = session.close_reason or "closed"
+            log.info("tunnel=%s disconnected: %s", site.name, site.last_disconnect_reason)
+        return ws
+
+    def _identify(self, request: web.Request) -> SiteState | None:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der:
+            return None
+        try:
+            name = site_from_certificate(der)
+        except PkiError as exc:
+            log.warning("refused tunnel from %s: %s", request.remote, exc)
+            return None
+        site = self.sites.get(name)
+        if site is None:
+            log.warning("refused tunnel from %s: site %r is not configured", request.remote, name)
+        return site
+
+    # --- status -----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        sites = []
+        for site in self.sites.values():
+            session = site.session
+            sites.append({
+                "name": site.name,
+                "connected": session is not None,
+                "peer": site.peer if session else None,
+                "connected_since": session.connected_at if session else None,
+                "rtt_ms": round(session.rtt * 1000, 3) if session and session.rtt is not None else None,
+                "active_streams": session.active_streams if session else 0,
+                "connects": site.connects,
+                "last_disconnect": site.last_disconnect,
+                "last_disconnect_reason": site.last_disconnect_reason,
+            })
+        return {
+            "started": self.started,
+            "sites": sites,
+            "associations": [a.as_dict() for a in self.tracker.active.values()],
+            "outcomes": dict(self.tracker.outcomes),
+        }
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+
+def _destinations(site) -> dict[str, Destination]:
+    return {d.called_ae: Destination(d.called_ae, d.host, d.port, None, frozenset(d.allowed_calling_aes))
+            for d in site.destinations}
+
+
+def _ingress_table(listener) -> dict[str, IngressRoute]:
+    return {r.called_ae: IngressRoute(r.called_ae, r.site, r.route, frozenset(r.allowed_calling_aes))
+            for r in listener.routes}
+
+
+async def _serve_app(stack: AsyncExitStack, app: web.Application, host: str, port: int,
+                     ssl_ctx) -> tuple[str, int]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
+    await site.start()
+    sock = site._server.sockets[0]  # aiohttp exposes no public accessor for the bound address
+    return sock.getsockname()[:2]
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()

@@ -1,0 +1,216 @@
+"""The agent: keeps one outbound mutual-TLS WebSocket to the relay up, and carries associations both ways.
+
+- The connection loop never gives up on a transient failure: each attempt re-resolves DNS and rebuilds
+  the TLS context (so renewed certificates are used), and failures wait a full-jitter exponential backoff.
+  A dead relay is noticed within three heartbeat intervals of silence.
+- A stream the relay opens names a route; the route maps to a destination in *this* config and nothing
+  else can be dialed, whatever the relay asks.
+- The local DICOM listener carries associations from modalities and the PACS out to the relay, routed
+  there by called AE among this site's cloud destinations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from contextlib import AsyncExitStack
+
+import aiohttp
+from aiohttp import web
+
+from tunnel_agent.config import AgentSettings
+from tunnel_core.backoff import Backoff
+from tunnel_core.codes import ErrorCode, TargetKind
+from tunnel_core.dicom import AssociateRequest, RejectReason
+from tunnel_core.frames import OpenPayload
+from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
+from tunnel_core.routing import Destination, decide_destination
+from tunnel_link.associations import (
+    Association,
+    AssociationTracker,
+    IngressLimits,
+    STREAM_LIMIT,
+    serve_caller,
+    serve_stream,
+)
+from tunnel_link.errors import LinkError
+from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
+from tunnel_link.sockets import tune_socket
+from tunnel_link.tls import client_context
+
+log = logging.getLogger("agent")
+
+__version__ = "0.1.0"
+
+
+class Agent:
+    """Build with settings, then ``await run()``; ``stop()`` ends it cleanly."""
+
+    def __init__(self, settings: AgentSettings, *, rand=random.random) -> None:
+        self.settings = settings
+        self.limits = settings.mux.to_limits()
+        self.routes = {r.name: Destination(r.name, r.host, r.port, r.called_ae) for r in settings.routes}
+        self.ingress_limits = IngressLimits(settings.listener.artim_timeout,
+                                            settings.listener.max_associate_rq)
+        self.tracker = AssociationTracker("a")
+        self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
+        self.session: MuxSession | None = None
+        self.state = "starting"
+        self.connects = 0
+        self.last_error = ""
+        self.next_attempt: float | None = None
+        self.bound: dict[str, tuple[str, int]] = {}
+        self._stopping = asyncio.Event()
+        self.started = time.time()
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with AsyncExitStack() as stack:
+            await self.start(stack)
+            loop_task = asyncio.create_task(self.connect_forever())
+            stack.push_async_callback(_cancel, loop_task)
+            await self._stopping.wait()
+            if self.session is not None:
+                await self.session.close(ErrorCode.GOING_AWAY, "agent shutting down")
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """Bind the status endpoint and the local DICOM listener; torn down with ``stack``."""
+        s = self.settings
+        app = web.Application()
+        app.router.add_get("/api/status", self._status)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, s.status.host, s.status.port)
+        await site.start()
+        self.bound["status"] = site._server.sockets[0].getsockname()[:2]
+        if s.listener.enabled:
+            server = await asyncio.start_server(self._on_caller, s.listener.host, s.listener.port,
+                                                limit=STREAM_LIMIT)
+            stack.push_async_callback(_close_server, server)
+            self.bound["listener"] = server.sockets[0].getsockname()[:2]
+        log.info("agent up: %s; relay %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()),
+                 s.relay_url)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # --- the tunnel -------------------------------------------------------------------------------------
+
+    async def connect_forever(self) -> None:
+        while not self._stopping.is_set():
+            self.state = "connecting"
+            try:
+                await self._connect_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the supervisor must survive anything transient; say what it was
+                self.last_error = _describe(exc)
+                log.warning("tunnel to relay failed: %s", self.last_error)
+            delay = self.backoff.next_delay()
+            self.state = "backoff"
+            self.next_attempt = time.time() + delay
+            log.info("reconnecting in %.2fs (attempt %d)", delay, self.backoff.attempt)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _connect_once(self) -> None:
+        s = self.settings
+        ssl_ctx = client_context(s.cert_file, s.key_file, s.ca_file)
+        # No DNS cache: every attempt re-resolves, so a relay that moved is found again.
+        connector = aiohttp.TCPConnector(ssl=ssl_ctx, use_dns_cache=False, force_close=True, limit=1)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            async with asyncio.timeout(s.connect_timeout):
+                ws = await http.ws_connect(s.relay_url, compress=0, max_msg_size=MAX_MESSAGE_IN,
+                                           autoping=True, autoclose=True)
+            tune_socket(ws.get_extra_info("socket"))
+            session = MuxSession(ws, Mux(Role.AGENT, self.limits),
+                                 heartbeat_interval=s.heartbeat_interval, on_stream=self._relay_stream,
+                                 label="relay")
+            self.session, self.state, self.last_error = session, "connected", ""
+            self.connects += 1
+            self.backoff.reset()
+            log.info("tunnel to relay connected (%s)", s.relay_url)
+            try:
+                await session.run()
+            finally:
+                self.session = None
+                self.state = "disconnected"
+                self.last_error = session.close_reason or "closed"
+                log.info("tunnel to relay closed: %s", self.last_error)
+
+    async def _relay_stream(self, stream: TunnelStream) -> None:
+        """The relay opened a stream: it may only name one of our routes."""
+        def choose(req: AssociateRequest) -> Destination | ErrorCode:
+            if stream.open.kind is not TargetKind.ROUTE:
+                return ErrorCode.UNKNOWN_ROUTE
+            return decide_destination(self.routes, stream.open.target, req.calling_ae)
+
+        await serve_stream(stream, limits=self.ingress_limits, choose=choose,
+                           connect_timeout=self.settings.connect_timeout, tracker=self.tracker,
+                           direction="cloud-to-site")
+
+    # --- the local DICOM listener ---------------------------------------------------------------------
+
+    async def _on_caller(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_caller(reader, writer, limits=self.ingress_limits, decide=self._route_caller,
+                           tracker=self.tracker, direction="site-to-cloud")
+
+    async def _route_caller(self, req: AssociateRequest, assoc: Association) -> TunnelStream | RejectReason:
+        session = self.session
+        if session is None or session.draining:
+            return RejectReason.SITE_OFFLINE
+        try:
+            return await session.open_stream(OpenPayload(TargetKind.CALLED_AE, req.called_ae, req.calling_ae))
+        except StreamLimitReached:
+            return RejectReason.CAPACITY
+        except (ConnectionDraining, LinkError):
+            return RejectReason.SITE_OFFLINE
+
+    # --- status -----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        session = self.session
+        return {
+            "version": __version__,
+            "state": self.state,
+            "relay_url": self.settings.relay_url,
+            "connected_since": session.connected_at if session else None,
+            "rtt_ms": round(session.rtt * 1000, 3) if session and session.rtt is not None else None,
+            "connects": self.connects,
+            "reconnects": max(0, self.connects - 1),
+            "last_error": self.last_error,
+            "next_attempt": self.next_attempt if self.state == "backoff" else None,
+            "routes": sorted(self.routes),
+            "listener": "%s:%d" % self.bound["listener"] if "listener" in self.bound else None,
+            "associations": [a.as_dict() for a in self.tracker.active.values()],
+            "outcomes": dict(self.tracker.outcomes),
+        }
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line, secret-free reason for ops."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()

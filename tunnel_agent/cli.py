@@ -1,0 +1,87 @@
+"""``tunnel-agent``: run the agent, or show the status of a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tunnel_agent.config import load_agent_settings
+from tunnel_link.cli_common import run_service, setup_logging
+from tunnel_link.config_common import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"tunnel-agent: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunnel-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, required=True, help="agent TOML file")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=_run)
+    status = sub.add_parser("status", help="show the status of the running agent")
+    status.add_argument("--config", type=Path, required=True, help="agent TOML file (for the status port)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tunnel_agent.agent import Agent  # aiohttp is only needed to run
+
+    settings = load_agent_settings(args.config)
+    setup_logging(args.verbose)
+    agent = Agent(settings)
+    return run_service(agent.run, agent.stop)
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = load_agent_settings(args.config)
+    host = settings.status.host if settings.status.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{settings.status.port}/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status = json.load(response)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tunnel-agent: the agent is not running or its status port is closed ({url}): {exc}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(_human(status))
+    return 0 if status.get("state") == "connected" else 3
+
+
+def _human(status: dict) -> str:
+    lines = [f"state:        {status['state']}", f"relay:        {status['relay_url']}"]
+    if status.get("connected_since"):
+        lines.append(f"connected:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status['connected_since']))}")
+    if status.get("rtt_ms") is not None:
+        lines.append(f"rtt:          {status['rtt_ms']:.2f} ms")
+    lines.append(f"reconnects:   {status['reconnects']}")
+    if status.get("last_error"):
+        lines.append(f"last error:   {status['last_error']}")
+    lines.append(f"routes:       {', '.join(status['routes']) or '-'}")
+    lines.append(f"listener:     {status.get('listener') or 'disabled'}")
+    lines.append(f"associations: {len(status['associations'])} active")
+    for a in status["associations"]:
+        lines.append(f"  {a['id']} {a['direction']} {a['calling_ae']} -> {a['called_ae']} "
+                     f"in={a['bytes_from_caller']} out={a['bytes_to_caller']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

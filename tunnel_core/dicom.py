@@ -1,0 +1,122 @@
+"""The little DICOM the tunnel needs: read the A-ASSOCIATE-RQ, build A-ASSOCIATE-RJ and A-ABORT.
+
+Theory of operation: the tunnel routes an association by its called AE title, which sits in the first PDU
+the caller sends (PS3.8 §9.3.2). ``AssociateSniffer`` is fed the caller's first bytes in any chunking. From
+the 6-byte PDU header it checks the type (0x01) and the announced length against ``max_pdu`` *before*
+buffering the body, then waits for the whole PDU and returns an ``AssociateRequest`` holding the AE titles
+and the exact bytes consumed, so they can be forwarded untouched. Bytes after the PDU are kept in ``rest``.
+An HTTP request or a TLS ClientHello fails on the first byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+
+from tunnel_core.errors import MalformedPdu, NotAssociateRequest, PduTooLarge
+
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+
+PDU_HEADER = struct.Struct("!BBI")
+PDU_HEADER_SIZE = PDU_HEADER.size
+# protocol-version(2) reserved(2) called-AE(16) calling-AE(16) reserved(32)
+_RQ_FIXED = 68
+_CALLED = slice(PDU_HEADER_SIZE + 4, PDU_HEADER_SIZE + 20)
+_CALLING = slice(PDU_HEADER_SIZE + 20, PDU_HEADER_SIZE + 36)
+DEFAULT_MAX_ASSOCIATE_RQ = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateRequest:
+    called_ae: str
+    calling_ae: str
+    pdu: bytes  # the whole A-ASSOCIATE-RQ PDU, exactly as received
+
+
+class AssociateSniffer:
+    """Feed the caller's first bytes; ``feed`` returns None until the whole A-ASSOCIATE-RQ is in.
+
+    Raises ``NotAssociateRequest``, ``PduTooLarge`` or ``MalformedPdu`` (all ``DicomError``) as soon as
+    the bytes show it. After a request is returned, ``rest`` holds any bytes that followed it.
+    """
+
+    def __init__(self, max_pdu: int = DEFAULT_MAX_ASSOCIATE_RQ) -> None:
+        self._max_pdu = max_pdu
+        self._buf = bytearray()
+        self._need: int | None = None
+        self.rest = b""
+
+    def feed(self, data: bytes) -> AssociateRequest | None:
+        self._buf += data
+        if self._need is None:
+            self._read_header()
+            if self._need is None:
+                return None
+        if len(self._buf) < self._need:
+            return None
+        pdu = bytes(self._buf[:self._need])
+        self.rest = bytes(self._buf[self._need:])
+        self._buf.clear()
+        return AssociateRequest(_ae(pdu[_CALLED], "called"), _ae(pdu[_CALLING], "calling"), pdu)
+
+    def _read_header(self) -> None:
+        if self._buf and self._buf[0] != A_ASSOCIATE_RQ:
+            raise NotAssociateRequest(f"first PDU type 0x{self._buf[0]:02x} is not A-ASSOCIATE-RQ")
+        if len(self._buf) < PDU_HEADER_SIZE:
+            return
+        _type, _reserved, length = PDU_HEADER.unpack_from(self._buf)
+        if length + PDU_HEADER_SIZE > self._max_pdu:
+            raise PduTooLarge(f"A-ASSOCIATE-RQ of {length} bytes exceeds the cap of {self._max_pdu}")
+        if length < _RQ_FIXED:
+            raise MalformedPdu(f"A-ASSOCIATE-RQ length {length} is shorter than its fixed fields")
+        self._need = PDU_HEADER_SIZE + length
+
+
+def _ae(raw: bytes, which: str) -> str:
+    if not all(0x20 <= b < 0x7F and b != 0x5C for b in raw):
+        raise MalformedPdu(f"{which} AE title holds bytes outside printable ASCII")
+    title = raw.decode("ascii").strip(" ")
+    if not title:
+        raise MalformedPdu(f"{which} AE title is empty")
+    return title
+
+
+def rewrite_called_ae(pdu: bytes, called_ae: str) -> bytes:
+    """The same A-ASSOCIATE-RQ with its called AE title replaced (agent-side rewrite)."""
+    raw = called_ae.encode("ascii")
+    if not 1 <= len(raw) <= 16:
+        raise ValueError("AE title must be 1-16 ASCII characters")
+    return pdu[:_CALLED.start] + raw.ljust(16, b" ") + pdu[_CALLED.stop:]
+
+
+class RejectReason(Enum):
+    """The rejects of DESIGN.md, as (result, source, reason) of PS3.8 §9.3.4."""
+
+    CALLED_AE_UNKNOWN = (1, 1, 7)
+    CALLING_AE_NOT_ALLOWED = (1, 1, 3)
+    SITE_OFFLINE = (2, 3, 1)
+    CAPACITY = (2, 3, 2)
+
+
+def associate_reject(reason: RejectReason) -> bytes:
+    result, source, diag = reason.value
+    return PDU_HEADER.pack(A_ASSOCIATE_RJ, 0, 4) + bytes([0, result, source, diag])
+
+
+def abort(source: int = 2, reason: int = 0) -> bytes:
+    """A-ABORT; source 2 = service provider (the tunnel), reason 0 = not specified."""
+    return PDU_HEADER.pack(A_ABORT, 0, 4) + bytes([0, 0, source, reason])
+
+
+def parse_reject(pdu: bytes) -> tuple[int, int, int]:
+    """(result, source, reason) of an A-ASSOCIATE-RJ PDU; used by tests and diagnostics."""
+    if len(pdu) != 10 or pdu[0] != A_ASSOCIATE_RJ:
+        raise MalformedPdu("not an A-ASSOCIATE-RJ PDU")
+    return pdu[7], pdu[8], pdu[9]

@@ -1,0 +1,52 @@
+"""The exception root of the pure core. Every error carries the wire code the adapter should send."""
+
+from __future__ import annotations
+
+from tunnel_core.codes import ErrorCode
+
+
+class CoreError(Exception):
+    """Root of every error raised by :mod:`tunnel_core`."""
+
+
+class ProtocolError(CoreError):
+    """The peer broke the mux protocol. The connection must be closed with GOAWAY(``code``)."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header announced a payload above the configured limit. Nothing was buffered."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"frame payload of {length} bytes exceeds the limit of {limit}",
+                         ErrorCode.FRAME_SIZE_ERROR)
+
+
+class FlowControlError(ProtocolError):
+    """The peer sent more than the credit it was given."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.FLOW_CONTROL_ERROR)
+
+
+class UsageError(CoreError):
+    """The local caller used the API out of order (e.g. sent on a closed stream). A bug, not a peer fault."""
+
+
+class DicomError(CoreError):
+    """The first bytes from a DICOM caller are not an acceptable A-ASSOCIATE-RQ."""
+
+
+class NotAssociateRequest(DicomError):
+    """The first PDU is not an A-ASSOCIATE-RQ (an HTTP request, a TLS ClientHello, garbage)."""
+
+
+class PduTooLarge(DicomError):
+    """The first PDU announced a length above the configured cap. Refused before buffering it."""
+
+
+class MalformedPdu(DicomError):
+    """An A-ASSOCIATE-RQ whose fixed fields cannot be read (short length, bad AE title)."""

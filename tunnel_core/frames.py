@@ -1,0 +1,168 @@
+"""Mux frame codec: a fixed 12-byte header and a bounded payload.
+
+Theory of operation: frames are carried in WebSocket binary messages, but the parser treats its input as
+a byte stream, so a message may hold several frames and a frame may, in principle, span messages. The
+header is read first; its length is checked against ``max_payload`` *before* any payload is buffered, so a
+hostile 4 GiB length costs nothing. ``FrameParser.feed`` accepts any chunking and returns complete frames.
+
+Header (network byte order)::
+
+    0       1       2       3       4               8              12
+    +-------+-------+-------+-------+---------------+---------------+-----------
+    |version| type  | flags | rsvd  |  stream id    |  length       | payload…
+    +-------+-------+-------+-------+---------------+---------------+-----------
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from tunnel_core.codes import ErrorCode, FrameFlag, FrameType, TargetKind
+from tunnel_core.errors import FrameTooLarge, ProtocolError
+
+VERSION = 1
+HEADER = struct.Struct("!BBBBII")
+HEADER_SIZE = HEADER.size
+_U32 = struct.Struct("!I")
+_RESET = struct.Struct("!H")
+_GOAWAY = struct.Struct("!IH")
+PING_PAYLOAD_SIZE = 8
+MAX_NAME = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    stream_id: int
+    payload: bytes = b""
+    flags: int = 0
+
+
+def encode(frame_type: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """Header plus payload as one bytes object, ready to be sent."""
+    return HEADER.pack(VERSION, frame_type, flags, 0, stream_id, len(payload)) + payload
+
+
+class FrameParser:
+    """Incremental parser. Call ``feed(data)`` with any chunk; it returns the frames completed by it."""
+
+    def __init__(self, max_payload: int) -> None:
+        self._max_payload = max_payload
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        pos = 0
+        buf = self._buf
+        end = len(buf)
+        while end - pos >= HEADER_SIZE:
+            version, ftype, flags, _rsvd, stream_id, length = HEADER.unpack_from(buf, pos)
+            _check_header(version, ftype, length, self._max_payload)
+            if end - pos - HEADER_SIZE < length:
+                break
+            start = pos + HEADER_SIZE
+            frames.append(Frame(FrameType(ftype), stream_id, bytes(buf[start:start + length]), flags))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+def _check_header(version: int, ftype: int, length: int, max_payload: int) -> None:
+    if version != VERSION:
+        raise ProtocolError(f"unsupported mux version {version}")
+    if ftype not in _KNOWN_TYPES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    if length > max_payload:
+        raise FrameTooLarge(length, max_payload)
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+
+# --- payload codecs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPayload:
+    """What a new stream is for: a route name (relay → agent) or a called AE (agent → relay).
+
+    ``calling_ae`` is informational (logs, status); the receiver makes its decisions from the
+    A-ASSOCIATE-RQ that follows on the stream, never from this claim.
+    """
+
+    kind: TargetKind
+    target: str
+    calling_ae: str = ""
+
+
+def encode_open(p: OpenPayload) -> bytes:
+    target = p.target.encode("ascii")
+    calling = p.calling_ae.encode("ascii")
+    if not 1 <= len(target) <= MAX_NAME or len(calling) > MAX_NAME:
+        raise ValueError("OPEN target must be 1-64 ASCII bytes and calling AE at most 64")
+    return bytes([p.kind, len(target)]) + target + bytes([len(calling)]) + calling
+
+
+def decode_open(payload: bytes) -> OpenPayload:
+    try:
+        kind = TargetKind(payload[0])
+        tlen = payload[1]
+        target = payload[2:2 + tlen]
+        clen = payload[2 + tlen]
+        calling = payload[3 + tlen:3 + tlen + clen]
+    except (IndexError, ValueError) as exc:
+        raise ProtocolError("malformed OPEN payload") from exc
+    if len(target) != tlen or len(calling) != clen or tlen == 0 or len(payload) != 3 + tlen + clen:
+        raise ProtocolError("malformed OPEN payload")
+    return OpenPayload(kind, _ascii(target), _ascii(calling))
+
+
+def _ascii(raw: bytes) -> str:
+    if not all(0x20 <= b < 0x7F for b in raw):
+        raise ProtocolError("OPEN names must be printable ASCII")
+    return raw.decode("ascii")
+
+
+def encode_window(increment: int) -> bytes:
+    return _U32.pack(increment)
+
+
+def decode_window(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ProtocolError("WINDOW payload must be 4 bytes")
+    (increment,) = _U32.unpack(payload)
+    if increment == 0 or increment >= 2**31:
+        raise ProtocolError(f"WINDOW increment {increment} out of range")
+    return increment
+
+
+def encode_reset(code: ErrorCode) -> bytes:
+    return _RESET.pack(code)
+
+
+def decode_reset(payload: bytes) -> ErrorCode:
+    if len(payload) != 2:
+        raise ProtocolError("RESET payload must be 2 bytes")
+    return ErrorCode.from_wire(_RESET.unpack(payload)[0])
+
+
+def encode_goaway(last_stream_id: int, code: ErrorCode) -> bytes:
+    return _GOAWAY.pack(last_stream_id, code)
+
+
+def decode_goaway(payload: bytes) -> tuple[int, ErrorCode]:
+    if len(payload) != 6:
+        raise ProtocolError("GOAWAY payload must be 6 bytes")
+    last, code = _GOAWAY.unpack(payload)
+    return last, ErrorCode.from_wire(code)
+
+
+def is_pong(frame: Frame) -> bool:
+    return bool(frame.flags & FrameFlag.ACK)

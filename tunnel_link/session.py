@@ -1,0 +1,337 @@
+"""The mux over a WebSocket: the asyncio adapter around :class:`tunnel_core.mux.Mux`.
+
+Read → feed the core → act on its events → send what it produced. One reader loop per connection, one
+heartbeat timer, and one handler task per remotely opened stream, all owned by the session's TaskGroup.
+Writers send inline (aiohttp writes a WebSocket message to the transport synchronously and only then
+waits for drain), so frames leave in the order the core queued them and a small frame is never parked
+behind a deep application queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import aiohttp
+
+from tunnel_core import mux as m
+from tunnel_core.codes import ErrorCode
+from tunnel_core.errors import ProtocolError
+from tunnel_core.frames import OpenPayload
+from tunnel_core.heartbeat import Heartbeat, PeerDead, SendPing
+from tunnel_link.errors import LinkError, StreamResetError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 2 * 1024 * 1024  # bytes per WebSocket message we send (whole frames)
+MAX_MESSAGE_IN = 4 * 1024 * 1024  # aiohttp's receive limit; above our own send size
+
+
+class WebSocketLike(Protocol):
+    async def send_bytes(self, data: bytes) -> None: ...
+    async def receive(self) -> aiohttp.WSMessage: ...
+    async def close(self, *, code: int = ..., message: bytes = ...) -> Any: ...
+
+
+class TunnelStream:
+    """One stream as its handler sees it.
+
+    ``read()`` returns the next chunk (b"" at the peer's half-close); after writing a chunk onward, call
+    ``acknowledge(len(chunk))`` — that is what returns credit to the sender. ``write()`` waits for credit.
+    A reset raises ``StreamResetError`` from both.
+    """
+
+    def __init__(self, session: MuxSession, stream_id: int, open_payload: OpenPayload) -> None:
+        self.session = session
+        self.id = stream_id
+        self.open = open_payload
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._inbound: collections.deque[bytes] = collections.deque()
+        self._eof = False
+        self.reset_code: ErrorCode | None = None
+        self._readable = asyncio.Event()
+        self._credit = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self.reset_code is not None
+
+    async def read(self) -> bytes:
+        while not self._inbound:
+            if self.reset_code is not None:
+                raise StreamResetError(self.reset_code)
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        return self._inbound.popleft()
+
+    async def acknowledge(self, n: int) -> None:
+        if n:
+            self.session.mux.acknowledge(self.id, n)
+            await self.session.flush()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        mux = self.session.mux
+        while view:
+            if self.reset_code is not None:
+                raise StreamResetError(self.reset_code)
+            try:
+                n = mux.send_data(self.id, view)
+            except m.UsageError as exc:
+                raise StreamResetError(self.reset_code or ErrorCode.INTERNAL_ERROR) from exc
+            if n:
+                view = view[n:]
+                self.bytes_out += n
+                await self.session.flush()
+                continue
+            self._credit.clear()
+            if mux.send_window(self.id) == 0:
+                await self._credit.wait()
+
+    async def end(self) -> None:
+        """Half-close our direction."""
+        if self.reset_code is None:
+            try:
+                self.session.mux.end_stream(self.id)
+            except m.UsageError:
+                return
+            await self.session.flush()
+
+    async def reset(self, code: ErrorCode) -> None:
+        if self.reset_code is None:
+            self.session.mux.reset_stream(self.id, code)
+            self._on_reset(code)
+            await self.session.flush()
+
+    async def release(self) -> None:
+        """The handler is done with the stream: reset it if it is still open, and drop it."""
+        if self.reset_code is None and self.session.mux.stream_state(self.id) is not m.StreamState.CLOSED:
+            try:
+                await self.reset(ErrorCode.INTERNAL_ERROR)
+            except LinkError:
+                pass
+        self.session._forget(self)
+
+    # --- called by the session ----------------------------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._inbound.append(data)
+        self._readable.set()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _on_reset(self, code: ErrorCode) -> None:
+        self.reset_code = code
+        # Nothing is delivered after a reset; give the discarded bytes' credit back to the connection.
+        dropped = sum(map(len, self._inbound))
+        self._inbound.clear()
+        if dropped:
+            self.session.mux.acknowledge(self.id, dropped)
+        self._readable.set()
+        self._credit.set()
+        self.session._forget(self)
+
+    def _on_credit(self) -> None:
+        self._credit.set()
+
+
+StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+
+
+class MuxSession:
+    """Run one tunnel connection until it closes. Create, then ``await run()``; streams via ``open_stream``."""
+
+    def __init__(self, ws: WebSocketLike, mux: m.Mux, *, heartbeat_interval: float,
+                 on_stream: StreamHandler, label: str) -> None:
+        self.ws = ws
+        self.mux = mux
+        self.label = label
+        self._on_stream = on_stream
+        self._streams: dict[int, TunnelStream] = {}
+        self._heartbeat = Heartbeat(heartbeat_interval, time.monotonic())
+        self._tasks: asyncio.TaskGroup | None = None
+        self._closing = False
+        self.connected_at = time.time()
+        self.close_reason = ""
+        self.streams_opened = 0
+
+    @property
+    def rtt(self) -> float | None:
+        return self._heartbeat.rtt
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def draining(self) -> bool:
+        return self._closing or self.mux.goaway_received or self.mux.goaway_sent
+
+    async def run(self) -> None:
+        """Serve until the WebSocket closes, the peer goes silent, or ``close()``. Then reset every stream."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                await self.flush()
+                beat = tasks.create_task(self._beat())
+                try:
+                    await self._read_loop()
+                finally:
+                    beat.cancel()
+                    self._abort_streams()
+        except* (aiohttp.ClientError, ConnectionError) as group:
+            self.close_reason = self.close_reason or f"transport error: {group.exceptions[0]!r}"
+        finally:
+            self._tasks = None
+            self._abort_streams()
+            await self._close_ws()
+
+    async def open_stream(self, open_payload: OpenPayload) -> TunnelStream:
+        if self._tasks is None or self._closing:
+            raise LinkError("tunnel is not connected")
+        sid = self.mux.open_stream(open_payload)
+        stream = TunnelStream(self, sid, open_payload)
+        self._streams[sid] = stream
+        self.streams_opened += 1
+        await self.flush()
+        return stream
+
+    async def flush(self) -> None:
+        while self.mux.has_data_to_send():
+            data = self.mux.data_to_send(MAX_MESSAGE)
+            try:
+                await self.ws.send_bytes(data)
+            except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+                self._closing = True
+                raise LinkError(f"tunnel write failed: {exc!r}") from exc
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
+        """Send GOAWAY and close the WebSocket; ``run()`` returns soon after."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_reason = self.close_reason or reason
+        self.mux.go_away(code)
+        try:
+            await self.flush()
+        except LinkError:
+            pass
+        await self._close_ws()
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                self._heartbeat.on_activity(time.monotonic())
+                try:
+                    events = self.mux.receive_data(msg.data)
+                except ProtocolError as exc:
+                    log.warning("tunnel=%s protocol error from peer: %s", self.label, exc)
+                    await self.close(exc.code, f"protocol error: {exc}")
+                    return
+                for event in events:
+                    self._dispatch(event)
+                await self.flush()
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                self.close_reason = self.close_reason or "peer closed the tunnel"
+                return
+            elif msg.type is aiohttp.WSMsgType.ERROR:
+                self.close_reason = self.close_reason or f"websocket error: {self.ws_exception()!r}"
+                return
+            # TEXT and others: not part of the protocol; ignored.
+
+    def ws_exception(self) -> BaseException | None:
+        exc = getattr(self.ws, "exception", None)
+        return exc() if callable(exc) else None
+
+    def _dispatch(self, event: m.Event) -> None:
+        match event:
+            case m.DataReceived(sid, data):
+                stream = self._streams.get(sid)
+                if stream is None:  # handler gone; return the credit
+                    self.mux.acknowledge(sid, len(data))
+                else:
+                    stream._on_data(data)
+            case m.StreamOpened(sid, open_payload):
+                self._accept(sid, open_payload)
+            case m.StreamEnded(sid):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._on_eof()
+            case m.StreamReset(sid, code):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._on_reset(code)
+            case m.WindowUpdated(0):
+                for stream in self._streams.values():
+                    stream._on_credit()
+            case m.WindowUpdated(sid):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._on_credit()
+            case m.PongReceived(opaque):
+                self._heartbeat.on_pong(opaque, time.monotonic())
+            case m.GoAwayReceived(_, code):
+                log.info("tunnel=%s peer is going away (%s)", self.label, code.name)
+            case m.PingReceived():
+                pass
+
+    def _accept(self, sid: int, open_payload: OpenPayload) -> None:
+        stream = TunnelStream(self, sid, open_payload)
+        self._streams[sid] = stream
+        self.streams_opened += 1
+        assert self._tasks is not None
+        self._tasks.create_task(self._run_handler(stream))
+
+    async def _run_handler(self, stream: TunnelStream) -> None:
+        try:
+            await self._on_stream(stream)
+        except (StreamResetError, LinkError):
+            pass
+        except Exception:
+            log.exception("tunnel=%s stream=%d handler failed", self.label, stream.id)
+        finally:
+            await stream.release()
+
+    def _forget(self, stream: TunnelStream) -> None:
+        self._streams.pop(stream.id, None)
+
+    def _abort_streams(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.reset_code = stream.reset_code or ErrorCode.ABORTED
+            stream._inbound.clear()
+            stream._readable.set()
+            stream._credit.set()
+        self._streams.clear()
+
+    async def _beat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            delay = self._heartbeat.next_deadline() - time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+            action = self._heartbeat.poll(time.monotonic())
+            if isinstance(action, SendPing):
+                self.mux.ping(action.opaque)
+                await self.flush()
+            elif isinstance(action, PeerDead):
+                self.close_reason = f"peer silent for {action.silent_for:.1f}s"
+                log.warning("tunnel=%s %s; closing", self.label, self.close_reason)
+                loop.call_soon(self._abort_streams)
+                await self._close_ws()
+                return
+
+    async def _close_ws(self) -> None:
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.ws.close(), timeout=2)
+        except (TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
+            pass
