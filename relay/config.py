@@ -1,0 +1,190 @@
+"""Settings of the ``tunnel-relay`` program: a TOML file plus ``TUNNEL_RELAY_*`` environment overrides.
+
+Load once at start-up with :func:`load_relay_settings` and pass the frozen result down. The schema is
+documented, key by key, in ``deploy/relay.example.toml``. Cross-checks done here so that a bad file fails
+at start-up rather than on the first association: every listener route names a configured site, called
+AE titles are unique per listener and per site, names are unique, and no two sockets share a port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from relay.pki import CA_CERT, RELAY_CERT, RELAY_KEY
+from tunnel_link.config_common import (
+    AETitle,
+    CallingAEList,
+    DicomIngressConfig,
+    EndpointConfig,
+    KeyProblem,
+    MuxConfig,
+    Name,
+    Port,
+    Seconds,
+    StrictModel,
+    TomlSettings,
+    hosts_overlap,
+    load_toml_settings,
+    require_unique,
+)
+
+__all__ = [
+    "AdminConfig",
+    "DestinationConfig",
+    "ListenerConfig",
+    "ListenerRoute",
+    "RelaySettings",
+    "SiteConfig",
+    "TunnelConfig",
+    "load_relay_settings",
+]
+
+
+def _empty_is_none(value: object) -> object:
+    """TOML has no null: ``cert_file = ""`` means "use the default in state_dir"."""
+    return None if value == "" else value
+
+
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
+
+
+class TunnelConfig(StrictModel):
+    """``[tunnel]``: the agent-facing HTTPS/WebSocket endpoint (mutual TLS)."""
+
+    host: Annotated[str, Field(min_length=1)] = "0.0.0.0"
+    port: Port = 8443
+    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~/-]*$")] = "/tunnel"
+    cert_file: OptionalPath = None
+    key_file: OptionalPath = None
+    ca_file: OptionalPath = None
+    heartbeat_interval: Seconds = 10.0
+
+    def cert_path(self, state_dir: Path) -> Path:
+        return self.cert_file or state_dir / RELAY_CERT
+
+    def key_path(self, state_dir: Path) -> Path:
+        return self.key_file or state_dir / RELAY_KEY
+
+    def ca_path(self, state_dir: Path) -> Path:
+        return self.ca_file or state_dir / CA_CERT
+
+
+class AdminConfig(EndpointConfig):
+    """``[admin]``: the JSON status API (plain HTTP, loopback by default)."""
+
+    port: Port = 8081
+
+
+class ListenerRoute(StrictModel):
+    """``[[listeners.routes]]``: a called AE title on this listener leads to ``route`` at ``site``."""
+
+    called_ae: AETitle
+    site: Name
+    route: Name
+    allowed_calling_aes: CallingAEList
+
+
+class ListenerConfig(DicomIngressConfig):
+    """``[[listeners]]``: a DICOM ingress for cloud callers."""
+
+    name: Name
+    routes: list[ListenerRoute] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _called_aes_unique(self) -> ListenerConfig:
+        require_unique(self.routes, "called_ae", ("routes",), "called AE title")
+        return self
+
+
+class DestinationConfig(StrictModel):
+    """``[[sites.destinations]]``: a cloud SCP the site's agent may send to."""
+
+    called_ae: AETitle
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+    allowed_calling_aes: CallingAEList
+
+
+class SiteConfig(StrictModel):
+    """``[[sites]]``: one hospital; ``name`` must equal the CN of the site's certificate."""
+
+    name: Name
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _called_aes_unique(self) -> SiteConfig:
+        require_unique(self.destinations, "called_ae", ("destinations",), "called AE title")
+        return self
+
+    def destination(self, called_ae: str) -> DestinationConfig | None:
+        return next((d for d in self.destinations if d.called_ae == called_ae), None)
+
+
+class RelaySettings(TomlSettings):
+    """The whole relay configuration. Build with :func:`load_relay_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNNEL_RELAY_")
+
+    state_dir: Path = Path("/var/lib/tunnel-relay")
+    tunnel: TunnelConfig = Field(default_factory=TunnelConfig)
+    mux: MuxConfig = Field(default_factory=MuxConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    listeners: list[ListenerConfig] = Field(default_factory=list)
+    sites: list[SiteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RelaySettings:
+        require_unique(self.sites, "name", ("sites",), "site name")
+        require_unique(self.listeners, "name", ("listeners",), "listener name")
+        self._check_route_sites()
+        self._check_ports()
+        return self
+
+    def _check_route_sites(self) -> None:
+        known = {site.name for site in self.sites}
+        for li, listener in enumerate(self.listeners):
+            for ri, route in enumerate(listener.routes):
+                if route.site not in known:
+                    loc = ("listeners", li, "routes", ri, "site")
+                    raise KeyProblem(loc, f"unknown site {route.site!r} (not in [[sites]])")
+
+    def _check_ports(self) -> None:
+        sockets: list[tuple[tuple[str | int, ...], str, int]] = [
+            (("tunnel", "port"), self.tunnel.host, self.tunnel.port),
+            (("admin", "port"), self.admin.host, self.admin.port),
+        ]
+        sockets += [(("listeners", i, "port"), li.host, li.port) for i, li in enumerate(self.listeners)]
+        for index, (loc, host, port) in enumerate(sockets):
+            for other_loc, other_host, other_port in sockets[:index]:
+                if port == other_port and hosts_overlap(host, other_host):
+                    where = ".".join(str(p) for p in other_loc)
+                    raise KeyProblem(loc, f"port {port} is already used by {where}")
+
+    # --- convenience -------------------------------------------------------------------------
+
+    @property
+    def tunnel_cert_path(self) -> Path:
+        return self.tunnel.cert_path(self.state_dir)
+
+    @property
+    def tunnel_key_path(self) -> Path:
+        return self.tunnel.key_path(self.state_dir)
+
+    @property
+    def tunnel_ca_path(self) -> Path:
+        return self.tunnel.ca_path(self.state_dir)
+
+    def site(self, name: str) -> SiteConfig | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    def listener(self, name: str) -> ListenerConfig | None:
+        return next((li for li in self.listeners if li.name == name), None)
+
+
+def load_relay_settings(path: Path | None) -> RelaySettings:
+    """Load and validate the relay configuration; raises ``ConfigError`` naming each wrong key."""
+    return load_toml_settings(RelaySettings, path)

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Bring a fresh Debian 12 machine (run as root) to the state the demo and the test suite need:
+#   1. the Debian packages in DEB_PACKAGES (apt work is skipped when all are installed already);
+#   2. no system Orthanc left running (the Debian package may start one on 4242/8042 when installed);
+#   3. a virtualenv in $VENV_DIR with this project installed editable, with its test extras.
+# Idempotent: a repeat run checks and does nothing (about a second).
+# Environment: PYTHON (default python3, must be >= 3.11), VENV_DIR (default .venv),
+#              BOOTSTRAP_FORCE_PIP=1 to reinstall the project into the venv.
+set -euo pipefail
+
+# The one list of Debian packages the project needs.
+DEB_PACKAGES=(dcmtk orthanc iproute2 procps)
+
+ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT_DIR"
+PYTHON="${PYTHON:-python3}"
+VENV_DIR="${VENV_DIR:-.venv}"
+STAMP="$VENV_DIR/.bootstrap-stamp"
+
+log() { echo "bootstrap: $*" >&2; }
+die() { echo "bootstrap: error: $*" >&2; exit 1; }
+
+is_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+install_debian_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        is_installed "$pkg" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        return 0
+    fi
+    [ "$(id -u)" -eq 0 ] || die "missing Debian packages (${missing[*]}); run this script as root"
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+orthanc_daemon_pid() {
+    # The PID of the packaged Orthanc daemon, from the init script's pidfile, if it is alive.
+    local pidfile=/run/orthanc.pid pid
+    [ -s "$pidfile" ] || return 1
+    pid="$(tr -dc '0-9' <"$pidfile")"
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = /usr/sbin/Orthanc ] || return 1
+    echo "$pid"
+}
+
+stop_pid() {
+    # SIGTERM one PID, wait up to 10 s, then SIGKILL it.
+    local pid="$1" i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+quiet_orthanc_service() {
+    # Tests start their own Orthanc on free ports; the system one must neither run nor start at boot.
+    is_installed orthanc || return 0
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        if systemctl is-active --quiet orthanc 2>/dev/null; then
+            log "stopping the system Orthanc service"
+            systemctl stop orthanc
+        fi
+        if systemctl is-enabled --quiet orthanc 2>/dev/null; then
+            log "disabling the system Orthanc service"
+            systemctl disable orthanc >/dev/null 2>&1 || log "warning: systemctl disable orthanc failed"
+        fi
+    elif compgen -G '/etc/rc[2-5].d/S*orthanc' >/dev/null && command -v update-rc.d >/dev/null 2>&1; then
+        log "disabling the orthanc init script"
+        update-rc.d orthanc disable >/dev/null 2>&1 || log "warning: update-rc.d orthanc disable failed"
+    fi
+    # No init system (containers), or one that lost track of it: stop it by its pidfile.
+    local pid
+    if pid="$(orthanc_daemon_pid)"; then
+        log "stopping the system Orthanc daemon (pid $pid)"
+        if [ -x /etc/init.d/orthanc ]; then
+            /etc/init.d/orthanc stop >/dev/null 2>&1 || true
+        fi
+        if pid="$(orthanc_daemon_pid)"; then
+            stop_pid "$pid"
+        fi
+    fi
+}
+
+check_python() {
+    command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found; Python >= 3.11 is required (set PYTHON=...)"
+    "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+        || die "$("$PYTHON" --version 2>&1) is too old: Python >= 3.11 is required (set PYTHON=...)"
+    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        # Debian's own python3 keeps venv/ensurepip in a separate package.
+        install_debian_packages python3-venv
+    fi
+}
+
+venv_is_usable() {
+    [ -x "$VENV_DIR/bin/python" ] \
+        && "$VENV_DIR/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null
+}
+
+project_fingerprint() {
+    # What an editable install depends on: pyproject.toml and the set of top-level packages
+    # (setuptools maps the packages it found at install time; a new package needs a reinstall).
+    {
+        cat pyproject.toml
+        ls -d ./*/__init__.py 2>/dev/null || true
+    } | sha256sum | cut -d' ' -f1
+}
+
+ensure_venv() {
+    check_python
+    if ! venv_is_usable; then
+        log "creating virtualenv $VENV_DIR with $("$PYTHON" --version 2>&1)"
+        "$PYTHON" -m venv --clear "$VENV_DIR"
+    fi
+    local want
+    want="$(project_fingerprint)"
+    if [ "${BOOTSTRAP_FORCE_PIP:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
+        && "$VENV_DIR/bin/python" -c 'import importlib.metadata as m; m.version("dicom-tunnel")' 2>/dev/null; then
+        return 0
+    fi
+    log "installing the project into $VENV_DIR (pip install -e '.[test]')"
+    "$VENV_DIR/bin/python" -m pip install --quiet -e '.[test]'
+    echo "$want" >"$STAMP"
+}
+
+main() {
+    install_debian_packages "${DEB_PACKAGES[@]}"
+    quiet_orthanc_service
+    ensure_venv
+}
+
+main "$@"

@@ -1,0 +1,1 @@
+"""The ``tunnel-agent`` program: the outbound-only hospital agent."""

@@ -1,0 +1,125 @@
+"""Settings of the ``tunnel-agent`` program: a TOML file plus ``TUNNEL_AGENT_*`` environment overrides.
+
+Load once at start-up with :func:`load_agent_settings` and pass the frozen result down. The schema is
+documented, key by key, in ``deploy/agent.example.toml``. ``[[routes]]`` is the agent's allow-list: the
+relay names a route, and only these entries map a name to a host and port. Nothing the relay sends can
+make the agent dial anywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from tunnel_link.config_common import (
+    AETitle,
+    DicomIngressConfig,
+    EndpointConfig,
+    KeyProblem,
+    MuxConfig,
+    Name,
+    Port,
+    Seconds,
+    StrictModel,
+    TomlSettings,
+    hosts_overlap,
+    load_toml_settings,
+    require_unique,
+)
+
+__all__ = [
+    "AgentListenerConfig",
+    "AgentRoute",
+    "AgentSettings",
+    "StatusConfig",
+    "load_agent_settings",
+]
+
+
+def _validate_relay_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "ws":
+        raise ValueError("ws:// is refused: the tunnel must be encrypted and authenticated, use wss://")
+    if parts.scheme != "wss":
+        raise ValueError("must be a wss:// URL, e.g. wss://relay.example.org:8443/tunnel")
+    if not parts.hostname:
+        raise ValueError("must name the relay host, e.g. wss://relay.example.org:8443/tunnel")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials; the agent authenticates with its certificate")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for an out-of-range or non-numeric port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    return url
+
+
+RelayUrl = Annotated[str, AfterValidator(_validate_relay_url)]
+
+
+class StatusConfig(EndpointConfig):
+    """``[status]``: the local JSON status endpoint read by ``tunnel-agent status``."""
+
+    port: Port = 8082
+
+
+class AgentListenerConfig(DicomIngressConfig):
+    """``[listener]``: local DICOM ingress for modalities and the PACS, carried out to the cloud."""
+
+    enabled: bool = True
+
+
+class AgentRoute(StrictModel):
+    """``[[routes]]``: one destination the agent may dial. ``called_ae`` rewrites the called AE title."""
+
+    name: Name
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    port: Port
+    called_ae: AETitle | None = None
+
+
+class AgentSettings(TomlSettings):
+    """The whole agent configuration. Build with :func:`load_agent_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNNEL_AGENT_")
+
+    relay_url: RelayUrl
+    cert_file: Path = Path("/etc/tunnel-agent/agent.crt")
+    key_file: Path = Path("/etc/tunnel-agent/agent.key")
+    ca_file: Path = Path("/etc/tunnel-agent/ca.crt")
+    heartbeat_interval: Seconds = 10.0
+    backoff_initial: Seconds = 0.5
+    backoff_max: Seconds = 30.0
+    connect_timeout: Seconds = 10.0
+    mux: MuxConfig = Field(default_factory=MuxConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
+    listener: AgentListenerConfig = Field(default_factory=AgentListenerConfig)
+    routes: list[AgentRoute] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> AgentSettings:
+        if self.backoff_initial > self.backoff_max:
+            raise KeyProblem(("backoff_initial",), "must not exceed backoff_max")
+        require_unique(self.routes, "name", ("routes",), "route name")
+        listener, status = self.listener, self.status
+        if listener.enabled and listener.port == status.port and hosts_overlap(listener.host, status.host):
+            raise KeyProblem(("status", "port"), f"port {status.port} is already used by listener.port")
+        return self
+
+    @property
+    def relay_host(self) -> str:
+        """The relay's host name as it must appear in the relay's certificate."""
+        host = urlsplit(self.relay_url).hostname
+        assert host is not None  # guaranteed by _validate_relay_url
+        return host
+
+    def route(self, name: str) -> AgentRoute | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+def load_agent_settings(path: Path | None) -> AgentSettings:
+    """Load and validate the agent configuration; raises ``ConfigError`` naming each wrong key."""
+    return load_toml_settings(AgentSettings, path)

@@ -1,0 +1,1 @@
+"""Shared asyncio adapters: mux session over WebSocket, TCP splice, TLS contexts, sockets, config."""
