@@ -308,6 +308,7 @@ class DemoPacs:
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = 64  # a real PACS serves many callers at once; pynetdicom defaults to 10
         ae.maximum_pdu_size = self._max_pdu
         ae.add_supported_context(sc.Verification)
         for uid in _QR_MODELS:

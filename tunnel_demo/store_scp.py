@@ -52,6 +52,7 @@ class StoreScp:
         self._received: list[Path] = []
         self._server: Any = None
         self._ae = AE(ae_title=ae_title)
+        self._ae.maximum_associations = 64
         self._ae.maximum_pdu_size = max_pdu
         self._ae.add_supported_context(sc.Verification)
         for uid in STORAGE_SOP_CLASSES:
