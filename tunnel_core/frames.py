@@ -103,10 +103,13 @@ class OpenPayload:
 
 
 def encode_open(p: OpenPayload) -> bytes:
+    """Refuses locally what the peer's ``decode_open`` would treat as a connection-fatal fault."""
     target = p.target.encode("ascii")
     calling = p.calling_ae.encode("ascii")
     if not 1 <= len(target) <= MAX_NAME or len(calling) > MAX_NAME:
         raise ValueError("OPEN target must be 1-64 ASCII bytes and calling AE at most 64")
+    if not _printable(target) or not _printable(calling):
+        raise ValueError("OPEN names must be printable ASCII")
     return bytes([p.kind, len(target)]) + target + bytes([len(calling)]) + calling
 
 
@@ -124,8 +127,12 @@ def decode_open(payload: bytes) -> OpenPayload:
     return OpenPayload(kind, _ascii(target), _ascii(calling))
 
 
+def _printable(raw: bytes) -> bool:
+    return all(0x20 <= b < 0x7F for b in raw)
+
+
 def _ascii(raw: bytes) -> str:
-    if not all(0x20 <= b < 0x7F for b in raw):
+    if not _printable(raw):
         raise ProtocolError("OPEN names must be printable ASCII")
     return raw.decode("ascii")
 

@@ -263,8 +263,9 @@ class Mux:
     def end_stream(self, stream_id: int) -> None:
         """Half-close: we send no more data. The stream closes when the peer has half-closed too."""
         stream = self._live(stream_id)
+        state = stream.advance(StreamInput.SEND_FIN)
         self._queue(FrameType.FIN, stream_id)
-        if stream.advance(StreamInput.SEND_FIN) is StreamState.CLOSED:
+        if state is StreamState.CLOSED:
             self._remove(stream)
 
     def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
@@ -276,20 +277,20 @@ class Mux:
         self._remove(stream)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
-        """``n`` delivered bytes of ``stream_id`` were written onward (or discarded): return the credit."""
+        """``n`` delivered bytes of ``stream_id`` were written onward (or discarded): return the credit.
+
+        Checks everything before changing anything, so a refused call leaves no trace.
+        """
         if n < 0 or n > self._conn_delivered:
             raise UsageError(f"acknowledged {n} bytes but only {self._conn_delivered} are outstanding")
+        stream = self._streams.get(stream_id)
+        if stream is not None and n > stream.delivered:
+            raise UsageError(f"stream {stream_id}: acknowledged {n} of {stream.delivered} bytes")
         self._conn_delivered -= n
         self._conn_unacked_credit += n
-        if self._conn_unacked_credit >= self.limits.connection_window // 2:
-            self._grant(0, self._conn_unacked_credit)
-            self._conn_recv_window += self._conn_unacked_credit
-            self._conn_unacked_credit = 0
-        stream = self._streams.get(stream_id)
+        self._return_connection_credit()
         if stream is None:
             return
-        if n > stream.delivered:
-            raise UsageError(f"stream {stream_id}: acknowledged {n} of {stream.delivered} bytes")
         stream.delivered -= n
         if stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return  # the peer sends no more; no credit needed
@@ -298,6 +299,19 @@ class Mux:
             self._grant(stream_id, stream.unacked_credit)
             stream.recv_window += stream.unacked_credit
             stream.unacked_credit = 0
+
+    def _return_connection_credit(self) -> None:
+        """Half-window hysteresis, except when the peer is short of credit: then return it at once.
+
+        Without the exception, streams whose receivers stalled can hold more than half the connection
+        window, the live streams' acknowledgements never reach the threshold, and the whole tunnel stops.
+        """
+        half = self.limits.connection_window // 2
+        credit = self._conn_unacked_credit
+        if credit and (credit >= half or self._conn_recv_window < half):
+            self._grant(0, credit)
+            self._conn_recv_window += credit
+            self._conn_unacked_credit = 0
 
     def ping(self, opaque: bytes) -> None:
         if len(opaque) != fr.PING_PAYLOAD_SIZE:

@@ -189,7 +189,7 @@ class MuxSession:
                 finally:
                     beat.cancel()
                     self._abort_streams()
-        except* (aiohttp.ClientError, ConnectionError) as group:
+        except* (aiohttp.ClientError, ConnectionError, LinkError) as group:
             self.close_reason = self.close_reason or f"transport error: {group.exceptions[0]!r}"
         finally:
             self._tasks = None

@@ -64,3 +64,20 @@ def request_reject(port: int, called: str, calling: str, timeout: float = 5.0) -
         elapsed = time.monotonic() - start
     assert len(data) == 10, f"expected one A-ASSOCIATE-RJ PDU, got {data[:32].hex()}"
     return parse_reject(data), elapsed
+
+
+def read_pdu(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """One whole PDU (header and body) from the peer."""
+    sock.settimeout(timeout)
+    header = _recv_exactly(sock, 6)
+    return header + _recv_exactly(sock, int.from_bytes(header[2:6], "big"))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise AssertionError(f"peer closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
