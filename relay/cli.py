@@ -10,6 +10,7 @@ from relay import pki
 from relay.config import RelaySettings, load_relay_settings
 from tunnel_link.cli_common import run_service, setup_logging
 from tunnel_link.config_common import ConfigError
+from tunnel_link.tls import TlsConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except pki.PkiError as exc:
         print(f"tunnel-relay: {exc}", file=sys.stderr)
+        return 1
+    except (TlsConfigError, OSError) as exc:  # unreadable certificates, a port already in use
+        print(f"tunnel-relay: cannot start: {exc}", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from tunnel_agent.config import load_agent_settings
 from tunnel_link.cli_common import run_service, setup_logging
 from tunnel_link.config_common import ConfigError
+from tunnel_link.tls import TlsConfigError, client_context
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel-agent: configuration error:\n{exc}", file=sys.stderr)
         return 2
+    except (TlsConfigError, OSError) as exc:  # unreadable certificates, a port already in use
+        print(f"tunnel-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +46,9 @@ def _run(args: argparse.Namespace) -> int:
     from tunnel_agent.agent import Agent  # aiohttp is only needed to run
 
     settings = load_agent_settings(args.config)
+    # Certificates are re-read on every connection attempt (renewal); a missing one is a set-up error,
+    # not a transient failure, so say so now instead of retrying forever.
+    client_context(settings.cert_file, settings.key_file, settings.ca_file)
     setup_logging(args.verbose)
     agent = Agent(settings)
     return run_service(agent.run, agent.stop)
