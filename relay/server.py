@@ -26,10 +26,10 @@ from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
 from tunnel_link.associations import (
+    STREAM_LIMIT,
     Association,
     AssociationTracker,
     IngressLimits,
-    STREAM_LIMIT,
     serve_caller,
     serve_stream,
 )

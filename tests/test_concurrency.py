@@ -11,8 +11,15 @@ import pytest
 
 from tests.support.dcmtk import echoscu, findscu, require_binary, start_storescp, storescu
 from tests.support.ports import free_port
-from tests.support.stack import (AgentRoute, ListenerRoute, SiteDest, make_agent, make_relay, start_agent,
-                                 start_relay)
+from tests.support.stack import (
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
 from tunnel_demo.dataset import generate_study
 from tunnel_demo.pacs import DemoPacs
 

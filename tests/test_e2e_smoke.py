@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from tests.support.dcmtk import echoscu, start_storescp, storescu
 from tests.support.ports import free_port
-from tests.support.stack import (AgentRoute, ListenerRoute, SiteDest, make_agent, make_relay, start_agent,
-                                 start_relay)
+from tests.support.stack import (
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
 
 
 def test_echo_both_ways(procs, tmp_path, ct_study_small):

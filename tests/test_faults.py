@@ -14,8 +14,15 @@ from tests.support.dcmtk import echoscu, require_binary, start_storescp, storesc
 from tests.support.ports import free_port
 from tests.support.procs import wait_until
 from tests.support.rawdicom import request_reject
-from tests.support.stack import (AgentRoute, ListenerRoute, SiteDest, make_agent, make_relay, start_agent,
-                                 start_relay)
+from tests.support.stack import (
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
 from tunnel_demo.dataset import generate_study
 
 

@@ -11,8 +11,15 @@ from tests.support.dcmtk import echoscu, start_storescp, storescu
 from tests.support.muxclient import raw_agent
 from tests.support.ports import free_port
 from tests.support.rawdicom import associate_rq, request_reject
-from tests.support.stack import (AgentRoute, ListenerRoute, SiteDest, make_agent, make_relay, start_agent,
-                                 start_relay)
+from tests.support.stack import (
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
 from tunnel_core.codes import ErrorCode, TargetKind
 
 

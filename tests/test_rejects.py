@@ -11,8 +11,15 @@ import pytest
 from tests.support.dcmtk import echoscu, start_storescp
 from tests.support.ports import free_port
 from tests.support.rawdicom import associate_rq, connect, read_until_closed, request_reject
-from tests.support.stack import (AgentRoute, ListenerRoute, SiteDest, make_agent, make_relay, start_agent,
-                                 start_relay)
+from tests.support.stack import (
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
 
 ARTIM = 1.0
 

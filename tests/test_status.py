@@ -10,12 +10,20 @@ import time
 
 import pytest
 
+from tests.support.dcmtk import start_storescp
 from tests.support.ports import free_port
 from tests.support.procs import wait_until
 from tests.support.rawdicom import associate_rq, connect, read_pdu
-from tests.support.stack import (AGENT, AgentRoute, ListenerRoute, SiteDest, make_agent, make_relay,
-                                 start_agent, start_relay)
-from tests.support.dcmtk import start_storescp
+from tests.support.stack import (
+    AGENT,
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
 
 HEARTBEAT = 1.0
 

@@ -28,10 +28,10 @@ from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Destination, decide_destination
 from tunnel_link.associations import (
+    STREAM_LIMIT,
     Association,
     AssociationTracker,
     IngressLimits,
-    STREAM_LIMIT,
     serve_caller,
     serve_stream,
 )
@@ -188,7 +188,7 @@ class Agent:
             "last_error": self.last_error,
             "next_attempt": self.next_attempt if self.state == "backoff" else None,
             "routes": sorted(self.routes),
-            "listener": "%s:%d" % self.bound["listener"] if "listener" in self.bound else None,
+            "listener": "{}:{}".format(*self.bound["listener"]) if "listener" in self.bound else None,
             "associations": [a.as_dict() for a in self.tracker.active.values()],
             "outcomes": dict(self.tracker.outcomes),
         }
