@@ -250,6 +250,8 @@ async def _splice(stream: TunnelStream, reader: asyncio.StreamReader, writer: as
                 answered = True
                 if ingress:
                     assoc.bytes_to_caller += len(data)
+                else:
+                    assoc.bytes_from_caller += len(data)
                 writer.write(data)
                 await writer.drain()
                 await stream.acknowledge(len(data))

@@ -11,7 +11,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 from tests.support.procs import ManagedProcess, ProcessTracker, wait_for_port, wait_until
 
 BIN = Path(sys.executable).parent
@@ -89,7 +89,7 @@ def make_relay(root: Path, *, listener_routes: list[ListenerRoute], sites: dict[
                heartbeat: float = 10.0, artim: float = 10.0) -> RelayHandle:
     """Write the relay config and create its CA and server certificate with the product's CLI."""
     root.mkdir(parents=True, exist_ok=True)
-    handle = RelayHandle(root, root / "relay.toml", free_port(), free_port(), free_port())
+    handle = RelayHandle(root, root / "relay.toml", *free_ports(3))
     lines = [
         f'state_dir = "{handle.state_dir}"',
         "[tunnel]", 'host = "127.0.0.1"', f"port = {handle.tunnel_port}",
@@ -118,7 +118,7 @@ def make_agent(relay: RelayHandle, site: str, root: Path, *, routes: list[AgentR
     root.mkdir(parents=True, exist_ok=True)
     certs = root / "certs"
     _cli(RELAY, "site", "cert", site, "--config", str(relay.config), "--out", str(certs))
-    handle = AgentHandle(site, root, root / "agent.toml", free_port(), free_port())
+    handle = AgentHandle(site, root, root / "agent.toml", *free_ports(2))
     lines = [
         f'relay_url = "wss://127.0.0.1:{relay.tunnel_port}/tunnel"',
         f'cert_file = "{certs / "agent.crt"}"', f'key_file = "{certs / "agent.key"}"',
