@@ -122,7 +122,8 @@ def decode_open(payload: bytes) -> OpenPayload:
         calling = payload[3 + tlen:3 + tlen + clen]
     except (IndexError, ValueError) as exc:
         raise ProtocolError("malformed OPEN payload") from exc
-    if len(target) != tlen or len(calling) != clen or tlen == 0 or len(payload) != 3 + tlen + clen:
+    if (len(target) != tlen or len(calling) != clen or not 1 <= tlen <= MAX_NAME or clen > MAX_NAME
+            or len(payload) != 3 + tlen + clen):
         raise ProtocolError("malformed OPEN payload")
     return OpenPayload(kind, _ascii(target), _ascii(calling))
 

@@ -54,9 +54,9 @@ class Heartbeat:
         return self.rtt
 
     def poll(self, now: float) -> SendPing | PeerDead | None:
-        silent = now - self._last_heard
-        if silent >= self.interval * self.misses:
-            return PeerDead(silent)
+        # Compare exactly as next_deadline() computes, or float rounding could keep a due deadline unmet.
+        if now >= self._last_heard + self.interval * self.misses:
+            return PeerDead(now - self._last_heard)
         if now >= self._next_ping:
             self._next_ping = now + self.interval
             self._seq += 1

@@ -239,9 +239,10 @@ class Mux:
             raise ConnectionDraining("connection is draining; open the stream elsewhere")
         if len(self._streams) >= self.limits.max_streams:
             raise StreamLimitReached(f"{self.limits.max_streams} streams already open")
+        payload = fr.encode_open(open_payload)
         stream_id = self._next_local_id
         self._next_local_id += 2
-        self._queue(FrameType.OPEN, stream_id, fr.encode_open(open_payload))
+        self._queue(FrameType.OPEN, stream_id, payload)
         self._add_stream(stream_id)
         return stream_id
 
@@ -301,14 +302,14 @@ class Mux:
             stream.unacked_credit = 0
 
     def _return_connection_credit(self) -> None:
-        """Half-window hysteresis, except when the peer is short of credit: then return it at once.
+        """Half-window hysteresis, except when the peer has less credit left than we hold back.
 
         Without the exception, streams whose receivers stalled can hold more than half the connection
         window, the live streams' acknowledgements never reach the threshold, and the whole tunnel stops.
         """
         half = self.limits.connection_window // 2
         credit = self._conn_unacked_credit
-        if credit and (credit >= half or self._conn_recv_window < half):
+        if credit and (credit >= half or credit >= self._conn_recv_window):
             self._grant(0, credit)
             self._conn_recv_window += credit
             self._conn_unacked_credit = 0

@@ -204,8 +204,10 @@ async def _sniff_stream(stream: TunnelStream, limits: IngressLimits
                 req = sniffer.feed(data)
                 if req is not None:
                     return req, sniffer.rest, consumed
-    except (DicomError, TimeoutError):
+    except DicomError:
         await stream.reset(ErrorCode.PROTOCOL_ERROR)
+    except TimeoutError:
+        await stream.reset(ErrorCode.TIMEOUT)
     except StreamResetError:
         pass
     return None
