@@ -26,7 +26,6 @@ from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
 from tunnel_link.associations import (
-    STREAM_LIMIT,
     Association,
     AssociationTracker,
     IngressLimits,
@@ -34,6 +33,8 @@ from tunnel_link.associations import (
     serve_stream,
 )
 from tunnel_link.errors import LinkError
+from tunnel_link.pipe import Pipe, PipeServer
+from tunnel_link.procstats import process_stats
 from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.sockets import tune
 from tunnel_link.tls import server_context
@@ -102,15 +103,15 @@ class Relay:
         limits = IngressLimits(listener.artim_timeout, listener.max_associate_rq)
         table = self.tables[listener.name]
 
-        async def on_caller(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def on_caller(pipe: Pipe) -> None:
             async def decide(req: AssociateRequest, assoc: Association) -> TunnelStream | RejectReason:
                 return await self._route_caller(table, req, assoc)
-            await serve_caller(reader, writer, limits=limits, decide=decide, tracker=self.tracker,
-                               direction="cloud-to-site")
+            await serve_caller(pipe, limits=limits, decide=decide, tracker=self.tracker, direction="cloud-to-site")
 
-        server = await asyncio.start_server(on_caller, listener.host, listener.port, limit=STREAM_LIMIT)
-        stack.push_async_callback(_close_server, server)
-        return server.sockets[0].getsockname()[:2]
+        server = PipeServer(on_caller)
+        bound = await server.start(listener.host, listener.port)
+        stack.push_async_callback(server.close)
+        return bound
 
     # --- routing ----------------------------------------------------------------------------------------
 
@@ -214,6 +215,7 @@ class Relay:
             "sites": sites,
             "associations": [a.as_dict() for a in self.tracker.active.values()],
             "outcomes": dict(self.tracker.outcomes),
+            "process": process_stats(),
         }
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -242,8 +244,3 @@ async def _serve_app(stack: AsyncExitStack, app: web.Application, host: str, por
     await site.start()
     sock = site._server.sockets[0]  # aiohttp exposes no public accessor for the bound address
     return sock.getsockname()[:2]
-
-
-async def _close_server(server: asyncio.Server) -> None:
-    server.close()
-    await server.wait_closed()

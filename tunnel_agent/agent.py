@@ -28,7 +28,6 @@ from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Destination, decide_destination
 from tunnel_link.associations import (
-    STREAM_LIMIT,
     Association,
     AssociationTracker,
     IngressLimits,
@@ -36,6 +35,8 @@ from tunnel_link.associations import (
     serve_stream,
 )
 from tunnel_link.errors import LinkError
+from tunnel_link.pipe import Pipe, PipeServer
+from tunnel_link.procstats import process_stats
 from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.sockets import tune_socket
 from tunnel_link.tls import client_context
@@ -88,10 +89,9 @@ class Agent:
         await site.start()
         self.bound["status"] = site._server.sockets[0].getsockname()[:2]
         if s.listener.enabled:
-            server = await asyncio.start_server(self._on_caller, s.listener.host, s.listener.port,
-                                                limit=STREAM_LIMIT)
-            stack.push_async_callback(_close_server, server)
-            self.bound["listener"] = server.sockets[0].getsockname()[:2]
+            server = PipeServer(self._on_caller)
+            self.bound["listener"] = await server.start(s.listener.host, s.listener.port)
+            stack.push_async_callback(server.close)
         log.info("agent up: %s; relay %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()),
                  s.relay_url)
 
@@ -158,9 +158,9 @@ class Agent:
 
     # --- the local DICOM listener ---------------------------------------------------------------------
 
-    async def _on_caller(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_caller(reader, writer, limits=self.ingress_limits, decide=self._route_caller,
-                           tracker=self.tracker, direction="site-to-cloud")
+    async def _on_caller(self, pipe: Pipe) -> None:
+        await serve_caller(pipe, limits=self.ingress_limits, decide=self._route_caller, tracker=self.tracker,
+                           direction="site-to-cloud")
 
     async def _route_caller(self, req: AssociateRequest, assoc: Association) -> TunnelStream | RejectReason:
         session = self.session
@@ -191,6 +191,7 @@ class Agent:
             "listener": "{}:{}".format(*self.bound["listener"]) if "listener" in self.bound else None,
             "associations": [a.as_dict() for a in self.tracker.active.values()],
             "outcomes": dict(self.tracker.outcomes),
+            "process": process_stats(),
         }
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -209,8 +210,3 @@ async def _cancel(task: asyncio.Task) -> None:
         await task
     except asyncio.CancelledError:
         pass
-
-
-async def _close_server(server: asyncio.Server) -> None:
-    server.close()
-    await server.wait_closed()

@@ -35,42 +35,48 @@ MAX_NAME = 64
 class Frame:
     type: FrameType
     stream_id: int
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
     flags: int = 0
 
 
-def encode(frame_type: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
-    """Header plus payload as one bytes object, ready to be sent."""
+def encode(frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"", flags: int = 0) -> bytes:
+    """Header plus payload as one bytes object, ready to be sent (the payload is copied once, here)."""
     return HEADER.pack(VERSION, frame_type, flags, 0, stream_id, len(payload)) + payload
 
 
 class FrameParser:
-    """Incremental parser. Call ``feed(data)`` with any chunk; it returns the frames completed by it."""
+    """Incremental parser. Call ``feed(data)`` with any chunk; it returns the frames completed by it.
+
+    DATA payloads are zero-copy ``memoryview`` slices of the chunk they arrived in (the usual case is one
+    whole frame per WebSocket message); other payloads are small ``bytes``. Only a frame split across
+    chunks is copied, once.
+    """
 
     def __init__(self, max_payload: int) -> None:
         self._max_payload = max_payload
-        self._buf = bytearray()
+        self._buf = b""
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
+        if self._buf:
+            data = self._buf + data
+        view = memoryview(data)
         frames: list[Frame] = []
         pos = 0
-        buf = self._buf
-        end = len(buf)
+        end = len(data)
         while end - pos >= HEADER_SIZE:
-            version, ftype, flags, _rsvd, stream_id, length = HEADER.unpack_from(buf, pos)
+            version, ftype, flags, _rsvd, stream_id, length = HEADER.unpack_from(data, pos)
             _check_header(version, ftype, length, self._max_payload)
-            if end - pos - HEADER_SIZE < length:
-                break
             start = pos + HEADER_SIZE
-            frames.append(Frame(FrameType(ftype), stream_id, bytes(buf[start:start + length]), flags))
+            if end - start < length:
+                break
+            payload = view[start:start + length] if ftype == FrameType.DATA else data[start:start + length]
+            frames.append(Frame(FrameType(ftype), stream_id, payload, flags))
             pos = start + length
-        if pos:
-            del buf[:pos]
+        self._buf = bytes(view[pos:]) if pos < end else b""
         return frames
 
 

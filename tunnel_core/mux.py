@@ -92,8 +92,10 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
+    """``data`` may be a memoryview into the received message: consume it, or copy it to keep it."""
+
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +168,8 @@ class Mux:
         self.role = role
         self.limits = limits or MuxLimits()
         self._parser = fr.FrameParser(MAX_FRAME_PAYLOAD)
-        self._out: list[bytes] = []
+        self._out = bytearray()  # encoded frames, back to back
+        self._frame_ends: list[int] = []  # offset after each frame in _out, for data_to_send(max_bytes)
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.AGENT else 2
         self._last_remote_id = 0
@@ -211,24 +214,25 @@ class Mux:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
-    def data_to_send(self, max_bytes: int | None = None) -> bytes:
-        """Queued frames for the peer, in order, and removes them from the queue.
+    def data_to_send(self, max_bytes: int | None = None) -> bytearray:
+        """Queued frames for the peer, in order, removed from the queue. The caller owns the bytearray.
 
         With ``max_bytes``, returns whole frames up to about that size (always at least one frame), so an
         adapter can keep each transport message bounded; call again while ``has_data_to_send()``.
         """
-        if max_bytes is None or sum(map(len, self._out)) <= max_bytes:
-            out = b"".join(self._out)
-            self._out.clear()
+        if max_bytes is None or len(self._out) <= max_bytes:
+            out = self._out
+            self._out = bytearray()
+            self._frame_ends.clear()
             return out
-        total = count = 0
-        for frame in self._out:
-            if count and total + len(frame) > max_bytes:
+        cut = self._frame_ends[0]
+        for end in self._frame_ends:
+            if end > max_bytes:
                 break
-            total += len(frame)
-            count += 1
-        out = b"".join(self._out[:count])
-        del self._out[:count]
+            cut = end
+        out = self._out[:cut]
+        del self._out[:cut]
+        self._frame_ends = [end - cut for end in self._frame_ends if end > cut]
         return out
 
     # --- local actions --------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class Mux:
         self._add_stream(stream_id)
         return stream_id
 
-    def send_data(self, stream_id: int, data: bytes) -> int:
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the windows allow; return how many bytes were taken."""
         stream = self._live(stream_id)
         stream.advance(StreamInput.SEND_DATA)
@@ -256,7 +260,7 @@ class Mux:
         step = self.limits.max_frame_payload
         view = memoryview(data)
         for start in range(0, n, step):
-            self._queue(FrameType.DATA, stream_id, bytes(view[start:min(n, start + step)]))
+            self._queue(FrameType.DATA, stream_id, view[start:min(n, start + step)])
         stream.send_window -= n
         self._conn_send_window -= n
         return n
@@ -466,8 +470,11 @@ class Mux:
     def _grant(self, stream_id: int, increment: int) -> None:
         self._queue(FrameType.WINDOW, stream_id, fr.encode_window(increment))
 
-    def _queue(self, frame_type: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0) -> None:
-        self._out.append(fr.encode(frame_type, stream_id, payload, flags))
+    def _queue(self, frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"", flags: int = 0) -> None:
+        out = self._out
+        out += fr.HEADER.pack(fr.VERSION, frame_type, flags, 0, stream_id, len(payload))
+        out += payload  # the one copy of the payload on the sending side
+        self._frame_ends.append(len(out))
 
 
 _HANDLERS = {

@@ -25,13 +25,11 @@ from tunnel_core.dicom import AssociateRequest, AssociateSniffer, RejectReason
 from tunnel_core.errors import DicomError
 from tunnel_core.routing import Destination, reject_for_reset
 from tunnel_link.errors import StreamResetError
+from tunnel_link.pipe import Pipe, dial
 from tunnel_link.session import TunnelStream
-from tunnel_link.sockets import tune
 
 log = logging.getLogger("tunnel.association")
 
-CHUNK = 256 * 1024
-STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer before it pauses the socket (backpressure)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +95,12 @@ Decide = Callable[[AssociateRequest, Association], Awaitable[Decision]]
 Choose = Callable[[AssociateRequest], Destination | ErrorCode]
 
 
-async def serve_caller(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, limits: IngressLimits,
-                       decide: Decide, tracker: AssociationTracker, direction: str) -> None:
+async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tracker: AssociationTracker,
+                       direction: str) -> None:
     """Handle one inbound DICOM connection to the end. Never raises for peer faults."""
-    tune(writer.transport)
-    peer = writer.get_extra_info("peername")
+    peer = pipe.peername()
     try:
-        first = await _sniff_caller(reader, limits, tracker, peer)
+        first = await _sniff_caller(pipe, limits, tracker, peer)
         if first is None:
             return
         req, rest = first
@@ -112,28 +109,27 @@ async def serve_caller(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         try:
             decision = await decide(req, assoc)
             if isinstance(decision, RejectReason):
-                writer.write(dicom.associate_reject(decision))
-                await writer.drain()
+                pipe.write(dicom.associate_reject(decision))
+                await pipe.drain()
                 outcome = f"rejected:{decision.name.lower()}"
                 return
             assoc.bytes_from_caller = len(req.pdu) + len(rest)
-            outcome = await _splice(decision, reader, writer, assoc, answered=False,
-                                    first=req.pdu + rest)
+            outcome = await _splice(decision, pipe, assoc, answered=False, first=req.pdu + rest)
         finally:
             tracker.finish(assoc, outcome)
     except (ConnectionError, StreamResetError):
         pass
     finally:
-        writer.close()
+        pipe.close()
 
 
-async def _sniff_caller(reader: asyncio.StreamReader, limits: IngressLimits, tracker: AssociationTracker,
+async def _sniff_caller(pipe: Pipe, limits: IngressLimits, tracker: AssociationTracker,
                         peer: object) -> tuple[AssociateRequest, bytes] | None:
     sniffer = AssociateSniffer(limits.max_associate_rq)
     try:
         async with asyncio.timeout(limits.artim_timeout):
             while True:
-                data = await reader.read(CHUNK)
+                data = await pipe.read()
                 if not data:
                     tracker.refused("closed-before-associate")
                     return None
@@ -146,6 +142,8 @@ async def _sniff_caller(reader: asyncio.StreamReader, limits: IngressLimits, tra
     except DicomError as exc:
         log.info("peer=%s refused: %s", peer, exc)
         tracker.refused(f"bad-first-pdu:{type(exc).__name__}")
+    except ConnectionError:
+        tracker.refused("closed-before-associate")
     return None
 
 
@@ -169,20 +167,18 @@ async def serve_stream(stream: TunnelStream, *, limits: IngressLimits, choose: C
         assoc.route = choice.name
         try:
             async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(choice.host, choice.port, limit=STREAM_LIMIT)
+                pipe = await dial(choice.host, choice.port)
         except (OSError, TimeoutError) as exc:
             log.info("assoc=%s destination %s unreachable: %s", assoc.id, choice.name, exc.__class__.__name__)
             await stream.reset(ErrorCode.DESTINATION_UNREACHABLE)
             outcome = "destination-unreachable"
             return
-        tune(writer.transport)
         pdu = dicom.rewrite_called_ae(req.pdu, choice.called_ae) if choice.called_ae else req.pdu
         try:
             assoc.bytes_from_caller = consumed
-            outcome = await _splice(stream, reader, writer, assoc, answered=True, first=pdu + rest,
-                                    first_credit=consumed)
+            outcome = await _splice(stream, pipe, assoc, answered=True, first=pdu + rest, first_credit=consumed)
         finally:
-            writer.close()
+            pipe.close()
     except StreamResetError as exc:
         outcome = f"reset:{exc.code.name.lower()}"
     finally:
@@ -213,8 +209,8 @@ async def _sniff_stream(stream: TunnelStream, limits: IngressLimits
     return None
 
 
-async def _splice(stream: TunnelStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  assoc: Association, *, answered: bool, first: bytes, first_credit: int = 0) -> str:
+async def _splice(stream: TunnelStream, pipe: Pipe, assoc: Association, *, answered: bool, first: bytes,
+                  first_credit: int = 0) -> str:
     """Copy both ways until both directions end. Returns the outcome for the log line.
 
     ``first`` goes out before anything else: towards the stream on the ingress side (``answered`` False),
@@ -228,7 +224,7 @@ async def _splice(stream: TunnelStream, reader: asyncio.StreamReader, writer: as
         try:
             if ingress:
                 await stream.write(first)
-            while data := await reader.read(CHUNK):
+            while data := await pipe.read():
                 if ingress:
                     assoc.bytes_from_caller += len(data)
                 else:
@@ -245,8 +241,8 @@ async def _splice(stream: TunnelStream, reader: asyncio.StreamReader, writer: as
         nonlocal outcome, answered
         try:
             if not ingress:
-                writer.write(first)
-                await writer.drain()
+                pipe.write(first)
+                await pipe.drain()
                 await stream.acknowledge(first_credit)
             while data := await stream.read():
                 answered = True
@@ -254,15 +250,14 @@ async def _splice(stream: TunnelStream, reader: asyncio.StreamReader, writer: as
                     assoc.bytes_to_caller += len(data)
                 else:
                     assoc.bytes_from_caller += len(data)
-                writer.write(data)
-                await writer.drain()
+                pipe.write(data)
+                await pipe.drain()
                 await stream.acknowledge(len(data))
-            if writer.can_write_eof():
-                writer.write_eof()
+            pipe.write_eof()
         except StreamResetError as exc:
             if outcome == "completed":
                 outcome = f"reset:{exc.code.name.lower()}"
-            _tell_caller(writer, exc.code, answered, ingress)
+            _tell_caller(pipe, exc.code, answered, ingress)
         except ConnectionError:
             outcome = "aborted:socket-error"
             await stream.reset(ErrorCode.ABORTED)
@@ -273,12 +268,12 @@ async def _splice(stream: TunnelStream, reader: asyncio.StreamReader, writer: as
     return outcome
 
 
-def _tell_caller(writer: asyncio.StreamWriter, code: ErrorCode, answered: bool, ingress: bool) -> None:
+def _tell_caller(pipe: Pipe, code: ErrorCode, answered: bool, ingress: bool) -> None:
     """The stream died: tell the DICOM peer on our socket in its own terms, then drop the connection."""
-    if writer.is_closing():
+    if pipe.is_closing():
         return
     if ingress and not answered:
-        writer.write(dicom.associate_reject(reject_for_reset(code)))
+        pipe.write(dicom.associate_reject(reject_for_reset(code)))
     else:
-        writer.write(dicom.abort())
-    writer.close()
+        pipe.write(dicom.abort())
+    pipe.close()

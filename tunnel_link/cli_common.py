@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -27,5 +28,13 @@ def run_service(main: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[]
             loop.add_signal_handler(sig, stop)
         await main()
 
+    if os.environ.get("TUNNEL_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop  # optional extra (pip install '.[fast]'): a faster event loop and TLS transport
+        except ImportError:
+            pass
+        else:
+            uvloop.run(runner())
+            return 0
     asyncio.run(runner())
     return 0

@@ -24,6 +24,7 @@ from tunnel_core.errors import ProtocolError
 from tunnel_core.frames import OpenPayload
 from tunnel_core.heartbeat import Heartbeat, PeerDead, SendPing
 from tunnel_link.errors import LinkError, StreamResetError
+from tunnel_link.wswrite import FastBinaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class MuxSession:
                  on_stream: StreamHandler, label: str) -> None:
         self.ws = ws
         self.mux = mux
+        # The agent is the WebSocket client, which must mask what it sends (RFC 6455 §5.3).
+        self._fast = FastBinaryWriter.attach(ws, mask=mux.role is m.Role.AGENT)
         self.label = label
         self._on_stream = on_stream
         self._streams: dict[int, TunnelStream] = {}
@@ -210,7 +213,10 @@ class MuxSession:
         while self.mux.has_data_to_send():
             data = self.mux.data_to_send(MAX_MESSAGE)
             try:
-                await self.ws.send_bytes(data)
+                if self._fast is not None:
+                    await self._fast.send(data)
+                else:
+                    await self.ws.send_bytes(bytes(data))
             except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
                 self._closing = True
                 raise LinkError(f"tunnel write failed: {exc!r}") from exc
