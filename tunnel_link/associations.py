@@ -23,10 +23,11 @@ from tunnel_core import dicom
 from tunnel_core.codes import ErrorCode
 from tunnel_core.dicom import AssociateRequest, AssociateSniffer, RejectReason
 from tunnel_core.errors import DicomError
-from tunnel_core.routing import Destination, reject_for_reset
+from tunnel_core.routing import Destination
 from tunnel_link.errors import StreamResetError
 from tunnel_link.pipe import Pipe, dial
 from tunnel_link.session import TunnelStream
+from tunnel_link.splice import Splice
 
 log = logging.getLogger("tunnel.association")
 
@@ -211,69 +212,14 @@ async def _sniff_stream(stream: TunnelStream, limits: IngressLimits
 
 async def _splice(stream: TunnelStream, pipe: Pipe, assoc: Association, *, answered: bool, first: bytes,
                   first_credit: int = 0) -> str:
-    """Copy both ways until both directions end. Returns the outcome for the log line.
-
-    ``first`` goes out before anything else: towards the stream on the ingress side (``answered`` False),
-    towards the socket on the egress side (``answered`` True, with ``first_credit`` stream bytes to ack).
-    """
-    outcome = "completed"
-    ingress = not answered
-
-    async def socket_to_stream() -> None:
-        nonlocal outcome
-        try:
-            if ingress:
-                await stream.write(first)
-            while data := await pipe.read():
-                if ingress:
-                    assoc.bytes_from_caller += len(data)
-                else:
-                    assoc.bytes_to_caller += len(data)
-                await stream.write(data)
-            await stream.end()
-        except ConnectionError:
-            outcome = "aborted:socket-error"
-            await stream.reset(ErrorCode.ABORTED)
-        except StreamResetError:
-            pass  # the other pump reports it
-
-    async def stream_to_socket() -> None:
-        nonlocal outcome, answered
-        try:
-            if not ingress:
-                pipe.write(first)
-                await pipe.drain()
-                await stream.acknowledge(first_credit)
-            while data := await stream.read():
-                answered = True
-                if ingress:
-                    assoc.bytes_to_caller += len(data)
-                else:
-                    assoc.bytes_from_caller += len(data)
-                pipe.write(data)
-                await pipe.drain()
-                await stream.acknowledge(len(data))
-            pipe.write_eof()
-        except StreamResetError as exc:
-            if outcome == "completed":
-                outcome = f"reset:{exc.code.name.lower()}"
-            _tell_caller(pipe, exc.code, answered, ingress)
-        except ConnectionError:
-            outcome = "aborted:socket-error"
-            await stream.reset(ErrorCode.ABORTED)
-
-    async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(socket_to_stream())
-        tasks.create_task(stream_to_socket())
-    return outcome
-
-
-def _tell_caller(pipe: Pipe, code: ErrorCode, answered: bool, ingress: bool) -> None:
-    """The stream died: tell the DICOM peer on our socket in its own terms, then drop the connection."""
-    if pipe.is_closing():
-        return
-    if ingress and not answered:
-        pipe.write(dicom.associate_reject(reject_for_reset(code)))
-    else:
-        pipe.write(dicom.abort())
-    pipe.close()
+    """Copy both ways until both directions end (see ``tunnel_link.splice``); returns the outcome."""
+    splice = Splice(stream, pipe, ingress=not answered)
+    try:
+        return await splice.run(first, first_credit)
+    finally:
+        if splice.ingress:
+            assoc.bytes_from_caller = splice.from_socket
+            assoc.bytes_to_caller = splice.to_socket
+        else:
+            assoc.bytes_from_caller = first_credit + splice.to_socket
+            assoc.bytes_to_caller = splice.from_socket

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from tunnel_link.sockets import tune
 
@@ -31,6 +32,7 @@ class Pipe(asyncio.Protocol):
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self._consumer: PipeConsumer | None = None
         self.transport: asyncio.Transport | None = None
 
     # --- protocol callbacks -------------------------------------------------------------------------------
@@ -40,6 +42,9 @@ class Pipe(asyncio.Protocol):
         tune(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._consumer is not None:
+            self._consumer.socket_data(data)
+            return
         self._chunks.append(data)
         self._size += len(data)
         if self._size >= self._high and not self._reading_paused and self.transport is not None:
@@ -50,6 +55,8 @@ class Pipe(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake_reader()
+        if self._consumer is not None:
+            self._consumer.socket_eof()
         return True  # keep the transport open for writing: DICOM peers half-close after release
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -62,6 +69,8 @@ class Pipe(asyncio.Protocol):
                 self._drain_waiter.set_result(None)
             else:
                 self._drain_waiter.set_exception(ConnectionResetError(str(exc)))
+        if self._consumer is not None:
+            self._consumer.socket_lost(exc)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -70,6 +79,40 @@ class Pipe(asyncio.Protocol):
         self._writing_paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        if self._consumer is not None:
+            self._consumer.socket_writable()
+
+    # --- callback mode -------------------------------------------------------------------------------------
+
+    def attach(self, consumer: PipeConsumer) -> None:
+        """From now on, hand what arrives to ``consumer`` as it arrives (what ``read()`` left is first)."""
+        self._consumer = consumer
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            consumer.socket_data(data)
+        self.resume()
+        if self._closed:
+            consumer.socket_lost(self._lost)
+        elif self._eof:
+            consumer.socket_eof()
+
+    def pause(self) -> None:
+        """Stop reading from the socket (the peer's TCP window then closes)."""
+        if not self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def write_congested(self) -> bool:
+        """The transport is over its high-water mark; ``socket_writable`` follows when it drains."""
+        return self._writing_paused
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -132,6 +175,13 @@ class Pipe(asyncio.Protocol):
 
     def peername(self) -> object:
         return self.transport.get_extra_info("peername") if self.transport else None
+
+
+class PipeConsumer(Protocol):
+    def socket_data(self, data: bytes) -> None: ...
+    def socket_eof(self) -> None: ...
+    def socket_lost(self, exc: BaseException | None) -> None: ...
+    def socket_writable(self) -> None: ...
 
 
 PipeHandler = Callable[[Pipe], Awaitable[None]]

@@ -57,6 +57,7 @@ class TunnelStream:
         self.reset_code: ErrorCode | None = None
         self._readable = asyncio.Event()
         self._credit = asyncio.Event()
+        self._listener: StreamListener | None = None
 
     @property
     def closed(self) -> bool:
@@ -120,18 +121,37 @@ class TunnelStream:
                 pass
         self.session._forget(self)
 
+    def attach(self, listener: StreamListener) -> None:
+        """From now on, deliver this stream's events to ``listener`` as they happen, from the session's
+        read loop, with no task switch (what ``read()`` left queued is delivered first)."""
+        self._listener = listener
+        while self._inbound and self.reset_code is None:
+            listener.stream_data(self._inbound.popleft())
+        if self.reset_code is not None:
+            listener.stream_reset(self.reset_code)
+        elif self._eof:
+            listener.stream_eof()
+
     # --- called by the session ----------------------------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._listener is not None:
+            self._listener.stream_data(data)
+            return
         self._inbound.append(data)
         self._readable.set()
 
     def _on_eof(self) -> None:
         self._eof = True
+        if self._listener is not None:
+            self._listener.stream_eof()
+            return
         self._readable.set()
 
     def _on_reset(self, code: ErrorCode) -> None:
+        if self.reset_code is not None:
+            return
         self.reset_code = code
         # Nothing is delivered after a reset; give the discarded bytes' credit back to the connection.
         dropped = sum(map(len, self._inbound))
@@ -141,9 +161,22 @@ class TunnelStream:
         self._readable.set()
         self._credit.set()
         self.session._forget(self)
+        if self._listener is not None:
+            self._listener.stream_reset(code)
 
     def _on_credit(self) -> None:
         self._credit.set()
+        if self._listener is not None:
+            self._listener.stream_credit()
+
+
+class StreamListener(Protocol):
+    """Receives an attached stream's events synchronously (see ``TunnelStream.attach``)."""
+
+    def stream_data(self, data: bytes | memoryview) -> None: ...
+    def stream_eof(self) -> None: ...
+    def stream_reset(self, code: ErrorCode) -> None: ...
+    def stream_credit(self) -> None: ...
 
 
 StreamHandler = Callable[[TunnelStream], Awaitable[None]]
@@ -167,6 +200,8 @@ class MuxSession:
         self.connected_at = time.time()
         self.close_reason = ""
         self.streams_opened = 0
+        self._drain_callbacks: list[Callable[[], None]] = []
+        self._drain_task: asyncio.Task[None] | None = None
 
     @property
     def rtt(self) -> float | None:
@@ -220,6 +255,49 @@ class MuxSession:
             except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
                 self._closing = True
                 raise LinkError(f"tunnel write failed: {exc!r}") from exc
+
+    def flush_nowait(self) -> None:
+        """Send what the core queued without waiting: for callbacks. See ``congested`` for backpressure."""
+        if self._fast is None:
+            if self.mux.has_data_to_send() and self._tasks is not None:
+                self._tasks.create_task(self._flush_quietly())
+            return
+        while self.mux.has_data_to_send():
+            try:
+                self._fast.write(self.mux.data_to_send(MAX_MESSAGE))
+            except (ConnectionError, RuntimeError) as exc:
+                self._closing = True
+                log.info("tunnel=%s write failed: %r", self.label, exc)
+                return
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except LinkError:
+            pass
+
+    @property
+    def congested(self) -> bool:
+        """The WebSocket's send buffer is over its high-water mark: sources should pause."""
+        return self._fast is not None and self._fast.congested
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the WebSocket's send buffer has drained (or the session ended)."""
+        self._drain_callbacks.append(callback)
+        if self._drain_task is None and self._tasks is not None:
+            self._drain_task = self._tasks.create_task(self._wait_drained())
+
+    async def _wait_drained(self) -> None:
+        try:
+            if self._fast is not None:
+                await self._fast.drained()
+        except ConnectionError:
+            pass
+        finally:
+            self._drain_task = None
+            callbacks, self._drain_callbacks = self._drain_callbacks, []
+            for callback in callbacks:
+                callback()
 
     async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
         """Send GOAWAY and close the WebSocket; ``run()`` returns soon after."""
@@ -312,12 +390,14 @@ class MuxSession:
         self._streams.pop(stream.id, None)
 
     def _abort_streams(self) -> None:
+        """The connection is gone: every stream ends as ABORTED (no credit to return any more)."""
         for stream in list(self._streams.values()):
-            stream.reset_code = stream.reset_code or ErrorCode.ABORTED
             stream._inbound.clear()
-            stream._readable.set()
-            stream._credit.set()
+            stream._on_reset(ErrorCode.ABORTED)
         self._streams.clear()
+        callbacks, self._drain_callbacks = self._drain_callbacks, []
+        for callback in callbacks:
+            callback()
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()

@@ -56,8 +56,8 @@ class FastBinaryWriter:
             return None
         return cls(transport, protocol, mask)
 
-    async def send(self, message: bytearray) -> None:
-        """Send ``message`` as one binary WebSocket message. Takes ownership: it is masked in place."""
+    def write(self, message: bytearray) -> None:
+        """Write ``message`` as one binary WebSocket message, now. Takes ownership: it is masked in place."""
         if self._transport.is_closing():
             raise ConnectionResetError("tunnel transport is closing")
         key = os.urandom(4) if self._mask else None
@@ -65,5 +65,17 @@ class FastBinaryWriter:
             websocket_mask(key, message)
         self._transport.write(frame_header(len(message), key))
         self._transport.write(message)
-        if self._transport.get_write_buffer_size() > _HIGH_WATER:
-            await self._protocol._drain_helper()
+
+    @property
+    def congested(self) -> bool:
+        return self._transport.get_write_buffer_size() > _HIGH_WATER
+
+    async def drained(self) -> None:
+        """Return once the transport accepts more (immediately if it does)."""
+        await self._protocol._drain_helper()
+
+    async def send(self, message: bytearray) -> None:
+        """``write``, then wait while the transport is over its high-water mark."""
+        self.write(message)
+        if self.congested:
+            await self.drained()
