@@ -94,10 +94,28 @@ def test_handshake_ends_with_the_configured_windows() -> None:
     assert agent.connection_recv_window == 8 * MIB
     assert relay.connection_recv_window == 16 * MIB
     sid = agent.open_stream(ROUTE)
-    assert agent.send_window(sid) == INITIAL_WINDOW  # before the peer's stream WINDOW arrives
     pump(agent, relay)
+    # The configured stream window above INITIAL_WINDOW is owed, not sent, until the peer has used half
+    # the initial window: a short request/response exchange never costs a WINDOW frame.
+    assert agent.send_window(sid) == relay.send_window(sid) == INITIAL_WINDOW
+    used = INITIAL_WINDOW // 2 + 1
+    for sender, receiver in ((agent, relay), (relay, agent)):
+        assert sender.send_data(sid, bytes(used)) == used
+        _, events = pump(sender, receiver)
+        receiver.acknowledge(sid, len(received(events, sid)))
+        pump(receiver, sender)
     assert agent.send_window(sid) == 2 * MIB
     assert relay.send_window(sid) == 1 * MIB
+
+
+def test_a_short_exchange_sends_no_stream_window() -> None:
+    agent, relay = fresh_pair()
+    sid = agent.open_stream(ROUTE)
+    agent.send_data(sid, bytes(300))  # an A-ASSOCIATE-RQ
+    _, events = pump(agent, relay)
+    assert len(received(events, sid)) == 300
+    relay.acknowledge(sid, 300)
+    assert [f.type for f in frames_in(relay.data_to_send())] == []
 
 
 def test_stream_ids_by_parity_and_strictly_increasing() -> None:
@@ -127,7 +145,7 @@ def test_open_and_data_within_the_initial_window_without_waiting() -> None:
     assert agent.send_data(sid, b"x") == 0  # the initial window is the limit until the peer answers
     wire = agent.data_to_send()
     kinds = [f.type for f in frames_in(wire)]
-    assert kinds[0] is FrameType.OPEN and set(kinds[1:]) == {FrameType.WINDOW, FrameType.DATA}
+    assert kinds[0] is FrameType.OPEN and set(kinds[1:]) == {FrameType.DATA}
     events = relay.receive_data(wire)
     assert events[0] == m.StreamOpened(sid, CALLED)
     assert received(events, sid) == payload
@@ -238,7 +256,8 @@ def test_connection_window_is_shared_across_streams() -> None:
 
 
 def test_receiver_that_stops_reading_bounds_one_stream() -> None:
-    """The receiver never acknowledges: the sender stalls after exactly one stream window."""
+    """The receiver never acknowledges: the sender stalls after the initial window (the configured
+    window above it is only granted as the receiver consumes)."""
     agent, relay = fresh_pair()  # default limits: 4 MiB per stream
     sid = agent.open_stream(CALLED)
     pump(agent, relay)
@@ -249,7 +268,7 @@ def test_receiver_that_stops_reading_bounds_one_stream() -> None:
         events, _ = pump(relay, agent)
         delivered += len(received(events, sid))
         assert delivered <= taken <= relay.limits.stream_window
-    assert taken == delivered == relay.limits.stream_window
+    assert taken == delivered == INITIAL_WINDOW
     assert agent.send_data(sid, chunk) == 0
 
 

@@ -152,6 +152,7 @@ class _Stream:
     recv_window: int = INITIAL_WINDOW  # credit we gave the peer, not yet used
     delivered: int = 0  # bytes handed to the adapter and not yet acknowledged
     unacked_credit: int = 0  # acknowledged bytes not yet returned as a WINDOW frame
+    owed: int = 0  # configured window above INITIAL_WINDOW, not yet granted
 
     def advance(self, what: StreamInput) -> StreamState:
         try:
@@ -300,10 +301,12 @@ class Mux:
         if stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return  # the peer sends no more; no credit needed
         stream.unacked_credit += n
-        if stream.unacked_credit >= self.limits.stream_window // 2:
-            self._grant(stream_id, stream.unacked_credit)
-            stream.recv_window += stream.unacked_credit
-            stream.unacked_credit = 0
+        owed_now = stream.owed and stream.recv_window < INITIAL_WINDOW // 2
+        if stream.unacked_credit >= self.limits.stream_window // 2 or owed_now:
+            credit = stream.unacked_credit + stream.owed
+            self._grant(stream_id, credit)
+            stream.recv_window += credit
+            stream.unacked_credit = stream.owed = 0
 
     def _return_connection_credit(self) -> None:
         """Half-window hysteresis, except when the peer has less credit left than we hold back.
@@ -441,11 +444,10 @@ class Mux:
             raise ProtocolError(f"{frame.type.name} frame on stream {sid}, which was never opened")
 
     def _add_stream(self, stream_id: int) -> None:
-        self._streams[stream_id] = stream = _Stream(stream_id)
-        extra = self.limits.stream_window - INITIAL_WINDOW
-        if extra:
-            self._grant(stream_id, extra)
-            stream.recv_window += extra
+        # The credit above INITIAL_WINDOW is owed, not sent: it goes out with the first WINDOW, once the
+        # peer has used half the initial window. A request/response exchange (C-ECHO, C-FIND) then never
+        # costs a WINDOW frame, and a bulk transfer gets the full window before it can stall.
+        self._streams[stream_id] = _Stream(stream_id, owed=self.limits.stream_window - INITIAL_WINDOW)
 
     def _live(self, stream_id: int) -> _Stream:
         stream = self._streams.get(stream_id)

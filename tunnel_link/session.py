@@ -235,13 +235,15 @@ class MuxSession:
             await self._close_ws()
 
     async def open_stream(self, open_payload: OpenPayload) -> TunnelStream:
+        """Open a stream; its OPEN frame goes out with the next write (``write``/``flush``)."""
         if self._tasks is None or self._closing:
             raise LinkError("tunnel is not connected")
         sid = self.mux.open_stream(open_payload)
         stream = TunnelStream(self, sid, open_payload)
         self._streams[sid] = stream
         self.streams_opened += 1
-        await self.flush()
+        # Not flushed here: the caller's first bytes follow at once and leave in the same message,
+        # so the far side sees OPEN and the A-ASSOCIATE-RQ in one read.
         return stream
 
     async def flush(self) -> None:

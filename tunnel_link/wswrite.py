@@ -63,8 +63,8 @@ class FastBinaryWriter:
         key = os.urandom(4) if self._mask else None
         if key is not None:
             websocket_mask(key, message)
-        self._transport.write(frame_header(len(message), key))
-        self._transport.write(message)
+        # One call, so a TLS transport sends both in one syscall (two TLS records, one header-sized).
+        self._transport.writelines((frame_header(len(message), key), message))
 
     @property
     def congested(self) -> bool:
