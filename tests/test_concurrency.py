@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.dcmtk import echoscu, findscu, require_binary, start_storescp, storescu
 from tests.support.ports import free_port
+from tests.support.procs import wait_until
 from tests.support.stack import (
     AgentRoute,
     ListenerRoute,
@@ -84,6 +85,10 @@ def test_fifty_parallel_associations(stack):
     received |= {_dataset_digest(p) for p in (tmp / "pacs").glob("*.dcm")}
     sent = {d for ds in digests for d in ds}
     assert sent <= received, f"{len(sent - received)} instances missing or altered"
+    # Nothing is left behind: every stream of the 50 associations is gone from both ends.
+    wait_until(lambda: relay.status()["sites"][0]["active_streams"] == 0, 10, message="relay streams released")
+    wait_until(lambda: agent.status()["active_streams"] == 0, 10, message="agent streams released")
+    assert not relay.status()["associations"] and not agent.status()["associations"]
     print(f"50 associations: {len(sent)} instances stored byte-identical, 25 C-FIND x {counts[0]} matches")
 
 

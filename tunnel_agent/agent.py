@@ -183,6 +183,7 @@ class Agent:
             "relay_url": self.settings.relay_url,
             "connected_since": session.connected_at if session else None,
             "rtt_ms": round(session.rtt * 1000, 3) if session and session.rtt is not None else None,
+            "active_streams": session.active_streams if session else 0,
             "connects": self.connects,
             "reconnects": max(0, self.connects - 1),
             "last_error": self.last_error,

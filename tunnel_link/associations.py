@@ -115,7 +115,10 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
                 outcome = f"rejected:{decision.name.lower()}"
                 return
             assoc.bytes_from_caller = len(req.pdu) + len(rest)
-            outcome = await _splice(decision, pipe, assoc, answered=False, first=req.pdu + rest)
+            try:
+                outcome = await _splice(decision, pipe, assoc, answered=False, first=req.pdu + rest)
+            finally:
+                await decision.release()  # the stream we opened: reset if still open, and drop it
         finally:
             tracker.finish(assoc, outcome)
     except (ConnectionError, StreamResetError):
