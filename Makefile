@@ -4,8 +4,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: bootstrap demo test lint
+.PHONY: bootstrap demo test lint bench
 
 bootstrap:
 	VENV_DIR=$(VENV) bash scripts/bootstrap.sh
@@ -18,3 +19,10 @@ test: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+
+# The benchmark suite (docs/benchmarks/README.md): BENCH_ARGS=--quick for a CI-size run (< 5 min).
+# Its extras (its own sshd, a stunnel pair, matplotlib) are installed here only, never for `make test`.
+bench:
+	VENV_DIR=$(VENV) BOOTSTRAP_EXTRA_DEBS="openssh-server stunnel4" BOOTSTRAP_EXTRA_PIP="matplotlib" \
+		bash scripts/bootstrap.sh
+	$(VENV)/bin/python -m tunnel_bench $(BENCH_ARGS)

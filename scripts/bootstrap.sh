@@ -6,6 +6,11 @@
 # Idempotent: a repeat run checks and does nothing (about a second).
 # Environment: PYTHON (default python3, must be >= 3.11), VENV_DIR (default .venv),
 #              BOOTSTRAP_FORCE_PIP=1 to reinstall the project into the venv.
+# Opt-in extras (used by `make bench`, never by `make test`):
+#              BOOTSTRAP_EXTRA_DEBS="openssh-server stunnel4"  more Debian packages;
+#              BOOTSTRAP_EXTRA_PIP="matplotlib"                more PyPI packages in the venv.
+# An sshd service that the extra install itself started is stopped and disabled again: the benchmark
+# runs its own sshd on 127.0.0.1, and a machine that had no SSH server keeps having none listening.
 set -euo pipefail
 
 # The one list of Debian packages the project needs.
@@ -124,15 +129,55 @@ ensure_venv() {
         && "$VENV_DIR/bin/python" -c 'import importlib.metadata as m; m.version("dicom-tunnel")' 2>/dev/null; then
         return 0
     fi
-    log "installing the project into $VENV_DIR (pip install -e '.[test]')"
-    "$VENV_DIR/bin/python" -m pip install --quiet -e '.[test]'
+    log "installing the project into $VENV_DIR (pip install -e '.[test,fast]')"
+    "$VENV_DIR/bin/python" -m pip install --quiet -e '.[test,fast]'
     echo "$want" >"$STAMP"
+}
+
+install_extra_debian_packages() {
+    local extra=()
+    read -r -a extra <<<"${BOOTSTRAP_EXTRA_DEBS:-}"
+    [ "${#extra[@]}" -gt 0 ] || return 0
+    local had_sshd=1
+    is_installed openssh-server || had_sshd=0
+    install_debian_packages "${extra[@]}"
+    if [ "$had_sshd" -eq 0 ] && is_installed openssh-server; then
+        quiet_new_ssh_service
+    fi
+}
+
+quiet_new_ssh_service() {
+    # Only called right after this script installed openssh-server: undo the package's auto-start.
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        if systemctl is-active --quiet ssh 2>/dev/null; then
+            log "stopping the ssh service that installing openssh-server started"
+            systemctl stop ssh ssh.socket 2>/dev/null || true
+        fi
+        systemctl disable ssh ssh.socket >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/ssh ] && [ -s /run/sshd.pid ]; then
+        log "stopping the sshd that installing openssh-server started"
+        /etc/init.d/ssh stop >/dev/null 2>&1 || true
+    fi
+}
+
+ensure_extra_pip() {
+    local extra=() missing=() pkg
+    read -r -a extra <<<"${BOOTSTRAP_EXTRA_PIP:-}"
+    for pkg in "${extra[@]}"; do
+        "$VENV_DIR/bin/python" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$pkg" \
+            2>/dev/null || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -gt 0 ] || return 0
+    log "installing into $VENV_DIR: ${missing[*]}"
+    "$VENV_DIR/bin/python" -m pip install --quiet "${missing[@]}"
 }
 
 main() {
     install_debian_packages "${DEB_PACKAGES[@]}"
+    install_extra_debian_packages
     quiet_orthanc_service
     ensure_venv
+    ensure_extra_pip
 }
 
 main "$@"

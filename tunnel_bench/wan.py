@@ -1,0 +1,84 @@
+"""Emulated WAN: single-association C-STORE through the delay proxy, direct against our tunnel.
+
+For each RTT, two :mod:`tunnel_bench.wanproxy` processes emulate the same link (one-way delay RTT/2,
+the same bandwidth in each direction): one between storescu and the bulk storescp (direct), one between
+an agent of its own site and the relay's tunnel port (the agent's ``relay_url`` names the proxy), so
+storescu -> agent listener -> [WAN] -> relay -> storescp. Every DIMSE exchange pays the round trip on
+both paths; what differs is what the tunnel adds (windows, framing, head-of-line effects). A few
+association set-ups are timed too: the tunnel's TCP and TLS are already up, a direct caller's are not.
+The same is repeated with N parallel associations (no collapse with many streams): on the direct path
+they are N TCP connections sharing the emulated link, through the tunnel N streams of one connection.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tunnel_bench.paths import Endpoint
+from tunnel_bench.probes import probe_series
+from tunnel_bench.procs import ProcessSet, free_ports, wait_for_port
+from tunnel_bench.scenarios import BenchContext, store_once
+from tunnel_bench.stats import MB, latency_summary, median, ratio, throughput
+from tunnel_bench.tunnelstack import TunnelStack
+
+__all__ = ["measure_wan"]
+
+WAN_PROBES = 20
+
+
+def _proxy(procs: ProcessSet, name: str, target_port: int, delay_ms: float, rate_mbit: float) -> tuple:
+    port = free_ports(1)[0]
+    proc = procs.spawn([sys.executable, "-m", "tunnel_bench.wanproxy", "--listen-port", str(port),
+                        "--target-port", str(target_port), "--delay-ms", str(delay_ms),
+                        "--rate-mbit", str(rate_mbit)], name=name)
+    wait_for_port(port, proc=proc)
+    return port, proc
+
+
+def _runs(ctx: BenchContext, rtt_ms: int, endpoints: dict[str, Endpoint], parallel: int) -> dict:
+    """Median throughput of ``wan_runs`` interleaved runs per endpoint, in ``parallel`` associations."""
+    workload = ctx.workload.head(ctx.settings.wan_instances)
+    seconds: dict[str, list[float]] = {key: [] for key in endpoints}
+    for run in range(ctx.settings.wan_runs):
+        for key, endpoint in endpoints.items():
+            elapsed = store_once(ctx, endpoint, workload, parallel)
+            seconds[key].append(elapsed)
+            ctx.progress(f"WAN {rtt_ms} ms RTT run {run + 1}/{ctx.settings.wan_runs} {key:<6} x{parallel}: "
+                         f"{workload.total_bytes / MB / elapsed:6.1f} MB/s ({elapsed:.1f} s)")
+    out = {key: {**throughput(workload.total_bytes, len(workload.files), median(times)),
+                 "runs_s": [round(t, 3) for t in times]} for key, times in seconds.items()}
+    out["ratio"] = ratio(out["tunnel"]["mb_s"], out["direct"]["mb_s"])
+    return out
+
+
+def _point(ctx: BenchContext, rtt_ms: int, direct: Endpoint, tunnel: Endpoint) -> dict:
+    endpoints = {"direct": direct, "tunnel": tunnel}
+    workload = ctx.workload.head(ctx.settings.wan_instances)
+    parallel = ctx.settings.parallel
+    point = {"rtt_ms": rtt_ms, "instances": len(workload.files), "bytes": workload.total_bytes,
+             **_runs(ctx, rtt_ms, endpoints, 1),
+             "parallel": {"associations": parallel, **_runs(ctx, rtt_ms, endpoints, parallel)}}
+    for key, endpoint in endpoints.items():
+        times, errors = probe_series(endpoint, WAN_PROBES)
+        point[key]["association"] = latency_summary(times, len(errors))
+    return point
+
+
+def measure_wan(ctx: BenchContext, procs: ProcessSet, stack: TunnelStack) -> dict:
+    """{"rate_mbit", "points": [{rtt_ms, direct, tunnel, ratio, parallel: {direct, tunnel, ratio}}]}."""
+    rate = ctx.settings.wan_rate_mbit
+    points = []
+    for index, rtt_ms in enumerate(ctx.settings.wan_rtts_ms):
+        delay = rtt_ms / 2
+        direct_port, direct_proxy = _proxy(procs, f"wanproxy-direct-{rtt_ms}", ctx.sinks.bulk_port, delay, rate)
+        tunnel_port, tunnel_proxy = _proxy(procs, f"wanproxy-tunnel-{rtt_ms}", stack.tunnel_port, delay, rate)
+        agent = stack.wan_agent(index, tunnel_port)
+        try:
+            stack.start_agent(agent)
+            points.append(_point(ctx, rtt_ms, Endpoint(direct_port, "SINK"),
+                                 Endpoint(agent.listener_port, "CLOUD")))
+        finally:
+            stack.stop_agent(agent)
+            procs.stop(tunnel_proxy)
+            procs.stop(direct_proxy)
+    return {"rate_mbit": rate, "points": points}
