@@ -41,9 +41,9 @@ class WebSocketLike(Protocol):
 class TunnelStream:
     """One stream as its handler sees it.
 
-    ``read()`` returns the next chunk (b"" at the peer's half-close); after writing a chunk onward, call
-    ``acknowledge(len(chunk))`` — that is what returns credit to the sender. ``write()`` waits for credit.
-    A reset raises ``StreamResetError`` from both.
+    First ``read()`` chunks (b"" at the peer's half-close; a reset raises ``StreamResetError``) until the
+    A-ASSOCIATE-RQ is in, then ``attach`` a listener (``tunnel_link.splice.Splice``) that carries the rest
+    from callbacks and acknowledges what it consumed. ``release()`` when done.
     """
 
     def __init__(self, session: MuxSession, stream_id: int, open_payload: OpenPayload) -> None:
@@ -56,7 +56,6 @@ class TunnelStream:
         self._eof = False
         self.reset_code: ErrorCode | None = None
         self._readable = asyncio.Event()
-        self._credit = asyncio.Event()
         self._listener: StreamListener | None = None
 
     @property
@@ -73,44 +72,16 @@ class TunnelStream:
             await self._readable.wait()
         return self._inbound.popleft()
 
-    async def acknowledge(self, n: int) -> None:
-        if n:
-            self.session.mux.acknowledge(self.id, n)
-            await self.session.flush()
-
-    async def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        mux = self.session.mux
-        while view:
-            if self.reset_code is not None:
-                raise StreamResetError(self.reset_code)
-            try:
-                n = mux.send_data(self.id, view)
-            except m.UsageError as exc:
-                raise StreamResetError(self.reset_code or ErrorCode.INTERNAL_ERROR) from exc
-            if n:
-                view = view[n:]
-                self.bytes_out += n
-                await self.session.flush()
-                continue
-            self._credit.clear()
-            if mux.send_window(self.id) == 0:
-                await self._credit.wait()
-
-    async def end(self) -> None:
-        """Half-close our direction."""
-        if self.reset_code is None:
-            try:
-                self.session.mux.end_stream(self.id)
-            except m.UsageError:
-                return
-            await self.session.flush()
-
     async def reset(self, code: ErrorCode) -> None:
+        self.reset_nowait(code)
+        await self.session.flush()
+
+    def reset_nowait(self, code: ErrorCode) -> None:
+        """Reset the stream now (for callbacks); the RESET frame is written at once."""
         if self.reset_code is None:
             self.session.mux.reset_stream(self.id, code)
             self._on_reset(code)
-            await self.session.flush()
+            self.session.flush_nowait()
 
     async def release(self) -> None:
         """The handler is done with the stream: reset it if it is still open, and drop it."""
@@ -159,13 +130,11 @@ class TunnelStream:
         if dropped:
             self.session.mux.acknowledge(self.id, dropped)
         self._readable.set()
-        self._credit.set()
         self.session._forget(self)
         if self._listener is not None:
             self._listener.stream_reset(code)
 
     def _on_credit(self) -> None:
-        self._credit.set()
         if self._listener is not None:
             self._listener.stream_credit()
 

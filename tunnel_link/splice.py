@@ -119,7 +119,7 @@ class Splice:
             return
         if exc is not None or not (self._up_done and self._down_done):
             self._finish("aborted:socket-error" if exc is not None else "aborted:socket-closed")
-            self._reset(ErrorCode.ABORTED)
+            self.stream.reset_nowait(ErrorCode.ABORTED)
 
     # --- stream → socket ---------------------------------------------------------------------------------
 
@@ -165,12 +165,6 @@ class Splice:
     def _maybe_complete(self) -> None:
         if self._up_done and self._down_done:
             self._finish("completed")
-
-    def _reset(self, code: ErrorCode) -> None:
-        if self.stream.reset_code is None:
-            self._mux.reset_stream(self.stream.id, code)
-            self.stream._on_reset(code)
-            self.stream.session.flush_nowait()
 
     def _finish(self, outcome: str) -> None:
         if not self._done.done():
