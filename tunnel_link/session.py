@@ -50,17 +50,11 @@ class TunnelStream:
         self.session = session
         self.id = stream_id
         self.open = open_payload
-        self.bytes_in = 0
-        self.bytes_out = 0
         self._inbound: collections.deque[bytes] = collections.deque()
         self._eof = False
         self.reset_code: ErrorCode | None = None
         self._readable = asyncio.Event()
         self._listener: StreamListener | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self.reset_code is not None
 
     async def read(self) -> bytes:
         while not self._inbound:
@@ -106,7 +100,6 @@ class TunnelStream:
     # --- called by the session ----------------------------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
-        self.bytes_in += len(data)
         if self._listener is not None:
             self._listener.stream_data(data)
             return
@@ -168,7 +161,6 @@ class MuxSession:
         self._closing = False
         self.connected_at = time.time()
         self.close_reason = ""
-        self.streams_opened = 0
         self._drain_callbacks: list[Callable[[], None]] = []
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -210,7 +202,6 @@ class MuxSession:
         sid = self.mux.open_stream(open_payload)
         stream = TunnelStream(self, sid, open_payload)
         self._streams[sid] = stream
-        self.streams_opened += 1
         # Not flushed here: the caller's first bytes follow at once and leave in the same message,
         # so the far side sees OPEN and the A-ASSOCIATE-RQ in one read.
         return stream
@@ -343,7 +334,6 @@ class MuxSession:
     def _accept(self, sid: int, open_payload: OpenPayload) -> None:
         stream = TunnelStream(self, sid, open_payload)
         self._streams[sid] = stream
-        self.streams_opened += 1
         assert self._tasks is not None
         self._tasks.create_task(self._run_handler(stream))
 
