@@ -101,9 +101,7 @@ def test_echo_is_not_stuck_behind_a_bulk_store(stack, procs):
                        "-ta", "120", "127.0.0.1", str(agent.listener_port), *map(str, bulk.files)],
                       env={"TCP_NODELAY": "1"}, name="bulk-storescu")
     cloud = tmp / "cloud"
-    deadline = time.monotonic() + 60
-    while len(list(cloud.iterdir())) < 20 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(list(cloud.iterdir())) >= 20, 60, message="bulk transfer under way")
     assert scu.running, "bulk transfer finished before the echo could overlap it"
     loaded = _echo_times(paths * 3)
     still_running = scu.running

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tunnel_bench.errors import BenchError
+from tunnel_demo.localhost import LOOPBACK, free_ports
 
 __all__ = [
     "LOOPBACK",
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-LOOPBACK = "127.0.0.1"
 STOP_GRACE_SECONDS = 5.0
 SYSTEM_BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -156,20 +156,6 @@ def wait_for_port(port: int, timeout: float = 15.0, *, proc: Proc | None = None)
         return port_accepts(port)
 
     wait_until(ready, timeout, what=lambda: f"port {port}" + (f"\n{proc.describe()}" if proc else ""))
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def raise_nofile_limit(wanted: int) -> tuple[int, int]:

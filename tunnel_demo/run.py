@@ -43,10 +43,10 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from tunnel_demo.dataset import StudyInfo, generate_study
+from tunnel_demo.localhost import LOOPBACK, free_ports
 from tunnel_demo.pacs import DemoPacs, PacsError, enable_nodelay, quiet_pynetdicom
 from tunnel_demo.store_scp import StoreScp
 
-LOOPBACK = "127.0.0.1"
 SITE = "hospital-a"
 ROUTE = "pacs"
 RELAY_CALLED_AE = "HOSPITAL_PACS"  # what the cloud calls the hospital PACS, at the relay
@@ -80,18 +80,6 @@ class StepFailed(PacsError):  # PacsError is the tunnel_demo package's exception
 
 
 # ------------------------------------------------------------------------------------------ layout
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports on 127.0.0.1 the kernel picked (bound to port 0, held together, closed)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass(frozen=True)
