@@ -14,7 +14,7 @@
 set -euo pipefail
 
 # The one list of Debian packages the project needs.
-DEB_PACKAGES=(dcmtk orthanc iproute2 procps)
+DEB_PACKAGES=(dcmtk orthanc iproute2 procps squid)
 
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT_DIR"
@@ -160,6 +160,26 @@ quiet_new_ssh_service() {
     fi
 }
 
+quiet_new_squid_service() {
+    # Only called right after this script installed squid: the proxy tests run their own squid on a free
+    # port, and a machine that had no proxy keeps having none listening on 3128 or starting at boot.
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        if systemctl is-active --quiet squid 2>/dev/null; then
+            log "stopping the squid service that installing squid started"
+            systemctl stop squid 2>/dev/null || log "warning: systemctl stop squid failed"
+        fi
+        systemctl disable squid >/dev/null 2>&1 || true
+        return 0
+    fi
+    if compgen -G '/etc/rc[2-5].d/S*squid' >/dev/null && command -v update-rc.d >/dev/null 2>&1; then
+        update-rc.d squid disable >/dev/null 2>&1 || log "warning: update-rc.d squid disable failed"
+    fi
+    if [ -x /etc/init.d/squid ] && [ -s /run/squid.pid ]; then
+        log "stopping the squid that installing squid started"
+        /etc/init.d/squid stop >/dev/null 2>&1 || true
+    fi
+}
+
 ensure_extra_pip() {
     local extra=() missing=() pkg
     read -r -a extra <<<"${BOOTSTRAP_EXTRA_PIP:-}"
@@ -173,7 +193,12 @@ ensure_extra_pip() {
 }
 
 main() {
+    local had_squid=1
+    is_installed squid || had_squid=0
     install_debian_packages "${DEB_PACKAGES[@]}"
+    if [ "$had_squid" -eq 0 ] && is_installed squid; then
+        quiet_new_squid_service
+    fi
     install_extra_debian_packages
     quiet_orthanc_service
     ensure_venv

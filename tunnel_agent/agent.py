@@ -122,14 +122,10 @@ class Agent:
     async def _connect_once(self) -> None:
         s = self.settings
         ssl_ctx = client_context(s.cert_file, s.key_file, s.ca_file)
-        # No DNS cache: every attempt re-resolves, so a relay that moved is found again.
-        connector = aiohttp.TCPConnector(ssl=ssl_ctx, use_dns_cache=False, force_close=True, limit=1)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            async with asyncio.timeout(s.connect_timeout):
-                ws = await http.ws_connect(s.relay_url, compress=0, max_msg_size=MAX_MESSAGE_IN,
-                                           autoping=True, autoclose=True)
-            tune_socket(ws.get_extra_info("socket"))
+        from tunnel_agent.connect import open_tunnel
+
+        # Direct or through the configured HTTP proxy; a proxy's failure is a one-line ProxyError.
+        async with open_tunnel(s, ssl_ctx) as ws:
             session = MuxSession(ws, Mux(Role.AGENT, self.limits),
                                  heartbeat_interval=s.heartbeat_interval, on_stream=self._relay_stream,
                                  label="relay")

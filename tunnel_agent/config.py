@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tunnel_agent.proxy import ProxyConfig
 from tunnel_link.config_common import (
     AETitle,
     DicomIngressConfig,
@@ -97,6 +98,7 @@ class AgentSettings(TomlSettings):
     mux: MuxConfig = Field(default_factory=MuxConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     listener: AgentListenerConfig = Field(default_factory=AgentListenerConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     routes: list[AgentRoute] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -1,0 +1,135 @@
+"""Opening the agent's tunnel: the mutual-TLS WebSocket to the relay, directly or through an HTTP proxy.
+
+Call :func:`open_tunnel` once per connection attempt; it yields the connected WebSocket, and leaving the
+block closes it and its HTTP session. Every attempt builds a fresh connector without a DNS cache, so a
+relay (or proxy) that moved is found again.
+
+With a proxy (:mod:`tunnel_agent.proxy` chooses it), aiohttp connects to the proxy only, sends
+``CONNECT relay:port`` with the Basic credentials, and starts TLS with the relay inside the tunnel. The
+relay's name is resolved by the proxy, never here, and nothing is ever sent to the relay directly. The
+proxy's own failures (refused CONNECT, unreachable, silent) become :class:`ProxyError` with a one-line,
+secret-free reason; failures past the proxy (TLS with the relay, the WebSocket handshake) pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
+from tunnel_link.session import MAX_MESSAGE_IN
+from tunnel_link.sockets import tune_socket
+
+if TYPE_CHECKING:
+    from tunnel_agent.config import AgentSettings
+
+__all__ = ["ProxyError", "open_tunnel", "proxy_failure"]
+
+log = logging.getLogger("agent")
+
+_REASON_MAX = 80
+
+
+@asynccontextmanager
+async def open_tunnel(
+    settings: AgentSettings, ssl_ctx: ssl.SSLContext, *, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """Connect to ``settings.relay_url`` within ``settings.connect_timeout`` and yield the WebSocket.
+
+    ``ssl_ctx`` is the client context for the relay (certificate and pinned CA). ``environ`` (default
+    ``os.environ``) is where ``HTTPS_PROXY``/``NO_PROXY`` are read when ``[proxy] url`` is unset.
+    Raises :class:`ProxyError` for the proxy's failures; other errors are aiohttp's or ``TimeoutError``.
+    """
+    proxy = choose_proxy(settings.proxy, settings.relay_url, os.environ if environ is None else environ)
+    # No DNS cache: every attempt re-resolves, so a relay that moved is found again.
+    connector = aiohttp.TCPConnector(ssl=ssl_ctx, use_dns_cache=False, force_close=True, limit=1)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
+    # trust_env=False: the proxy is chosen above, explicitly; aiohttp must not pick another one.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as http:
+        if proxy is None:
+            ws = await _handshake(http, settings)
+        else:
+            log.info("connecting to the relay through proxy %s (from %s)", proxy.address, proxy.source)
+            try:
+                ws = await _handshake(http, settings, proxy)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = proxy_failure(proxy, _target(settings.relay_url), exc, settings.connect_timeout)
+                if failure is None:
+                    raise
+                raise failure from exc
+        tune_socket(ws.get_extra_info("socket"))
+        yield ws
+
+
+async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings,
+                     proxy: ProxyRoute | None = None) -> aiohttp.ClientWebSocketResponse:
+    via: dict[str, object] = {}
+    if proxy is not None:
+        # Sent on the CONNECT request only, never to the relay inside the tunnel.
+        authorization = proxy.authorization()
+        headers = {"Proxy-Authorization": authorization} if authorization is not None else None
+        via = {"proxy": proxy.url, "proxy_headers": headers}
+    async with asyncio.timeout(settings.connect_timeout):
+        return await http.ws_connect(settings.relay_url, compress=0, max_msg_size=MAX_MESSAGE_IN,
+                                     autoping=True, autoclose=True, **via)
+
+
+def proxy_failure(proxy: ProxyRoute, target: str, exc: BaseException, timeout: float) -> ProxyError | None:
+    """The :class:`ProxyError` for ``exc`` raised while tunnelling to ``target`` through ``proxy``.
+
+    None when the failure is not the proxy's (TLS with the relay, the relay's HTTP answer): the caller
+    re-raises those unchanged.
+    """
+    where = f"proxy {proxy.address}"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        status = exc.status
+        text = f"{where} refused CONNECT to {target}: {status} {_reason(status, exc.message)}"
+        hint = _status_hint(proxy, target, status)
+        return ProxyError(f"{text} ({hint})" if hint else text, address=proxy.address, status=status)
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return None  # TLS with the relay, inside the tunnel: the proxy did its part
+    if isinstance(exc, aiohttp.ClientConnectorError) and (exc.host, exc.port) == (proxy.host, proxy.port):
+        # Through a proxy, the only TCP connection (and name lookup) this process makes is to the proxy;
+        # an error keyed by the relay's address happened later, in the TLS handshake inside the tunnel.
+        reason = exc.strerror or type(exc.os_error).__name__
+        return ProxyError(f"cannot reach {where}: {reason}", address=proxy.address)
+    if isinstance(exc, TimeoutError):
+        return ProxyError(f"no tunnel to {target} through {where} within {timeout:g} s "
+                          "(the proxy or, behind it, the relay did not answer)", address=proxy.address)
+    return None
+
+
+def _status_hint(proxy: ProxyRoute, target: str, status: int) -> str:
+    if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+        return proxy.auth_hint()
+    if status == HTTPStatus.FORBIDDEN:
+        return f"the proxy's policy does not allow CONNECT to {target}; ask the network team to allow it"
+    if status in (HTTPStatus.BAD_GATEWAY, HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.GATEWAY_TIMEOUT):
+        return f"the proxy could not reach the relay at {target}"
+    return ""
+
+
+def _reason(status: int, message: str | None) -> str:
+    """The standard reason phrase; the proxy's own text only for codes outside the standard."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        text = "".join(ch for ch in (message or "") if 0x20 <= ord(ch) < 0x7F)
+        return text[:_REASON_MAX]
+
+
+def _target(relay_url: str) -> str:
+    """``host:port`` of the relay, as the proxy is asked to CONNECT to it."""
+    parts = urlsplit(relay_url)
+    host = parts.hostname or ""
+    port = parts.port or 443
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
