@@ -1,13 +1,26 @@
-"""``tunnel-relay``: serve, and the minimal certificate tooling (CA, relay certificate, site certificates)."""
+"""``tunnel-relay``: serve; the CA; sites (add with a one-line enrollment token, list, revoke); certificates.
+
+``ca init`` and ``site cert`` work on the state directory directly (no relay needed). ``site add``,
+``site list``, ``site revoke`` and ``cert revoke`` talk to the running relay's admin API with the token
+from ``{state_dir}/admin.token``, so the relay acts on them at once (a revoked site's tunnel is closed
+before the command returns).
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from relay import pki
+from relay.admin import admin_token
 from relay.config import RelaySettings, load_relay_settings
+from relay.registry import Registry, RegistryError, serial_hex
 from tunnel_link.cli_common import run_service, setup_logging
 from tunnel_link.config_common import ConfigError
 from tunnel_link.tls import TlsConfigError
@@ -20,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel-relay: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    except pki.PkiError as exc:
+    except (pki.PkiError, RegistryError, AdminApiError) as exc:
         print(f"tunnel-relay: {exc}", file=sys.stderr)
         return 1
     except (TlsConfigError, OSError) as exc:  # unreadable certificates, a port already in use
@@ -53,7 +66,141 @@ def _parser() -> argparse.ArgumentParser:
     cert.add_argument("--out", type=Path, required=True, help="directory for agent.key, agent.crt, ca.crt")
     cert.add_argument("--days", type=int, default=30)
     cert.set_defaults(func=_site_cert)
+
+    add = site_sub.add_parser("add", help="register a site and print its one-line enrollment token")
+    add.add_argument("name", help="site name (a-z, 0-9, '-')")
+    add.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    add.add_argument("--ttl", type=float, help="seconds the token stays valid (default: enrollment.token_ttl)")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=_site_add)
+
+    listing = site_sub.add_parser("list", help="list the registered sites")
+    listing.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_site_list)
+
+    revoke = site_sub.add_parser("revoke", help="revoke a site and its certificates; ends its tunnel")
+    revoke.add_argument("name")
+    revoke.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    revoke.add_argument("--reason", default="", help="recorded in the audit trail")
+    revoke.add_argument("--json", action="store_true")
+    revoke.set_defaults(func=_site_revoke)
+
+    certs = sub.add_parser("cert", help="issued certificates")
+    cert_sub = certs.add_subparsers(dest="cert_command", required=True)
+    cert_list = cert_sub.add_parser("list", help="list issued certificates")
+    cert_list.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    cert_list.add_argument("--site")
+    cert_list.add_argument("--json", action="store_true")
+    cert_list.set_defaults(func=_cert_list)
+    cert_revoke = cert_sub.add_parser("revoke", help="revoke one certificate by serial (hex)")
+    cert_revoke.add_argument("serial")
+    cert_revoke.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    cert_revoke.add_argument("--reason", default="")
+    cert_revoke.add_argument("--json", action="store_true")
+    cert_revoke.set_defaults(func=_cert_revoke)
     return parser
+
+
+class AdminApiError(Exception):
+    """The admin API could not be reached or refused the request."""
+
+
+def _admin_call(config: Path, method: str, path: str, body: dict | None = None) -> dict:
+    settings = load_relay_settings(config)
+    host = settings.admin.host if settings.admin.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.admin.port}{path}"
+    try:
+        token = admin_token(settings.state_dir)
+    except OSError as exc:
+        raise AdminApiError(f"cannot read the admin token in {settings.state_dir}: {exc.strerror}") from exc
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise AdminApiError(f"the relay refused: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise AdminApiError(f"the relay is not running or its admin port is closed ({url}): {exc}") from None
+
+
+def _site_add(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"name": args.name}
+    if args.ttl is not None:
+        body["token_ttl"] = args.ttl
+    answer = _admin_call(args.config, "POST", "/api/sites", body)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    expires = dt.datetime.fromtimestamp(answer["expires_at"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"site {answer['site']!r} {answer['outcome']}; enrollment token (single use, expires {expires}):",
+          file=sys.stderr)
+    print(answer["token"])
+    print("on the hospital host: tunnel-agent enroll --config /etc/tunnel-agent/agent.toml  (paste the token)",
+          file=sys.stderr)
+    if not answer["configured_routes"]:
+        print(f"note: no [[sites]] entry named {answer['site']!r} in the relay config yet, so no traffic is "
+              "routed to or from it", file=sys.stderr)
+    return 0
+
+
+def _site_list(args: argparse.Namespace) -> int:
+    sites = _admin_call(args.config, "GET", "/api/sites")["sites"]
+    if args.json:
+        print(json.dumps(sites, indent=2))
+        return 0
+    print(f"{'SITE':<24} {'STATE':<10} {'CONNECTED':<10} {'CERTS':>5}  CERT EXPIRES")
+    for site in sites:
+        state = "revoked" if site["revoked"] else ("enrolled" if site["certificates"] else "pending")
+        expires = _when(site["latest_not_after"]) if site["latest_not_after"] else "-"
+        print(f"{site['name']:<24} {state:<10} {'yes' if site['connected'] else 'no':<10} "
+              f"{site['certificates']:>5}  {expires}")
+    return 0
+
+
+def _site_revoke(args: argparse.Namespace) -> int:
+    answer = _admin_call(args.config, "POST", f"/api/sites/{args.name}/revoke", {"reason": args.reason})
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"site {args.name!r} revoked ({len(answer['revoked_certificates'])} certificates); "
+              f"tunnel {'closed' if answer['closed_sessions'] else 'was not connected'}")
+    return 0
+
+
+def _cert_list(args: argparse.Namespace) -> int:
+    path = "/api/certificates" + (f"?site={args.site}" if args.site else "")
+    certs = _admin_call(args.config, "GET", path)["certificates"]
+    if args.json:
+        print(json.dumps(certs, indent=2))
+        return 0
+    print(f"{'SERIAL':<42} {'SITE':<24} {'KIND':<7} {'REVOKED':<8} EXPIRES")
+    for c in certs:
+        print(f"{c['serial']:<42} {c['site']:<24} {c['kind']:<7} {'yes' if c['revoked'] else 'no':<8} "
+              f"{_when(c['not_after'])}")
+    return 0
+
+
+def _cert_revoke(args: argparse.Namespace) -> int:
+    answer = _admin_call(args.config, "POST", f"/api/certificates/{args.serial.lower()}/revoke",
+                         {"reason": args.reason})
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"certificate {answer['serial']} of site {answer['site']!r} revoked; "
+              f"tunnel {'closed' if answer['closed_sessions'] else 'not affected'}")
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _state_dir_args(parser: argparse.ArgumentParser) -> None:
@@ -79,14 +226,23 @@ def _ca_init(args: argparse.Namespace) -> int:
     state = _state_dir(args)
     pki.init_ca(state)
     pki.issue_server_cert(state, args.hostname)
+    admin_token(state)
+    Registry.open(state).close()
     print(f"CA ready in {state}; fingerprint sha256:{pki.ca_fingerprint(state)}")
     return 0
 
 
 def _site_cert(args: argparse.Namespace) -> int:
-    bundle = pki.issue_site_cert(_state_dir(args), args.name, args.out, days=args.days)
-    print(f"issued certificate for site {args.name!r} in {args.out} (valid {args.days} days)")
-    del bundle
+    state = _state_dir(args)
+    bundle = pki.issue_site_cert(state, args.name, args.out, days=args.days)
+    registry = Registry.open(state)
+    try:
+        registry.record_certificate(serial_hex(bundle.serial), args.name, "manual", time.time(),
+                                    bundle.not_after.timestamp(), actor="cli")
+    finally:
+        registry.close()
+    print(f"issued certificate {serial_hex(bundle.serial)} for site {args.name!r} in {args.out} "
+          f"(valid {args.days} days)")
     return 0
 
 

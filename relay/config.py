@@ -35,6 +35,7 @@ from tunnel_link.config_common import (
 __all__ = [
     "AdminConfig",
     "DestinationConfig",
+    "EnrollmentConfig",
     "ListenerConfig",
     "ListenerRoute",
     "RelaySettings",
@@ -62,6 +63,9 @@ class TunnelConfig(StrictModel):
     key_file: OptionalPath = None
     ca_file: OptionalPath = None
     heartbeat_interval: Seconds = 10.0
+    # What enrollment tokens tell agents to dial; empty: wss://<first name in relay.crt>:<port><path>.
+    public_url: Annotated[str | None, BeforeValidator(_empty_is_none),
+                          Field(pattern=r"^wss://[^/\s@]+(/[A-Za-z0-9._~/-]*)?$")] = None
 
     def cert_path(self, state_dir: Path) -> Path:
         return self.cert_file or state_dir / RELAY_CERT
@@ -71,6 +75,13 @@ class TunnelConfig(StrictModel):
 
     def ca_path(self, state_dir: Path) -> Path:
         return self.ca_file or state_dir / CA_CERT
+
+
+class EnrollmentConfig(StrictModel):
+    """``[enrollment]``: one-line site enrollment (``tunnel-relay site add``) and certificate renewal."""
+
+    token_ttl: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0  # seconds a token stays redeemable
+    certificate_days: Annotated[int, Field(ge=1, le=30)] = 30  # lifetime of each issued site certificate
 
 
 class AdminConfig(EndpointConfig):
@@ -133,6 +144,7 @@ class RelaySettings(TomlSettings):
     tunnel: TunnelConfig = Field(default_factory=TunnelConfig)
     mux: MuxConfig = Field(default_factory=MuxConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    enrollment: EnrollmentConfig = Field(default_factory=EnrollmentConfig)
     listeners: list[ListenerConfig] = Field(default_factory=list)
     sites: list[SiteConfig] = Field(default_factory=list)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunnel_link.config_common import NAME_PATTERN
@@ -46,6 +46,8 @@ __all__ = [
     "issue_cert_for_tests",
     "issue_server_cert",
     "issue_site_cert",
+    "relay_hostnames",
+    "sign_site_csr",
     "site_from_certificate",
 ]
 
@@ -77,6 +79,16 @@ class ServerBundle:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A certificate signed from an agent's CSR (the agent keeps its key)."""
+
+    site: str
+    pem: bytes
+    serial: int
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
 class SiteBundle:
     """The three files an agent needs, as written by :func:`issue_site_cert`."""
 
@@ -85,6 +97,7 @@ class SiteBundle:
     key: Path
     ca: Path
     not_after: dt.datetime
+    serial: int = 0
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -190,12 +203,81 @@ def issue_cert_for_tests(
         key=out_dir / AGENT_KEY,
         ca=out_dir / CA_CERT,
         not_after=cert.not_valid_after_utc,
+        serial=cert.serial_number,
     )
     _write_file(bundle.key, _key_pem(key), mode=0o600, overwrite=True)
     _write_file(bundle.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=True)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     _write_file(bundle.ca, ca_pem, mode=0o644, overwrite=True)
     return bundle
+
+
+MAX_SITE_CERT_DAYS = 30
+
+
+def sign_site_csr(state_dir: Path, csr_pem: bytes, site: str, days: int = MAX_SITE_CERT_DAYS) -> IssuedCertificate:
+    """Sign an agent's CSR as ``site``'s client certificate, valid ``days`` (at most 30).
+
+    The identity comes from ``site`` (the redeemed token, or the certificate that asked for renewal),
+    never from the CSR's subject, which is ignored. The CSR must be self-signed correctly and carry an
+    acceptable key (:func:`check_public_key`).
+    """
+    _check_site_name(site, PkiError)
+    if not 1 <= days <= MAX_SITE_CERT_DAYS:
+        raise PkiError(f"site certificates are valid 1 to {MAX_SITE_CERT_DAYS} days, not {days}")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PkiError("not a PEM certificate signing request") from exc
+    if not csr.is_signature_valid:
+        raise PkiError("the certificate signing request's signature does not verify")
+    public_key = csr.public_key()
+    check_public_key(public_key, PkiError)
+    ca_cert, ca_key = _load_ca(state_dir)
+    now = _now()
+    cert = (
+        _leaf_builder(ca_cert, public_key, site, now - _CLOCK_SKEW, now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SITE_URI_PREFIX + site)]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return IssuedCertificate(site=site, pem=cert.public_bytes(serialization.Encoding.PEM),
+                             serial=cert.serial_number, not_after=cert.not_valid_after_utc)
+
+
+def check_public_key(key: object, error: type[PkiError]) -> None:
+    """Accept ECDSA on P-256/P-384/P-521, Ed25519 and RSA of at least 2048 bits; raise ``error`` otherwise."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+            raise error(f"elliptic curve {key.curve.name} is not accepted (use P-256 or P-384)")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise error(f"RSA key of {key.key_size} bits is too small (at least 2048)")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise error("key type is not accepted (use ECDSA P-256)")
+
+
+def certificate_serial(pem_or_der: bytes) -> int:
+    return _parse_certificate(pem_or_der, PkiError).serial_number
+
+
+def certificate_not_after(pem_or_der: bytes) -> dt.datetime:
+    return _parse_certificate(pem_or_der, PkiError).not_valid_after_utc
+
+
+def relay_hostnames(state_dir: Path) -> list[str]:
+    """The DNS names and IP addresses in the relay's server certificate (what agents may dial)."""
+    cert = _parse_certificate(_read(state_dir / RELAY_CERT), PkiError)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    names = []
+    for name in san:  # in the order given to ``ca init --hostname``: the first is the preferred one
+        if isinstance(name, x509.DNSName | x509.IPAddress):
+            names.append(str(name.value))
+    return names
 
 
 def ca_fingerprint(state_dir: Path) -> str:
@@ -224,6 +306,7 @@ def site_from_certificate(der: bytes) -> str:
         raise CertificateIdentityError("certificate site URI does not match its common name")
     if ExtendedKeyUsageOID.CLIENT_AUTH not in _extended_key_usages(cert):
         raise CertificateIdentityError("certificate is not valid for client authentication")
+    check_public_key(cert.public_key(), CertificateIdentityError)
     return site
 
 
@@ -250,23 +333,24 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 def _leaf_builder(
     ca_cert: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
     common_name: str,
     not_before: dt.datetime,
     not_after: dt.datetime,
 ) -> x509.CertificateBuilder:
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    public_key = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
     )
 

@@ -5,7 +5,12 @@
 - Each ``[[listeners]]`` entry is a DICOM port: the A-ASSOCIATE-RQ is routed by called AE within that
   listener's table, the calling AE checked, and a stream opened to the site's agent with the request.
 - Streams an agent opens name a called AE; they are dialed only to that site's ``[[sites.destinations]]``.
-- The admin port serves ``/api/status`` (JSON) on loopback by default.
+- The same HTTPS port serves enrollment and renewal (``relay.enroll``); the handshake accepts a client
+  without a certificate for those, and every other path refuses one.
+- Who may connect is the registry's decision (``relay.registry``): a certificate must be one the relay
+  issued, unrevoked, for an unrevoked site. Live tunnels are re-checked once a second (revocation by
+  any process, certificate expiry) and closed when that no longer holds.
+- The admin port serves the token-authenticated admin API (``relay.admin``) on loopback by default.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from relay import admin, enroll, pki
 from relay.config import RelaySettings
 from relay.pki import PkiError, site_from_certificate
+from relay.registry import CertificateVerdict, Registry, serial_hex
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
@@ -42,6 +49,16 @@ from tunnel_link.tls import server_context
 log = logging.getLogger("relay")
 
 CONNECT_TIMEOUT = 5.0
+SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the registry and the clock
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a verified client certificate says it is, after the registry agreed."""
+
+    site: str
+    serial: str
+    not_after: float
 
 
 @dataclass
@@ -53,6 +70,8 @@ class SiteState:
     connects: int = 0
     last_disconnect: float | None = None
     last_disconnect_reason: str = ""
+    serial: str | None = None  # the certificate the live session stands on (updated by renewal)
+    not_after: float | None = None
 
 
 class Relay:
@@ -67,6 +86,13 @@ class Relay:
         self.bound: dict[str, tuple[str, int]] = {}
         self._stopping = asyncio.Event()
         self.started = time.time()
+        self._registry: Registry | None = None
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise RuntimeError("the relay is not started")
+        return self._registry
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -78,17 +104,22 @@ class Relay:
     async def start(self, stack: AsyncExitStack) -> None:
         """Bind every port; everything is torn down when ``stack`` closes."""
         s = self.settings
-        ssl_ctx = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path)
-        tunnel_app = web.Application()
+        ssl_ctx = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path,
+                                 client_cert_optional=True)
+        self._registry = Registry.open(s.state_dir)
+        stack.callback(self._registry.close)
+        for site in s.sites:
+            self._registry.ensure_site(site.name, time.time())
+        tunnel_app = web.Application(client_max_size=enroll.MAX_BODY)
         tunnel_app.router.add_get(s.tunnel.path, self._tunnel_ws)
+        enroll.add_routes(tunnel_app, self)
         self.bound["tunnel"] = await _serve_app(stack, tunnel_app, s.tunnel.host, s.tunnel.port, ssl_ctx)
-        admin_app = web.Application()
-        admin_app.router.add_get("/api/status", self._status)
-        admin_app.router.add_get("/healthz", self._healthz)
-        self.bound["admin"] = await _serve_app(stack, admin_app, s.admin.host, s.admin.port, None)
+        self.bound["admin"] = await _serve_app(stack, admin.build_app(self), s.admin.host, s.admin.port, None)
         for listener in s.listeners:
             self.bound[f"listener:{listener.name}"] = await self._serve_listener(stack, listener)
         stack.push_async_callback(self._close_sessions)
+        sweeper = asyncio.create_task(self._sweep_forever())
+        stack.push_async_callback(_cancel, sweeper)
         log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
 
     def stop(self) -> None:
@@ -148,9 +179,10 @@ class Relay:
     # --- the agent-facing WebSocket ---------------------------------------------------------------------
 
     async def _tunnel_ws(self, request: web.Request) -> web.StreamResponse:
-        site = self._identify(request)
-        if site is None:
-            raise web.HTTPForbidden(text="certificate does not name a configured site\n")
+        identity = self.authenticate_request(request)
+        if identity is None:
+            raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n")
+        site = self._site_state(identity.site)
         tune(request.transport)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
         await ws.prepare(request)
@@ -164,6 +196,7 @@ class Relay:
                              on_stream=on_stream, label=site.name)
         previous = site.session
         site.session, site.peer = session, peer
+        site.serial, site.not_after = identity.serial, identity.not_after
         site.connects += 1
         log.info("tunnel=%s connected from %s", site.name, peer)
         if previous is not None:
@@ -178,20 +211,82 @@ class Relay:
             log.info("tunnel=%s disconnected: %s", site.name, site.last_disconnect_reason)
         return ws
 
-    def _identify(self, request: web.Request) -> SiteState | None:
+    def authenticate_request(self, request: web.Request) -> Identity | None:
+        """The site behind this request's verified client certificate, if the registry lets it in."""
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if not der:
+            log.warning("refused %s from %s: no client certificate", request.path, request.remote)
             return None
         try:
             name = site_from_certificate(der)
+            serial = serial_hex(pki.certificate_serial(der))
         except PkiError as exc:
-            log.warning("refused tunnel from %s: %s", request.remote, exc)
+            log.warning("refused %s from %s: %s", request.path, request.remote, exc)
             return None
+        verdict = self.registry.check_certificate(serial, name)
+        if verdict is not CertificateVerdict.OK:
+            log.warning("refused %s from %s: site=%s certificate %s: %s", request.path, request.remote,
+                        name, serial, verdict.value)
+            return None
+        not_after = pki.certificate_not_after(der).timestamp()
+        return Identity(name, serial, not_after)
+
+    def _site_state(self, name: str) -> SiteState:
+        """Sites from the config have routes; a site enrolled only in the registry can connect with none."""
         site = self.sites.get(name)
         if site is None:
-            log.warning("refused tunnel from %s: site %r is not configured", request.remote, name)
+            site = self.sites[name] = SiteState(name, {})
         return site
+
+    def has_routes(self, name: str) -> bool:
+        return self.settings.site(name) is not None
+
+    def public_url(self) -> str:
+        """The URL enrollment tokens carry: ``tunnel.public_url``, else derived from the relay certificate."""
+        t = self.settings.tunnel
+        if t.public_url:
+            return t.public_url
+        names = pki.relay_hostnames(self.settings.state_dir)
+        host = names[0] if names else "localhost"
+        host = f"[{host}]" if ":" in host else host
+        return f"wss://{host}:{self.bound.get('tunnel', (None, t.port))[1]}{t.path}"
+
+    # --- revocation, expiry, renewal --------------------------------------------------------------------
+
+    def certificate_renewed(self, identity: Identity, serial: str, not_after: float) -> None:
+        """A live tunnel that authenticated with ``identity``'s certificate now stands on the new one."""
+        site = self.sites.get(identity.site)
+        if site is not None and site.session is not None and site.serial == identity.serial:
+            site.serial, site.not_after = serial, not_after
+
+    async def enforce_revocations(self, now: float | None = None) -> list[str]:
+        """Close every live tunnel whose certificate is revoked, whose site is revoked, or that expired."""
+        now = time.time() if now is None else now
+        live = {s.serial: s for s in self.sites.values() if s.session is not None and s.serial is not None}
+        refused = self.registry.refused_among(live)
+        closed = []
+        for serial, site in live.items():
+            if serial in refused:
+                reason = f"certificate {serial} refused: {refused[serial].value}"
+            elif site.not_after is not None and now >= site.not_after:
+                reason = f"certificate {serial} expired"
+            else:
+                continue
+            session = site.session
+            assert session is not None
+            log.warning("tunnel=%s closing: %s", site.name, reason)
+            await session.close(ErrorCode.GOING_AWAY, reason)
+            closed.append(site.name)
+        return closed
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.enforce_revocations()
+            except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry
+                log.exception("revocation sweep failed")
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -209,6 +304,8 @@ class Relay:
                 "connects": site.connects,
                 "last_disconnect": site.last_disconnect,
                 "last_disconnect_reason": site.last_disconnect_reason,
+                "certificate_serial": site.serial if session else None,
+                "certificate_not_after": site.not_after if session else None,
             })
         return {
             "started": self.started,
@@ -218,11 +315,14 @@ class Relay:
             "process": process_stats(),
         }
 
-    async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status())
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+    def site_views(self) -> list[dict[str, object]]:
+        """Every registered site: the registry's record, whether it has routes, and whether it is connected."""
+        views = []
+        for record in self.registry.sites():
+            state = self.sites.get(record.name)
+            views.append({**record.as_dict(), "configured": self.has_routes(record.name),
+                          "connected": state is not None and state.session is not None})
+        return views
 
 
 def _destinations(site) -> dict[str, Destination]:
@@ -244,3 +344,11 @@ async def _serve_app(stack: AsyncExitStack, app: web.Application, host: str, por
     await site.start()
     sock = site._server.sockets[0]  # aiohttp exposes no public accessor for the bound address
     return sock.getsockname()[:2]
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

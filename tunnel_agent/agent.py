@@ -17,10 +17,11 @@ import random
 import time
 from contextlib import AsyncExitStack
 
-import aiohttp
 from aiohttp import web
+from cryptography import x509
 
 from tunnel_agent.config import AgentSettings
+from tunnel_agent.enroll import EnrollError, renew, renewal_due, with_enrollment
 from tunnel_core.backoff import Backoff
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
@@ -37,20 +38,25 @@ from tunnel_link.associations import (
 from tunnel_link.errors import LinkError
 from tunnel_link.pipe import Pipe, PipeServer
 from tunnel_link.procstats import process_stats
-from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
-from tunnel_link.sockets import tune_socket
+from tunnel_link.session import MuxSession, TunnelStream
 from tunnel_link.tls import client_context
 
 log = logging.getLogger("agent")
 
 __version__ = "0.1.0"
 
+RENEW_RECHECK = 3600.0  # seconds between looks at the certificate while renewal is not due
+RENEW_RETRY = 60.0  # seconds between attempts once it is due
+
 
 class Agent:
     """Build with settings, then ``await run()``; ``stop()`` ends it cleanly."""
 
     def __init__(self, settings: AgentSettings, *, rand=random.random) -> None:
+        settings = with_enrollment(settings)
         self.settings = settings
+        self.renewals = 0
+        self.renewal_error = ""
         self.limits = settings.mux.to_limits()
         self.routes = {r.name: Destination(r.name, r.host, r.port, r.called_ae) for r in settings.routes}
         self.ingress_limits = IngressLimits(settings.listener.artim_timeout,
@@ -73,6 +79,8 @@ class Agent:
             await self.start(stack)
             loop_task = asyncio.create_task(self.connect_forever())
             stack.push_async_callback(_cancel, loop_task)
+            renew_task = asyncio.create_task(self.renew_forever())
+            stack.push_async_callback(_cancel, renew_task)
             await self._stopping.wait()
             if self.session is not None:
                 await self.session.close(ErrorCode.GOING_AWAY, "agent shutting down")
@@ -152,6 +160,40 @@ class Agent:
                            connect_timeout=self.settings.connect_timeout, tracker=self.tracker,
                            direction="cloud-to-site")
 
+    # --- certificate renewal ---------------------------------------------------------------------------
+
+    async def renew_forever(self) -> None:
+        """Renew the certificate two thirds into its lifetime, over the relay's port; the live tunnel
+        carries on (the relay moves it onto the new certificate) and the next connection uses the new one."""
+        while True:
+            try:
+                due = renewal_due(self.settings.cert_file.read_bytes())
+            except (OSError, ValueError) as exc:
+                self.renewal_error = f"cannot read {self.settings.cert_file}: {exc}"
+                due = time.time() + RENEW_RECHECK
+            delay = due - time.time()
+            if delay > 0:
+                await asyncio.sleep(min(delay, RENEW_RECHECK))  # re-read: the file may be replaced meanwhile
+                continue
+            try:
+                not_after = await renew(self.settings)
+            except EnrollError as exc:
+                self.renewal_error = str(exc)
+                log.warning("certificate renewal failed (retrying in %.0fs): %s", RENEW_RETRY, exc)
+                await asyncio.sleep(RENEW_RETRY)
+                continue
+            self.renewals += 1
+            self.renewal_error = ""
+            log.info("certificate renewed; valid until %s",
+                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after)))
+
+    def certificate_not_after(self) -> float | None:
+        try:
+            cert = x509.load_pem_x509_certificate(self.settings.cert_file.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return cert.not_valid_after_utc.timestamp()
+
     # --- the local DICOM listener ---------------------------------------------------------------------
 
     async def _on_caller(self, pipe: Pipe) -> None:
@@ -184,6 +226,9 @@ class Agent:
             "reconnects": max(0, self.connects - 1),
             "last_error": self.last_error,
             "next_attempt": self.next_attempt if self.state == "backoff" else None,
+            "certificate_not_after": self.certificate_not_after(),
+            "renewals": self.renewals,
+            "renewal_error": self.renewal_error,
             "routes": sorted(self.routes),
             "listener": "{}:{}".format(*self.bound["listener"]) if "listener" in self.bound else None,
             "associations": [a.as_dict() for a in self.tracker.active.values()],

@@ -1,4 +1,4 @@
-"""``tunnel-agent``: run the agent, or show the status of a running one."""
+"""``tunnel-agent``: enroll this host as a site, run the agent, or show the status of a running one."""
 
 from __future__ import annotations
 
@@ -39,13 +39,73 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, required=True, help="agent TOML file (for the status port)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=_status)
+    enroll = sub.add_parser("enroll", help="join a relay with the one-line token from `tunnel-relay site add`",
+                            description="Reads the token from --token-file, else from the environment variable "
+                                        f"{TOKEN_ENV}, else from standard input (never from the command line, "
+                                        "where other users could read it).")
+    enroll.add_argument("--config", type=Path, help="agent TOML file (for state_dir, file paths and [proxy])")
+    enroll.add_argument("--token-file", type=Path, help="file holding the token")
+    enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    enroll.set_defaults(func=_enroll)
     return parser
+
+
+TOKEN_ENV = "TUNNEL_AGENT_ENROLL_TOKEN"
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tunnel_agent.enroll import EnrollError, enroll, load_enrollment
+    from tunnel_core.token import EnrollmentToken, TokenFormatError
+
+    settings = load_agent_settings(args.config)
+    try:
+        existing = load_enrollment(settings.state_dir)
+    except EnrollError:
+        existing = None
+    if (existing or settings.cert_file.exists()) and not args.force:
+        print(f"tunnel-agent: this host is already enrolled ({settings.cert_file}); use --force to replace it",
+              file=sys.stderr)
+        return 1
+    try:
+        token = EnrollmentToken.decode(_read_token(args))
+    except TokenFormatError as exc:
+        print(f"tunnel-agent: not an enrollment token: {exc}", file=sys.stderr)
+        return 2
+    try:
+        enrollment = asyncio.run(enroll(settings, token))
+    except EnrollError as exc:
+        print(f"tunnel-agent: enrollment failed: {exc}", file=sys.stderr)
+        return 1
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(enrollment.not_after))
+    print(f"enrolled as site {enrollment.site!r} at {enrollment.relay_url}; certificate valid until {expires} "
+          f"(renewed automatically); key {settings.key_file} (0600)")
+    return 0
+
+
+def _read_token(args: argparse.Namespace) -> str:
+    import getpass
+    import os
+
+    if args.token_file:
+        return args.token_file.read_text()
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if sys.stdin.isatty():
+        return getpass.getpass("enrollment token: ")
+    return sys.stdin.readline()
 
 
 def _run(args: argparse.Namespace) -> int:
     from tunnel_agent.agent import Agent  # aiohttp is only needed to run
+    from tunnel_agent.enroll import EnrollError, with_enrollment
 
-    settings = load_agent_settings(args.config)
+    try:
+        settings = with_enrollment(load_agent_settings(args.config))
+    except EnrollError as exc:
+        print(f"tunnel-agent: {exc}", file=sys.stderr)
+        return 2
     # Certificates are re-read on every connection attempt (renewal); a missing one is a set-up error,
     # not a transient failure, so say so now instead of retrying forever.
     client_context(settings.cert_file, settings.key_file, settings.ca_file)

@@ -59,6 +59,7 @@ def _validate_relay_url(url: str) -> str:
 
 
 RelayUrl = Annotated[str, AfterValidator(_validate_relay_url)]
+DEFAULT_STATE_DIR = Path("/var/lib/tunnel-agent")
 
 
 class StatusConfig(EndpointConfig):
@@ -87,10 +88,13 @@ class AgentSettings(TomlSettings):
 
     model_config = SettingsConfigDict(env_prefix="TUNNEL_AGENT_")
 
-    relay_url: RelayUrl
-    cert_file: Path = Path("/etc/tunnel-agent/agent.crt")
-    key_file: Path = Path("/etc/tunnel-agent/agent.key")
-    ca_file: Path = Path("/etc/tunnel-agent/ca.crt")
+    # Where enrollment writes the key, certificates and enrollment.json; the defaults of the paths below.
+    state_dir: Path = DEFAULT_STATE_DIR
+    # Empty: the URL recorded by `tunnel-agent enroll` (state_dir/enrollment.json).
+    relay_url: RelayUrl | None = None
+    cert_file: Path = Path()  # empty: {state_dir}/agent.crt
+    key_file: Path = Path()  # empty: {state_dir}/agent.key (0600, made on this host, never sent)
+    ca_file: Path = Path()  # empty: {state_dir}/ca.crt (the pinned relay CA)
     heartbeat_interval: Seconds = 10.0
     backoff_initial: Seconds = 0.5
     backoff_max: Seconds = 30.0
@@ -100,6 +104,15 @@ class AgentSettings(TomlSettings):
     listener: AgentListenerConfig = Field(default_factory=AgentListenerConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     routes: list[AgentRoute] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_default_to_state_dir(cls, data: object) -> object:
+        if isinstance(data, dict):
+            state_dir = Path(data.get("state_dir") or DEFAULT_STATE_DIR)
+            defaults = {"cert_file": "agent.crt", "key_file": "agent.key", "ca_file": "ca.crt"}
+            data = {**data, **{k: state_dir / name for k, name in defaults.items() if not data.get(k)}}
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> AgentSettings:
@@ -114,7 +127,7 @@ class AgentSettings(TomlSettings):
     @property
     def relay_host(self) -> str:
         """The relay's host name as it must appear in the relay's certificate."""
-        host = urlsplit(self.relay_url).hostname
+        host = urlsplit(self.relay_url or "").hostname
         assert host is not None  # guaranteed by _validate_relay_url
         return host
 

@@ -36,7 +36,9 @@ ROLES = ("relay", "agent")
 def _snapshots(stack: TunnelStack) -> dict[str, Snapshot]:
     ports = stack.status_ports()
     pids = {"relay": stack.relay.pid, "agent": stack.agent.proc.pid}
-    return {role: snapshot(pids[role], lambda p=ports[role]: fetch_status(p)) for role in ROLES}
+    tokens = {"relay": stack.admin_token, "agent": None}
+    return {role: snapshot(pids[role], lambda p=ports[role], t=tokens[role]: fetch_status(p, token=t))
+            for role in ROLES}
 
 
 def _total_rss(snaps: dict[str, Snapshot]) -> int:
@@ -53,7 +55,7 @@ def _warm_up(stack: TunnelStack) -> None:
 
 
 def _active_on_relay(stack: TunnelStack) -> int:
-    return len(fetch_status(stack.admin_port).get("associations", []))
+    return len(fetch_status(stack.admin_port, token=stack.admin_token).get("associations", []))
 
 
 async def _idle_phase(ctx: BenchContext, stack: TunnelStack) -> dict:

@@ -32,9 +32,11 @@ ROUTES = (("HOSP_PACS", "pacs", "CLOUD", "bulk_port"),
           ("HOSP_ACC", "pacsacc", "CLOUDACC", "accept_port"))
 
 
-def fetch_status(port: int, timeout: float = 5.0) -> dict:
-    """GET http://127.0.0.1:port/api/status as JSON (relay admin port or agent status port)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=timeout) as response:
+def fetch_status(port: int, timeout: float = 5.0, token: str | None = None) -> dict:
+    """GET http://127.0.0.1:port/api/status as JSON (relay admin port with its token, or agent status port)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
 
 
@@ -150,7 +152,7 @@ class TunnelStack:
 
     def site_connected(self, site: str) -> bool:
         try:
-            return any(s["name"] == site and s["connected"] for s in fetch_status(self.admin_port)["sites"])
+            return any(s["name"] == site and s["connected"] for s in fetch_status(self.admin_port, token=self.admin_token)["sites"])
         except (OSError, ValueError, KeyError):
             return False
 
@@ -179,4 +181,9 @@ class TunnelStack:
 
     def status_ports(self) -> dict[str, int]:
         return {"relay": self.admin_port, "agent": self.agent.status_port}
+
+    @property
+    def admin_token(self) -> str:
+        """The relay's admin API token (created by ``ca init`` in the relay's state directory)."""
+        return (self.root / "relay" / "state" / "admin.token").read_text().strip()
 

@@ -527,7 +527,8 @@ class Demo:
         return status.get("state") if status else None
 
     def _relay_sees_site(self) -> bool:
-        status = _http_json(f"http://{LOOPBACK}:{self.layout.relay_admin}/api/status")
+        token = (self.layout.state_dir / "admin.token").read_text().strip()
+        status = _http_json(f"http://{LOOPBACK}:{self.layout.relay_admin}/api/status", token)
         sites = status.get("sites", []) if status else []
         return any(s.get("name") == SITE and s.get("connected") for s in sites)
 
@@ -675,9 +676,10 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _http_json(url: str) -> dict[str, Any] | None:
+def _http_json(url: str, token: str | None = None) -> dict[str, Any] | None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as response:
             data = json.load(response)
     except (urllib.error.URLError, OSError, ValueError):
         return None

@@ -28,15 +28,18 @@ class TlsConfigError(Exception):
     """A certificate, key or CA file could not be loaded into a TLS context."""
 
 
-def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+def server_context(cert: Path, key: Path, ca: Path, *, client_cert_optional: bool = False) -> ssl.SSLContext:
     """Context for the relay's tunnel endpoint: presents ``cert``/``key``, requires a client cert from ``ca``.
 
     Pass it to the HTTPS server; after the handshake read the site from the peer certificate.
+    ``client_cert_optional``: a client may connect without a certificate (enrollment, inner-TLS mode), and
+    the application must then refuse certificate-less requests itself; a certificate that *is* presented
+    is still verified in the handshake, so a wrong CA, expiry or a missing clientAuth EKU fails there.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _apply_policy(ctx)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_OPTIONAL if client_cert_optional else ssl.CERT_REQUIRED
     _load(ctx, cert, key, ca)
     return ctx
 

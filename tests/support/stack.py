@@ -60,9 +60,21 @@ class RelayHandle:
     def state_dir(self) -> Path:
         return self.root / "state"
 
-    def status(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/api/status", timeout=5) as r:
+    @property
+    def admin_token(self) -> str:
+        return (self.state_dir / "admin.token").read_text().strip()
+
+    def admin(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
+        """Call the relay's admin API (with its token unless ``token`` is given)."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method,
+            headers={"Authorization": f"Bearer {token or self.admin_token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as r:
             return json.load(r)
+
+    def status(self) -> dict:
+        return self.admin("GET", "/api/status")
 
     def site_connected(self, site: str) -> bool:
         try:
@@ -113,16 +125,23 @@ def make_relay(root: Path, *, listener_routes: list[ListenerRoute], sites: dict[
 
 
 def make_agent(relay: RelayHandle, site: str, root: Path, *, routes: list[AgentRoute],
-               heartbeat: float = 10.0, backoff_max: float = 1.0, artim: float = 10.0) -> AgentHandle:
-    """Issue the site's certificate with the product's CLI and write the agent config."""
+               heartbeat: float = 10.0, backoff_max: float = 1.0, artim: float = 10.0,
+               enrolled: bool = False, extra: list[str] | None = None) -> AgentHandle:
+    """Write the agent config; issue the site's certificate with the product's CLI (``site cert``), or,
+    with ``enrolled=True``, leave relay URL and certificates to ``enroll_agent`` (the one-line join)."""
     root.mkdir(parents=True, exist_ok=True)
     certs = root / "certs"
-    _cli(RELAY, "site", "cert", site, "--config", str(relay.config), "--out", str(certs))
     handle = AgentHandle(site, root, root / "agent.toml", *free_ports(2))
-    lines = [
-        f'relay_url = "wss://127.0.0.1:{relay.tunnel_port}/tunnel"',
-        f'cert_file = "{certs / "agent.crt"}"', f'key_file = "{certs / "agent.key"}"',
-        f'ca_file = "{certs / "ca.crt"}"',
+    if enrolled:
+        lines = [f'state_dir = "{root / "state"}"']
+    else:
+        _cli(RELAY, "site", "cert", site, "--config", str(relay.config), "--out", str(certs))
+        lines = [
+            f'relay_url = "wss://127.0.0.1:{relay.tunnel_port}/tunnel"',
+            f'cert_file = "{certs / "agent.crt"}"', f'key_file = "{certs / "agent.key"}"',
+            f'ca_file = "{certs / "ca.crt"}"',
+        ]
+    lines += [*(extra or []),
         f"heartbeat_interval = {heartbeat}", "backoff_initial = 0.1", f"backoff_max = {backoff_max}",
         "connect_timeout = 5.0",
         "[status]", 'host = "127.0.0.1"', f"port = {handle.status_port}",
@@ -134,6 +153,30 @@ def make_agent(relay: RelayHandle, site: str, root: Path, *, routes: list[AgentR
             lines.append(f'called_ae = "{r.called_ae}"')
     handle.config.write_text("\n".join(lines) + "\n")
     return handle
+
+
+def site_add(relay: RelayHandle, site: str, *extra: str) -> str:
+    """``tunnel-relay site add`` against the running relay; returns the one-line token it prints."""
+    result = subprocess.run([RELAY, "site", "add", site, "--config", str(relay.config), *extra],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"site add failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout.strip()
+
+
+def enroll(agent: AgentHandle, token: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``tunnel-agent enroll`` with the token on standard input (never argv); returns the finished process."""
+    return subprocess.run([AGENT, "enroll", "--config", str(agent.config), *extra], input=token + "\n",
+                          capture_output=True, text=True, timeout=60)
+
+
+def enroll_agent(relay: RelayHandle, agent: AgentHandle) -> str:
+    """The one-line join: ``site add`` on the relay, ``enroll`` on the agent. Returns the token used."""
+    token = site_add(relay, agent.site)
+    result = enroll(agent, token)
+    if result.returncode != 0:
+        raise RuntimeError(f"enroll failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return token
 
 
 def start_relay(procs: ProcessTracker, relay: RelayHandle) -> ManagedProcess:

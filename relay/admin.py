@@ -1,0 +1,158 @@
+"""The relay's admin API (plain HTTP on the admin port, loopback by default), authenticated by a bearer token.
+
+The token is a random secret in ``{state_dir}/admin.token`` (0600), created on first use. Whoever can read
+the relay's state directory can administer it, which is the same trust as holding the CA key. Site
+certificates do not authenticate here at all: the admin port speaks no TLS and knows only the token.
+
+- ``GET  /healthz``                              (no token) liveness
+- ``GET  /api/status``                           sites, associations, process
+- ``GET  /api/sites``                            registry view of every site
+- ``POST /api/sites`` ``{"name": "..."}``        add (or reinstate) a site; returns a one-line enrollment token
+- ``POST /api/sites/{name}/revoke``              revoke the site and all its certificates; ends its tunnel
+- ``GET  /api/certificates[?site=name]``         issued certificates
+- ``POST /api/certificates/{serial}/revoke``     revoke one certificate; ends a tunnel that uses it
+- ``GET  /api/audit``                            the latest audit entries
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from relay import pki
+from relay.registry import RegistryError
+from tunnel_core.token import EnrollmentToken
+from tunnel_link.config_common import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+ADMIN_TOKEN_FILE = "admin.token"
+MAX_BODY = 16 * 1024
+
+
+def admin_token(state_dir: Path) -> str:
+    """Read the admin token, creating it (0600, never overwritten) if it does not exist yet."""
+    path = state_dir / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+def build_app(relay: Relay) -> web.Application:
+    expected = admin_token(relay.settings.state_dir)
+
+    @web.middleware
+    async def require_token(request: web.Request, handler):
+        if request.path.startswith("/api/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+                return _json({"error": "missing or wrong admin token (see admin.token in the state directory)"},
+                             status=401, headers={"WWW-Authenticate": 'Bearer realm="tunnel-relay"'})
+        return await handler(request)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"ok": True})
+
+    async def status(request: web.Request) -> web.Response:
+        return _json(relay.status())
+
+    async def sites(request: web.Request) -> web.Response:
+        return _json({"sites": relay.site_views()})
+
+    async def audit(request: web.Request) -> web.Response:
+        return _json({"audit": relay.registry.audit_entries()})
+
+    def bound(handler):
+        async def handle(request: web.Request) -> web.Response:
+            return await handler(relay, request)
+        return handle
+
+    app = web.Application(middlewares=[require_token], client_max_size=MAX_BODY)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/status", status)
+    app.router.add_get("/api/sites", sites)
+    app.router.add_post("/api/sites", bound(_add_site))
+    app.router.add_post("/api/sites/{name}/revoke", bound(_revoke_site))
+    app.router.add_get("/api/certificates", bound(_certificates))
+    app.router.add_post("/api/certificates/{serial}/revoke", bound(_revoke_certificate))
+    app.router.add_get("/api/audit", audit)
+    return app
+
+
+async def _add_site(relay: Relay, request: web.Request) -> web.Response:
+    body = await _body(request)
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        return _json({"error": "name must be 1-63 characters of a-z, 0-9 and '-'"}, status=400)
+    ttl = body.get("token_ttl", relay.settings.enrollment.token_ttl)
+    if not isinstance(ttl, int | float) or not 0 < ttl <= 30 * 86400:
+        return _json({"error": "token_ttl must be a number of seconds, at most 30 days"}, status=400)
+    now = time.time()
+    outcome = relay.registry.add_site(name, now, actor="admin-api")
+    secret = secrets.token_urlsafe(32)
+    relay.registry.add_token(name, secret, now, now + ttl, actor="admin-api")
+    token = EnrollmentToken(relay.public_url(), pki.ca_fingerprint(relay.settings.state_dir), secret)
+    return _json({"site": name, "outcome": outcome, "token": token.encode(), "expires_at": now + ttl,
+                  "relay_url": token.relay_url, "configured_routes": relay.has_routes(name)})
+
+
+async def _revoke_site(relay: Relay, request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    why = (await _body(request)).get("reason", "")
+    try:
+        serials = relay.registry.revoke_site(name, time.time(), actor="admin-api", why=str(why)[:200])
+    except RegistryError as exc:
+        return _json({"error": str(exc)}, status=404)
+    closed = await relay.enforce_revocations()
+    return _json({"site": name, "revoked_certificates": serials, "closed_sessions": closed})
+
+
+async def _revoke_certificate(relay: Relay, request: web.Request) -> web.Response:
+    serial = request.match_info["serial"].lower()
+    why = (await _body(request)).get("reason", "")
+    try:
+        site = relay.registry.revoke_certificate(serial, time.time(), actor="admin-api", why=str(why)[:200])
+    except RegistryError as exc:
+        return _json({"error": str(exc)}, status=404)
+    closed = await relay.enforce_revocations()
+    return _json({"serial": serial, "site": site, "closed_sessions": closed})
+
+
+async def _certificates(relay: Relay, request: web.Request) -> web.Response:
+    site = request.query.get("site")
+    return _json({"certificates": [c.as_dict() for c in relay.registry.certificates(site)]})
+
+
+async def _body(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"}),
+                                 content_type="application/json") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
+    return body
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)

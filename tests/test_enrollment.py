@@ -1,0 +1,290 @@
+"""Joining a site with one token, renewing, revoking and expiring certificates — real relay and agent processes.
+
+The relay's registry decides who may connect; these tests drive it only through the product's CLI and
+admin API, and watch the effect on live tunnels and DICOM traffic (dcmtk echoscu and storescp, pynetdicom).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from relay import pki
+from relay.registry import Registry, serial_hex
+from tests.support.dcmtk import echoscu, start_storescp
+from tests.support.muxclient import raw_agent
+from tests.support.ports import free_port
+from tests.support.procs import wait_until
+from tests.support.stack import (
+    RELAY,
+    AgentRoute,
+    ListenerRoute,
+    SiteDest,
+    _cli,
+    enroll,
+    enroll_agent,
+    make_agent,
+    make_relay,
+    site_add,
+    start_agent,
+    start_relay,
+)
+from tunnel_core.token import EnrollmentToken
+
+
+@pytest.fixture
+def one_site(procs, tmp_path):
+    """A running relay with site "st-marys" configured (routes) but not yet enrolled; a PACS behind it."""
+    pacs, cloud = free_port(), free_port()
+    start_storescp(procs, pacs, "PACS", tmp_path / "pacs")
+    start_storescp(procs, cloud, "CLOUD", tmp_path / "cloud")
+    relay = make_relay(tmp_path / "relay", listener_routes=[ListenerRoute("SM_PACS", "st-marys", "pacs")],
+                       sites={"st-marys": [SiteDest("SM_CLOUD", cloud)]})
+    agent = make_agent(relay, "st-marys", tmp_path / "agent", routes=[AgentRoute("pacs", pacs)], enrolled=True)
+    start_relay(procs, relay)
+    return relay, agent
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_three_command_join_then_dicom_both_ways(procs, one_site):
+    relay, agent = one_site
+    token = enroll_agent(relay, agent)
+    state = agent.root / "state"
+    assert _mode(state / "agent.key") == 0o600
+    assert json.loads((state / "enrollment.json").read_text())["site"] == "st-marys"
+    cert = (state / "agent.crt").read_bytes()
+    assert pki.site_from_certificate(cert) == "st-marys"
+    lifetime = pki.certificate_not_after(cert) - dt.datetime.now(dt.UTC)
+    assert lifetime <= dt.timedelta(days=30)
+    start_agent(procs, agent, relay)
+    assert echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok
+    assert echoscu("127.0.0.1", agent.listener_port, "SM_CLOUD", "MODALITY").ok
+    # The token's secret is nowhere but in the operator's hands: not in logs, argv or the database.
+    secret = EnrollmentToken.decode(token).secret
+    for proc in (relay.proc, agent.proc):
+        assert secret not in proc.log_tail(10_000)
+        assert secret not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+    assert secret.encode() not in (relay.state_dir / "registry.sqlite3").read_bytes()
+    assert relay.admin_token not in relay.proc.log_tail(10_000)
+    kinds = [c["kind"] for c in relay.admin("GET", "/api/certificates")["certificates"]]
+    assert kinds == ["enroll"]
+
+
+def test_token_is_single_use(one_site):
+    relay, agent = one_site
+    token = enroll_agent(relay, agent)
+    again = enroll(agent, token, "--force")
+    assert again.returncode == 1
+    assert "token refused" in again.stderr
+    actions = [e["action"] for e in relay.admin("GET", "/api/audit")["audit"]]
+    assert "token_refused" in actions
+
+
+def test_expired_token_is_refused(one_site):
+    relay, agent = one_site
+    token = site_add(relay, agent.site, "--ttl", "0.5")
+    time.sleep(1.0)  # let the token's lifetime pass (wall clock is what expiry is about)
+    result = enroll(agent, token)
+    assert result.returncode == 1
+    assert "token refused" in result.stderr
+    assert not (agent.root / "state" / "agent.key").exists()
+
+
+def test_enroll_refuses_to_replace_an_enrollment_without_force(one_site):
+    relay, agent = one_site
+    enroll_agent(relay, agent)
+    result = enroll(agent, site_add(relay, agent.site))
+    assert result.returncode == 1 and "--force" in result.stderr
+
+
+def test_wrong_pinned_ca_fails_closed_and_sends_nothing(one_site, tmp_path):
+    relay, agent = one_site
+    token = EnrollmentToken.decode(site_add(relay, agent.site))
+    other = tmp_path / "other-ca"
+    pki.init_ca(other, common_name="Corporate Inspection CA")
+    forged = EnrollmentToken(token.relay_url, pki.ca_fingerprint(other), token.secret).encode()
+    result = enroll(agent, forged)
+    assert result.returncode == 1
+    assert "did not present the CA this token pins" in result.stderr
+    assert "DICOM Tunnel Relay CA" in result.stderr, result.stderr  # names who issued what was presented
+    # The secret never left: the genuine token still works.
+    assert enroll(agent, token.encode()).returncode == 0
+
+
+def test_garbage_token_is_a_usage_error(one_site):
+    _relay, agent = one_site
+    result = enroll(agent, "not-a-token")
+    assert result.returncode == 2 and "dtun1." in result.stderr
+
+
+def test_site_revoke_closes_the_live_tunnel_and_refuses_reconnects(procs, one_site):
+    relay, agent = one_site
+    enroll_agent(relay, agent)
+    start_agent(procs, agent, relay)
+    _cli(RELAY, "site", "revoke", "st-marys", "--config", str(relay.config), "--reason", "test")
+    # The CLI returns after the relay closed the tunnel: no waiting needed.
+    assert not relay.site_connected("st-marys")
+    assert not echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok
+    wait_until(lambda: agent.status()["connects"] == 1 and agent.status()["state"] != "connected"
+               and "403" in agent.status()["last_error"], 15, message="agent refused on reconnect")
+    assert not relay.site_connected("st-marys")
+    log = relay.proc.log_tail(10_000)
+    assert "site_revoked" in log and '"actor": "admin-api"' in log
+    sites = relay.admin("GET", "/api/sites")["sites"]
+    assert [s["revoked"] for s in sites if s["name"] == "st-marys"] == [True]
+
+
+def test_certificate_revoke_closes_the_tunnel_using_it(procs, one_site):
+    relay, agent = one_site
+    enroll_agent(relay, agent)
+    start_agent(procs, agent, relay)
+    serial = relay.admin("GET", "/api/certificates?site=st-marys")["certificates"][0]["serial"]
+    _cli(RELAY, "cert", "revoke", serial, "--config", str(relay.config))
+    assert not relay.site_connected("st-marys")
+    wait_until(lambda: "403" in agent.status()["last_error"], 15, message="agent refused on reconnect")
+
+
+def test_revoked_site_can_be_reinstated_with_a_new_token(procs, one_site):
+    relay, agent = one_site
+    enroll_agent(relay, agent)
+    relay.admin("POST", "/api/sites/st-marys/revoke", {})
+    result = enroll(agent, site_add(relay, agent.site), "--force")
+    assert result.returncode == 0, result.stderr
+    start_agent(procs, agent, relay)
+    assert echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok
+
+
+def _register(relay, bundle: pki.SiteBundle, kind: str = "manual") -> None:
+    registry = Registry.open(relay.state_dir)
+    try:
+        registry.record_certificate(serial_hex(bundle.serial), bundle.site, kind, time.time(),
+                                    bundle.not_after.timestamp(), actor="test")
+    finally:
+        registry.close()
+
+
+def _short_cert(relay, site: str, out: Path, *, age: float, left: float) -> pki.SiteBundle:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    bundle = pki.issue_cert_for_tests(relay.state_dir, out, common_name=site,
+                                      not_valid_before=now - dt.timedelta(seconds=age),
+                                      not_valid_after=now + dt.timedelta(seconds=left))
+    _register(relay, bundle)
+    return bundle
+
+
+def test_renewal_keeps_the_tunnel_and_its_associations(procs, one_site):
+    relay, agent = one_site
+    # A certificate 6 s old with 7 s left: renewal is due two thirds in, about 2.7 s from now, and
+    # without renewal the relay would end the tunnel when it expires.
+    state = agent.root / "state"
+    bundle = _short_cert(relay, "st-marys", state, age=6, left=7)
+    agent.config.write_text(agent.config.read_text().replace(
+        f'state_dir = "{state}"', f'state_dir = "{state}"\nrelay_url = "wss://127.0.0.1:{relay.tunnel_port}/tunnel"'))
+    start_agent(procs, agent, relay)
+    ae = AE(ae_title="CLOUDAI")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", relay.dicom_port, ae_title="SM_PACS")
+    try:
+        assert assoc.is_established
+        wait_until(lambda: agent.status()["renewals"] == 1, 15, message=lambda: agent.proc.log_tail())
+        assert assoc.send_c_echo().Status == 0x0000
+        # Past the old certificate's expiry the same tunnel and association still work.
+        wait_until(lambda: time.time() > bundle.not_after.timestamp() + 2.5, 15, message="old cert expired")
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert agent.status()["connects"] == 1
+    site = next(s for s in relay.status()["sites"] if s["name"] == "st-marys")
+    assert site["connected"] and site["certificate_serial"] != serial_hex(bundle.serial)
+    assert pki.certificate_serial((state / "agent.crt").read_bytes()) != bundle.serial
+    assert _mode(state / "agent.key") == 0o600
+    kinds = [c["kind"] for c in relay.admin("GET", "/api/certificates")["certificates"]]
+    assert kinds == ["manual", "renew"]
+
+
+async def test_certificate_expiring_mid_session_ends_it(one_site, tmp_path):
+    relay, _agent = one_site
+    certs = tmp_path / "short"
+    bundle = _short_cert(relay, "st-marys", certs, age=60, left=3)
+    async with raw_agent(relay.tunnel_port, certs) as raw:
+        assert relay.site_connected("st-marys")
+        async with asyncio.timeout(15):
+            while (await raw.ws.receive()).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                pass
+    assert time.time() >= bundle.not_after.timestamp()
+
+    def reason() -> str:
+        return next(s for s in relay.status()["sites"] if s["name"] == "st-marys")["last_disconnect_reason"]
+    wait_until(lambda: "expired" in reason(), 5, message="relay records why it closed the tunnel")
+
+
+async def test_certificate_unknown_to_the_registry_is_refused(one_site, tmp_path):
+    relay, _agent = one_site
+    # Signed by the relay CA but never recorded (e.g. a registry restored from an old backup).
+    now = dt.datetime.now(dt.UTC)
+    pki.issue_cert_for_tests(relay.state_dir, tmp_path / "ghost", common_name="st-marys",
+                             not_valid_before=now - dt.timedelta(minutes=1),
+                             not_valid_after=now + dt.timedelta(days=1))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with raw_agent(relay.tunnel_port, tmp_path / "ghost"):
+            pass
+    assert refused.value.status == 403
+    assert "not issued through this relay's registry" in relay.proc.log_tail()
+
+
+async def test_tunnel_without_client_certificate_is_refused(one_site):
+    relay, _agent = one_site
+    ctx = pki_client_context_without_cert(relay.state_dir / "ca.crt")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"wss://127.0.0.1:{relay.tunnel_port}/tunnel", ssl=ctx)
+        assert refused.value.status == 403
+        # Renewal needs a certificate too.
+        async with http.post(f"https://127.0.0.1:{relay.tunnel_port}/enroll/v1/renew", json={"csr": "x"},
+                             ssl=ctx) as response:
+            assert response.status == 403
+
+
+def pki_client_context_without_cert(ca: Path):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    return ctx
+
+
+def test_admin_api_requires_its_token(one_site):
+    relay, _agent = one_site
+    import urllib.error
+
+    for method, path in (("GET", "/api/status"), ("GET", "/api/sites"), ("POST", "/api/sites"),
+                         ("POST", "/api/sites/st-marys/revoke"), ("GET", "/api/certificates"),
+                         ("GET", "/api/audit")):
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            relay.admin(method, path, {"name": "evil"} if method == "POST" else None, token="wrong")
+        assert denied.value.code == 401, path
+    assert _mode(relay.state_dir / "admin.token") == 0o600
+    assert _mode(relay.state_dir / "registry.sqlite3") == 0o600
+    assert not relay.admin("GET", "/api/sites")["sites"][0]["revoked"]
+
+
+def test_key_files_are_private_whatever_the_umask(one_site):
+    relay, agent = one_site
+    old = os.umask(0)
+    try:
+        enroll_agent(relay, agent)
+    finally:
+        os.umask(old)
+    assert _mode(agent.root / "state" / "agent.key") == 0o600
