@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pydantic
@@ -153,8 +154,10 @@ def test_relay_defaults_without_file() -> None:
 def test_agent_file_loads_with_defaults(tmp_path: Path) -> None:
     settings = load_agent_settings(_write(tmp_path, 'relay_url = "wss://relay.example.org/tunnel"\n'))
     assert settings.relay_host == "relay.example.org"
-    assert settings.cert_file == Path("/etc/tunnel-agent/agent.crt")
-    assert settings.ca_file == Path("/etc/tunnel-agent/ca.crt")
+    assert settings.state_dir == Path("/var/lib/tunnel-agent")
+    assert settings.cert_file == Path("/var/lib/tunnel-agent/agent.crt")
+    assert settings.key_file == Path("/var/lib/tunnel-agent/agent.key")
+    assert settings.ca_file == Path("/var/lib/tunnel-agent/ca.crt")
     assert (settings.heartbeat_interval, settings.backoff_initial, settings.backoff_max) == (10.0, 0.5, 30.0)
     assert settings.connect_timeout == 10.0
     assert (settings.status.host, settings.status.port) == ("127.0.0.1", 8082)
@@ -397,13 +400,6 @@ AGENT_BAD_CASES = [
     ),
     pytest.param('relay_url = "wss://', 'relay_url = "https://', "relay_url", "wss://", id="https-url"),
     pytest.param(
-        'relay_url = "wss://relay.example.org:8443/tunnel"\n',
-        "",
-        "relay_url",
-        "required key is missing",
-        id="missing-url",
-    ),
-    pytest.param(
         "relay.example.org:8443",
         "relay.example.org:99999",
         "relay_url",
@@ -475,3 +471,23 @@ def test_mux_config_mirrors_mux_limits() -> None:
     assert MuxConfig(max_streams=7).to_limits().max_streams == 7
     with pytest.raises(pydantic.ValidationError):
         MuxConfig(bogus=1)
+
+
+def test_agent_paths_follow_state_dir(tmp_path: Path) -> None:
+    settings = load_agent_settings(_write(tmp_path, f'state_dir = "{tmp_path}/st"\n'))
+    assert settings.relay_url is None
+    assert (settings.cert_file, settings.key_file, settings.ca_file) == (
+        tmp_path / "st/agent.crt", tmp_path / "st/agent.key", tmp_path / "st/ca.crt")
+
+
+def test_agent_without_relay_url_needs_an_enrollment(tmp_path: Path) -> None:
+    from tunnel_agent.enroll import EnrollError, with_enrollment
+
+    settings = load_agent_settings(_write(tmp_path, f'state_dir = "{tmp_path}/st"\n'))
+    with pytest.raises(EnrollError, match="not enrolled"):
+        with_enrollment(settings)
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st/enrollment.json").write_text(json.dumps(
+        {"relay_url": "wss://relay.example.org:8443/tunnel", "site": "a", "ca_fingerprint": "0" * 64,
+         "not_after": 0}))
+    assert with_enrollment(settings).relay_url == "wss://relay.example.org:8443/tunnel"

@@ -62,7 +62,7 @@ async def open_tunnel(
             try:
                 ws = await _handshake(http, settings, proxy)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                failure = proxy_failure(proxy, _target(settings.relay_url), exc, settings.connect_timeout)
+                failure = proxy_failure(proxy, target_of(settings.relay_url), exc, settings.connect_timeout)
                 if failure is None:
                     raise
                 raise failure from exc
@@ -127,7 +127,7 @@ def _reason(status: int, message: str | None) -> str:
         return text[:_REASON_MAX]
 
 
-def _target(relay_url: str) -> str:
+def target_of(relay_url: str) -> str:
     """``host:port`` of the relay, as the proxy is asked to CONNECT to it."""
     parts = urlsplit(relay_url)
     host = parts.hostname or ""

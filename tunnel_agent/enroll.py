@@ -37,8 +37,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tunnel_agent.connect import proxy_failure, target_of
 from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
-from tunnel_agent.proxy import ProxyError, choose_proxy
+from tunnel_agent.proxy import choose_proxy
 from tunnel_core.token import EnrollmentToken
 from tunnel_link.tls import TLS12_CIPHERS, client_context
 
@@ -172,8 +173,9 @@ async def _request(settings: AgentSettings, ctx: ssl.SSLContext, method: str, ur
     proxy = choose_proxy(settings.proxy, url.replace("https://", "wss://", 1), environ)
     via: dict[str, object] = {}
     if proxy is not None:
-        auth = aiohttp.BasicAuth(proxy.username, proxy.password) if proxy.username is not None else None
-        via = {"proxy": proxy.url, "proxy_auth": auth}
+        authorization = proxy.authorization()
+        via = {"proxy": proxy.url,
+               "proxy_headers": {"Proxy-Authorization": authorization} if authorization else None}
     timeout = aiohttp.ClientTimeout(total=settings.connect_timeout * 3, sock_connect=settings.connect_timeout)
     connector = aiohttp.TCPConnector(ssl=ctx, use_dns_cache=False, force_close=True)
     try:
@@ -183,12 +185,14 @@ async def _request(settings: AgentSettings, ctx: ssl.SSLContext, method: str, ur
                 if response.status != 200:
                     raise EnrollError(f"the relay refused ({response.status}): {_error_text(data)}")
                 return data
-    except aiohttp.ClientHttpProxyError as exc:
-        raise EnrollError(f"proxy {proxy.address if proxy else ''} refused CONNECT: {exc.status}") from None
-    except aiohttp.ClientConnectorCertificateError as exc:
-        raise EnrollError(_verify_failure_message(exc)) from None
-    except (aiohttp.ClientError, TimeoutError, ProxyError) as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = proxy_failure(proxy, target_of(url), exc, settings.connect_timeout) if proxy else None
+        if failure is not None:
+            raise EnrollError(str(failure)) from None
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            raise EnrollError(_verify_failure_message(exc)) from None
         raise EnrollError(f"cannot reach the relay at {url}: {type(exc).__name__}: {exc}") from None
+
 
 
 def _check_issued(answer: dict, key: ec.EllipticCurvePrivateKey, ca_pem: bytes) -> bytes:
