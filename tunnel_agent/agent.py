@@ -17,10 +17,12 @@ import random
 import time
 from contextlib import AsyncExitStack
 
+import aiohttp
 from aiohttp import web
 from cryptography import x509
 
 from tunnel_agent.config import AgentSettings
+from tunnel_agent.connect import explain_untrusted_relay
 from tunnel_agent.enroll import EnrollError, renew, renewal_due, with_enrollment
 from tunnel_core.backoff import Backoff
 from tunnel_core.codes import ErrorCode, TargetKind
@@ -115,6 +117,10 @@ class Agent:
                 await self._connect_once()
             except asyncio.CancelledError:
                 raise
+            except aiohttp.ClientConnectorCertificateError as exc:
+                # Fail closed, and say who is in the way: usually a TLS-inspecting proxy.
+                self.last_error = await explain_untrusted_relay(self.settings, exc)
+                log.error("tunnel to relay refused: %s", self.last_error)
             except Exception as exc:  # the supervisor must survive anything transient; say what it was
                 self.last_error = _describe(exc)
                 log.warning("tunnel to relay failed: %s", self.last_error)

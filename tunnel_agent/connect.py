@@ -133,3 +133,22 @@ def target_of(relay_url: str) -> str:
     host = parts.hostname or ""
     port = parts.port or 443
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def explain_untrusted_relay(settings: AgentSettings, exc: aiohttp.ClientConnectorCertificateError,
+                                  *, environ: Mapping[str, str] | None = None) -> str:
+    """One line for ops when the relay's certificate does not verify against the pinned CA: what was
+    presented instead and by whom, and what to ask the network team. The connection stays refused."""
+    from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
+
+    proxy = choose_proxy(settings.proxy, settings.relay_url, os.environ if environ is None else environ)
+    host = urlsplit(settings.relay_url).hostname
+    try:
+        presented = describe_certificate(await peek_certificate(settings.relay_url, proxy, settings.connect_timeout))
+    except PeekError as peek_exc:
+        presented = f"a certificate that could not be fetched again ({peek_exc})"
+    why = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+    return (f"TLS verification of the relay failed ({why}); "
+            f"the relay address presented {presented}. If that issuer is your organisation's TLS inspection "
+            f"proxy, ask the network team to exempt {host} from TLS inspection, or set tls_interception = "
+            "\"inner\" (see README). The agent does not connect through an untrusted certificate.")
