@@ -93,3 +93,51 @@ def test_agent_refuses_a_route_it_does_not_have(procs, two_sites):
     assert request_reject(relay.dicom_port, "A_SECRET", "CLOUDAI")[0] == (1, 1, 7)
     outcomes = agent_a.status()["outcomes"]
     assert outcomes.get("refused:unknown_route") == 1, outcomes
+
+
+async def test_site_a_certificate_renews_only_as_site_a(two_sites):
+    relay, agent_a, _agent_b, _tmp = two_sites
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tunnel_link.tls import client_context
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    # The CSR asks to be site B; the relay names the certificate after the one that authenticated.
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site-b")]))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    certs = agent_a.root / "certs"
+    ctx = client_context(certs / "agent.crt", certs / "agent.key", certs / "ca.crt")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"https://127.0.0.1:{relay.tunnel_port}/enroll/v1/renew", json={"csr": csr},
+                             ssl=ctx) as response:
+            assert response.status == 200
+            answer = await response.json()
+    assert answer["site"] == "site-a"
+    assert pki.site_from_certificate(answer["certificate"].encode()) == "site-a"
+
+
+async def test_site_credentials_do_not_open_the_admin_api(two_sites):
+    relay, agent_a, _agent_b, _tmp = two_sites
+    import ssl
+
+    from tunnel_link.tls import client_context
+
+    certs = agent_a.root / "certs"
+    ctx = client_context(certs / "agent.crt", certs / "agent.key", certs / "ca.crt")
+    ctx.check_hostname = False
+    async with aiohttp.ClientSession() as http:
+        # The admin port speaks no TLS: a site certificate has nothing to present itself to.
+        with pytest.raises((aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)):
+            await http.get(f"https://127.0.0.1:{relay.admin_port}/api/status", ssl=ctx)
+        site_cert = "".join((certs / "agent.crt").read_text().split())
+        for path in ("/api/status", "/api/sites", "/api/certificates", "/api/audit"):
+            async with http.get(f"http://127.0.0.1:{relay.admin_port}{path}",
+                                headers={"Authorization": f"Bearer {site_cert}"}) as r:
+                assert r.status == 401, path
+        async with http.post(f"http://127.0.0.1:{relay.admin_port}/api/sites/site-b/revoke") as r:
+            assert r.status == 401
+    assert not any(s["revoked"] for s in relay.admin("GET", "/api/sites")["sites"])
