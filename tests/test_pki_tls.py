@@ -477,3 +477,70 @@ async def test_agent_checks_relay_hostname(pki: Pki) -> None:
     assert not outcome.ok
     assert "CERTIFICATE_VERIFY_FAILED" in outcome.error
     assert relay.peers == []
+
+
+# --- signing agents' requests (enrollment and renewal) -----------------------------------------------
+
+
+def _csr(key, cn: str = "whatever") -> bytes:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def test_sign_site_csr_names_the_site_not_the_request(pki: Pki) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from relay.pki import sign_site_csr
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = sign_site_csr(pki.state, _csr(key, cn="someone-else"), SITE, days=30)
+    cert = x509.load_pem_x509_certificate(issued.pem)
+    assert site_from_certificate(issued.pem) == SITE
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=30, minutes=5)
+
+
+def test_sign_site_csr_refuses_weak_keys_bad_requests_and_long_lives(pki: Pki) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from relay.pki import PkiError, sign_site_csr
+
+    with pytest.raises(PkiError, match="too small"):
+        sign_site_csr(pki.state, _csr(rsa.generate_private_key(65537, 1024)), SITE)
+    with pytest.raises(PkiError, match="secp256k1"):
+        sign_site_csr(pki.state, _csr(ec.generate_private_key(ec.SECP256K1())), SITE)
+    with pytest.raises(PkiError, match="not a PEM"):
+        sign_site_csr(pki.state, b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n", SITE)
+    with pytest.raises(PkiError, match="1 to 30 days"):
+        sign_site_csr(pki.state, _csr(ec.generate_private_key(ec.SECP256R1())), SITE, days=365)
+    with pytest.raises(PkiError, match="site name"):
+        sign_site_csr(pki.state, _csr(ec.generate_private_key(ec.SECP256R1())), "Bad Name")
+
+
+def test_site_certificate_with_a_weak_key_is_refused_as_identity(pki: Pki, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from relay.pki import SITE_URI_PREFIX, CertificateIdentityError
+
+    ca_cert = x509.load_pem_x509_certificate((pki.state / "ca.crt").read_bytes())
+    from cryptography.hazmat.primitives import serialization
+    ca_key = serialization.load_pem_private_key((pki.state / "ca.key").read_bytes(), None)
+    weak = rsa.generate_private_key(65537, 1024)
+    now = dt.datetime.now(dt.UTC)
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE)]))
+            .issuer_name(ca_cert.subject).public_key(weak.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SITE_URI_PREFIX + SITE)]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    with pytest.raises(CertificateIdentityError, match="too small"):
+        site_from_certificate(cert.public_bytes(serialization.Encoding.DER))
