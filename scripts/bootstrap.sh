@@ -192,6 +192,20 @@ ensure_extra_pip() {
     "$VENV_DIR/bin/python" -m pip install --quiet "${missing[@]}"
 }
 
+ensure_mitm_venv() {
+    # mitmproxy (the TLS-interception tests' DLP box) in a venv of its own: it pins versions of libraries
+    # the project also uses. BOOTSTRAP_MITM=0 skips it; MITM_VENV (default build/mitm-venv) moves it.
+    [ "${BOOTSTRAP_MITM:-1}" = 1 ] || return 0
+    local dir="${MITM_VENV:-build/mitm-venv}" version=11.0.2
+    if [ -x "$dir/bin/mitmdump" ] && "$dir/bin/python" -c \
+        'import importlib.metadata as m, sys; sys.exit(m.version("mitmproxy") != sys.argv[1])' "$version" 2>/dev/null; then
+        return 0
+    fi
+    log "installing mitmproxy $version into its own virtualenv $dir"
+    "$PYTHON" -m venv --clear "$dir"
+    "$dir/bin/python" -m pip install --quiet "mitmproxy==$version"
+}
+
 main() {
     local had_squid=1
     is_installed squid || had_squid=0
@@ -203,6 +217,7 @@ main() {
     quiet_orthanc_service
     ensure_venv
     ensure_extra_pip
+    ensure_mitm_venv
 }
 
 main "$@"
