@@ -67,6 +67,11 @@ class TunnelConfig(StrictModel):
     public_url: Annotated[str | None, BeforeValidator(_empty_is_none),
                           Field(pattern=r"^wss://[^/\s@]+(/[A-Za-z0-9._~/-]*)?$")] = None
 
+    @property
+    def inner_path(self) -> str:
+        """Where agents in inner-TLS mode connect (``tls_mode = "inner"``): ``<path>/inner``."""
+        return self.path.rstrip("/") + "/inner"
+
     def cert_path(self, state_dir: Path) -> Path:
         return self.cert_file or state_dir / RELAY_CERT
 

@@ -21,6 +21,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from relay import admin, enroll, pki
@@ -40,6 +41,7 @@ from tunnel_link.associations import (
     serve_stream,
 )
 from tunnel_link.errors import LinkError
+from tunnel_link.innertls import InnerTlsError, inner_tls_server
 from tunnel_link.pipe import Pipe, PipeServer
 from tunnel_link.procstats import process_stats
 from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
@@ -49,6 +51,7 @@ from tunnel_link.tls import server_context
 log = logging.getLogger("relay")
 
 CONNECT_TIMEOUT = 5.0
+INNER_HANDSHAKE_TIMEOUT = 10.0
 SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the registry and the clock
 
 
@@ -112,6 +115,9 @@ class Relay:
             self._registry.ensure_site(site.name, time.time())
         tunnel_app = web.Application(client_max_size=enroll.MAX_BODY)
         tunnel_app.router.add_get(s.tunnel.path, self._tunnel_ws)
+        tunnel_app.router.add_get(s.tunnel.inner_path, self._tunnel_inner_ws)
+        # Its own context: the inner handshake runs in memory BIOs, apart from the listener's.
+        self._inner_ctx = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path)
         enroll.add_routes(tunnel_app, self)
         self.bound["tunnel"] = await _serve_app(stack, tunnel_app, s.tunnel.host, s.tunnel.port, ssl_ctx)
         self.bound["admin"] = await _serve_app(stack, admin.build_app(self), s.admin.host, s.admin.port, None)
@@ -182,11 +188,33 @@ class Relay:
         identity = self.authenticate_request(request)
         if identity is None:
             raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n")
-        site = self._site_state(identity.site)
         tune(request.transport)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
         await ws.prepare(request)
-        peer = f"{request.remote}"
+        await self._serve_session(identity, ws, f"{request.remote}")
+        return ws
+
+    async def _tunnel_inner_ws(self, request: web.Request) -> web.StreamResponse:
+        """Inner-TLS mode, for agents behind a TLS-inspecting proxy: the outer TLS may end at the proxy,
+        so the agent's identity comes from a second mutual-TLS session run inside the WebSocket."""
+        tune(request.transport)
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
+        await ws.prepare(request)
+        try:
+            inner = await inner_tls_server(ws, self._inner_ctx, INNER_HANDSHAKE_TIMEOUT)
+        except InnerTlsError as exc:
+            log.warning("refused inner-TLS tunnel from %s: %s", request.remote, exc)
+            return ws
+        identity = self.authenticate_der(inner.getpeercert(binary_form=True), request.remote, request.path)
+        if identity is None:
+            await inner.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION,
+                              message=b"a valid, unrevoked site certificate is required")
+            return ws
+        await self._serve_session(identity, inner, f"{request.remote} (inner TLS)")
+        return ws
+
+    async def _serve_session(self, identity: Identity, ws, peer: str) -> None:
+        site = self._site_state(identity.site)
 
         async def on_stream(stream: TunnelStream) -> None:
             await self._agent_stream(site, stream)
@@ -209,25 +237,28 @@ class Relay:
             site.last_disconnect = time.time()
             site.last_disconnect_reason = session.close_reason or "closed"
             log.info("tunnel=%s disconnected: %s", site.name, site.last_disconnect_reason)
-        return ws
 
     def authenticate_request(self, request: web.Request) -> Identity | None:
         """The site behind this request's verified client certificate, if the registry lets it in."""
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        return self.authenticate_der(der, request.remote, request.path)
+
+    def authenticate_der(self, der: bytes | None, remote: str | None, path: str) -> Identity | None:
+        """The site of a certificate the TLS layer already verified (outer or inner), if the registry agrees."""
         if not der:
-            log.warning("refused %s from %s: no client certificate", request.path, request.remote)
+            log.warning("refused %s from %s: no client certificate", path, remote)
             return None
         try:
             name = site_from_certificate(der)
             serial = serial_hex(pki.certificate_serial(der))
         except PkiError as exc:
-            log.warning("refused %s from %s: %s", request.path, request.remote, exc)
+            log.warning("refused %s from %s: %s", path, remote, exc)
             return None
         verdict = self.registry.check_certificate(serial, name)
         if verdict is not CertificateVerdict.OK:
-            log.warning("refused %s from %s: site=%s certificate %s: %s", request.path, request.remote,
-                        name, serial, verdict.value)
+            log.warning("refused %s from %s: site=%s certificate %s: %s", path, remote, name, serial,
+                        verdict.value)
             return None
         not_after = pki.certificate_not_after(der).timestamp()
         return Identity(name, serial, not_after)

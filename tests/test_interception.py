@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 
 from relay import pki
 from tests.support.ports import free_port
@@ -46,3 +47,65 @@ async def test_agent_refuses_an_intercepting_certificate_and_names_its_issuer(pr
     assert "exempt 127.0.0.1 from TLS inspection" in error
     assert agent.status()["state"] != "connected" and agent.status()["connects"] == 0
     assert not any(received), "the agent sent application data to the interceptor"
+
+
+# --- through a real mitmproxy standing in as the hospital's DLP box ------------------------------------
+
+
+def _dlp_stack(procs, tmp_path: Path, *, inner: bool, mitm_ca: Path | None = None):
+    from tests.support.dcmtk import start_storescp
+    from tests.support.stack import SiteDest, start_relay
+
+    pacs, cloud = free_port(), free_port()
+    start_storescp(procs, pacs, "PACS", tmp_path / "pacs")
+    start_storescp(procs, cloud, "CLOUD", tmp_path / "cloud")
+    relay = make_relay(tmp_path / "relay", listener_routes=[ListenerRoute("A_PACS", "site-a", "pacs")],
+                       sites={"site-a": [SiteDest("A_CLOUD", cloud)]})
+    start_relay(procs, relay)
+    return relay, pacs
+
+
+def _agent_behind(relay, tmp_path: Path, pacs: int, mitm, *, inner: bool):
+    extra = ['tls_mode = "inner"', f'outer_ca_file = "{mitm.ca_cert}"'] if inner else []
+    agent = make_agent(relay, "site-a", tmp_path / "agent", routes=[AgentRoute("pacs", pacs)], extra=extra)
+    agent.config.write_text(agent.config.read_text() + f'\n[proxy]\nurl = "{mitm.proxy_url}"\n')
+    return agent
+
+
+def test_dlp_box_default_mode_fails_closed_naming_the_interceptor(procs, tmp_path):
+    from tests.support.mitm import start_mitmproxy
+
+    relay, pacs = _dlp_stack(procs, tmp_path, inner=False)
+    mitm = start_mitmproxy(procs, tmp_path / "mitm", upstream_ca=relay.state_dir / "ca.crt")
+    agent = _agent_behind(relay, tmp_path, pacs, mitm, inner=False)
+    start_agent(procs, agent, wait_connected=False)
+    wait_until(lambda: "mitmproxy" in agent.status()["last_error"], 30,
+               message=lambda: f"the interceptor named; status {agent.status()}\n{agent.proc.log_tail()}")
+    error = agent.status()["last_error"]
+    assert "issued by 'O=mitmproxy,CN=mitmproxy'" in error and "exempt 127.0.0.1" in error
+    assert agent.status()["connects"] == 0 and not relay.site_connected("site-a")
+
+
+def test_dlp_box_inner_mode_carries_dicom_it_cannot_read(procs, tmp_path, ct_study_small):
+    from tests.support.dcmtk import echoscu, storescu
+    from tests.support.mitm import start_mitmproxy
+    from tunnel_demo.dataset import PHI_PATIENT_ID, PHI_PATIENT_NAME
+
+    relay, pacs = _dlp_stack(procs, tmp_path, inner=True)
+    mitm = start_mitmproxy(procs, tmp_path / "mitm", upstream_ca=relay.state_dir / "ca.crt")
+    agent = _agent_behind(relay, tmp_path, pacs, mitm, inner=True)
+    start_agent(procs, agent, relay)
+    site = next(s for s in relay.status()["sites"] if s["name"] == "site-a")
+    assert "inner TLS" in site["peer"]
+    # Both directions, with patient data in the files.
+    assert echoscu("127.0.0.1", relay.dicom_port, "A_PACS", "CLOUDAI").ok
+    assert storescu("127.0.0.1", agent.listener_port, "A_CLOUD", "MODALITY", ct_study_small.files[:3]).ok
+    assert storescu("127.0.0.1", relay.dicom_port, "A_PACS", "CLOUDAI", ct_study_small.files[3:5]).ok
+    assert len(list((tmp_path / "cloud").iterdir())) == 3 and len(list((tmp_path / "pacs").iterdir())) == 2
+    agent.proc.stop()
+    mitm.finish()
+    dump = mitm.dump_bytes()
+    assert b"/tunnel/inner" in dump, "the interceptor did see the tunnel's WebSocket"
+    for clear in (PHI_PATIENT_NAME.encode(), PHI_PATIENT_ID.encode(), b"1.2.840.10008", b"A_PACS",
+                  b"A_CLOUD", b"CLOUDAI", b"MODALITY"):
+        assert clear not in dump, f"{clear!r} crossed the interceptor in clear"

@@ -9,7 +9,7 @@ make the agent dial anywhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, model_validator
@@ -95,6 +95,11 @@ class AgentSettings(TomlSettings):
     cert_file: Path = Path()  # empty: {state_dir}/agent.crt
     key_file: Path = Path()  # empty: {state_dir}/agent.key (0600, made on this host, never sent)
     ca_file: Path = Path()  # empty: {state_dir}/ca.crt (the pinned relay CA)
+    # "direct": mutual TLS with the relay end to end (a TLS-inspecting proxy makes it fail closed).
+    # "inner": for networks that inspect TLS: the outer TLS trusts outer_ca_file (or the system store)
+    # and may end at the proxy; the mutual TLS with the pinned relay CA runs inside the WebSocket.
+    tls_mode: Literal["direct", "inner"] = "direct"
+    outer_ca_file: Path | None = None
     heartbeat_interval: Seconds = 10.0
     backoff_initial: Seconds = 0.5
     backoff_max: Seconds = 30.0

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
+from tunnel_link.innertls import inner_tls_client
 from tunnel_link.session import MAX_MESSAGE_IN
 from tunnel_link.sockets import tune_socket
 
@@ -50,8 +51,12 @@ async def open_tunnel(
     Raises :class:`ProxyError` for the proxy's failures; other errors are aiohttp's or ``TimeoutError``.
     """
     proxy = choose_proxy(settings.proxy, settings.relay_url, os.environ if environ is None else environ)
+    inner = settings.tls_mode == "inner"
+    # In inner mode the outer TLS may end at an inspecting proxy: it trusts the configured corporate CA
+    # (or the system store) and presents no certificate; the pinned mutual TLS runs inside the WebSocket.
+    outer_ctx = outer_context(settings) if inner else ssl_ctx
     # No DNS cache: every attempt re-resolves, so a relay that moved is found again.
-    connector = aiohttp.TCPConnector(ssl=ssl_ctx, use_dns_cache=False, force_close=True, limit=1)
+    connector = aiohttp.TCPConnector(ssl=outer_ctx, use_dns_cache=False, force_close=True, limit=1)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
     # trust_env=False: the proxy is chosen above, explicitly; aiohttp must not pick another one.
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as http:
@@ -67,7 +72,26 @@ async def open_tunnel(
                     raise
                 raise failure from exc
         tune_socket(ws.get_extra_info("socket"))
-        yield ws
+        if inner:
+            yield await inner_tls_client(ws, ssl_ctx, settings.relay_host, settings.connect_timeout)
+        else:
+            yield ws
+
+
+def outer_context(settings: AgentSettings) -> ssl.SSLContext:
+    """The outer TLS of inner-TLS mode: server authentication against ``outer_ca_file`` (the inspection
+    proxy's CA bundle) or the system store, host name checked, TLS 1.2 at least, no client certificate."""
+    ctx = ssl.create_default_context(cafile=str(settings.outer_ca_file) if settings.outer_ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def tunnel_url(settings: AgentSettings) -> str:
+    """The WebSocket URL for the configured mode: ``relay_url``, or its ``/inner`` path in inner-TLS mode."""
+    if settings.tls_mode != "inner":
+        return settings.relay_url
+    parts = urlsplit(settings.relay_url)
+    return parts._replace(path=parts.path.rstrip("/") + "/inner").geturl()
 
 
 async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings,
@@ -79,7 +103,7 @@ async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings,
         headers = {"Proxy-Authorization": authorization} if authorization is not None else None
         via = {"proxy": proxy.url, "proxy_headers": headers}
     async with asyncio.timeout(settings.connect_timeout):
-        return await http.ws_connect(settings.relay_url, compress=0, max_msg_size=MAX_MESSAGE_IN,
+        return await http.ws_connect(tunnel_url(settings), compress=0, max_msg_size=MAX_MESSAGE_IN,
                                      autoping=True, autoclose=True, **via)
 
 
@@ -148,7 +172,11 @@ async def explain_untrusted_relay(settings: AgentSettings, exc: aiohttp.ClientCo
     except PeekError as peek_exc:
         presented = f"a certificate that could not be fetched again ({peek_exc})"
     why = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+    if settings.tls_mode == "inner":
+        return (f"outer TLS verification failed ({why}); the relay address presented {presented}. In "
+                "inner-TLS mode set outer_ca_file to the CA bundle of the inspecting proxy (ask the network "
+                "team for it).")
     return (f"TLS verification of the relay failed ({why}); "
             f"the relay address presented {presented}. If that issuer is your organisation's TLS inspection "
-            f"proxy, ask the network team to exempt {host} from TLS inspection, or set tls_interception = "
+            f"proxy, ask the network team to exempt {host} from TLS inspection, or set tls_mode = "
             "\"inner\" (see README). The agent does not connect through an untrusted certificate.")
