@@ -7,6 +7,8 @@
 - ``POST /enroll/v1/renew`` ``{"csr": PEM}``: needs the agent's current, valid, unrevoked client
   certificate (mutual TLS); signs a fresh certificate for the same site. A live tunnel of that site that
   authenticated with the old certificate carries on under the new one, so renewal drops no association.
+- ``GET /enroll/v1/inner`` (WebSocket): the same two requests inside a TLS session run over the
+  WebSocket, for agents whose outer TLS ends at an inspecting proxy (inner-TLS mode).
 
 Answers are JSON. Refusals say little to the caller (``403 {"error": "token refused"}``) and the reason to
 the relay's log and audit trail, so the endpoint does not help anyone probe tokens.
@@ -23,54 +25,133 @@ from aiohttp import web
 
 from relay import pki
 from relay.registry import RegistryError, TokenRefused, serial_hex
+from tunnel_link.errors import LinkError
+from tunnel_link.innertls import InnerTlsError, inner_tls_server, read_line
 
 if TYPE_CHECKING:
-    from relay.server import Relay
+    from relay.server import Identity, Relay
 
 log = logging.getLogger("relay.enroll")
 
 MAX_BODY = 64 * 1024  # a CSR is a few hundred bytes; refuse anything large before reading it
+INNER_TIMEOUT = 10.0
+
+
+class Refused(Exception):
+    """An enrollment or renewal request is refused; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def add_routes(app: web.Application, relay: Relay) -> None:
     def bound(handler):
-        async def handle(request: web.Request) -> web.Response:
+        async def handle(request: web.Request) -> web.StreamResponse:
             return await handler(relay, request)
         return handle
 
     app.router.add_get("/enroll/v1/ca", bound(_ca))
-    app.router.add_post("/enroll/v1/certificate", bound(_enroll))
-    app.router.add_post("/enroll/v1/renew", bound(_renew))
+    app.router.add_post("/enroll/v1/certificate", bound(_enroll_http))
+    app.router.add_post("/enroll/v1/renew", bound(_renew_http))
+    app.router.add_get("/enroll/v1/inner", bound(_inner))
+
+
+# --- the two operations, whatever carries them --------------------------------------------------------
+
+
+def enroll_with_token(relay: Relay, body: dict, remote: str | None) -> dict[str, object]:
+    _require_strings(body, ("token", "csr"))
+    try:
+        site = relay.registry.redeem_token(body["token"], time.time())
+    except TokenRefused as exc:
+        log.warning("enrollment from %s refused: %s", remote, exc)
+        raise Refused(403, "token refused (unknown, used, expired or revoked)") from None
+    issued = _sign(relay, body["csr"], site, kind="enroll", actor=f"enroll:{remote}")
+    log.info("site=%s enrolled from %s; certificate %s valid until %s", site, remote,
+             serial_hex(issued.serial), issued.not_after.isoformat())
+    return _issued(relay, issued)
+
+
+def renew_as(relay: Relay, identity: Identity | None, body: dict) -> dict[str, object]:
+    if identity is None:
+        raise Refused(403, "a valid site certificate is required to renew")
+    _require_strings(body, ("csr",))
+    issued = _sign(relay, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
+    relay.certificate_renewed(identity, serial_hex(issued.serial), issued.not_after.timestamp())
+    log.info("site=%s renewed certificate %s -> %s, valid until %s", identity.site, identity.serial,
+             serial_hex(issued.serial), issued.not_after.isoformat())
+    return _issued(relay, issued)
+
+
+# --- HTTPS ------------------------------------------------------------------------------------------
 
 
 async def _ca(relay: Relay, request: web.Request) -> web.Response:
     return web.Response(body=relay.settings.tunnel_ca_path.read_bytes(), content_type="application/x-pem-file")
 
 
-async def _enroll(relay: Relay, request: web.Request) -> web.Response:
-    body = await _json_body(request, ("token", "csr"))
-    now = time.time()
-    try:
-        site = relay.registry.redeem_token(body["token"], now)
-    except TokenRefused as exc:
-        log.warning("enrollment from %s refused: %s", request.remote, exc)
-        raise _error(web.HTTPForbidden, "token refused (unknown, used, expired or revoked)") from None
-    issued = _sign(relay, body["csr"], site, kind="enroll", actor=f"enroll:{request.remote}")
-    log.info("site=%s enrolled from %s; certificate %s valid until %s", site, request.remote,
-             serial_hex(issued.serial), issued.not_after.isoformat())
-    return _issued_response(relay, issued)
+async def _enroll_http(relay: Relay, request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    return _answer(lambda: enroll_with_token(relay, body, request.remote))
 
 
-async def _renew(relay: Relay, request: web.Request) -> web.Response:
+async def _renew_http(relay: Relay, request: web.Request) -> web.Response:
     identity = relay.authenticate_request(request)
-    if identity is None:
-        raise _error(web.HTTPForbidden, "a valid site certificate is required to renew")
-    body = await _json_body(request, ("csr",))
-    issued = _sign(relay, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
-    relay.certificate_renewed(identity, serial_hex(issued.serial), issued.not_after.timestamp())
-    log.info("site=%s renewed certificate %s -> %s, valid until %s", identity.site, identity.serial,
-             serial_hex(issued.serial), issued.not_after.isoformat())
-    return _issued_response(relay, issued)
+    body = await _json_body(request) if identity is not None else {}
+    return _answer(lambda: renew_as(relay, identity, body))
+
+
+def _answer(operation) -> web.Response:
+    try:
+        return web.json_response(operation())
+    except Refused as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+
+
+# --- inside inner TLS (agents behind a TLS-inspecting proxy) ---------------------------------------------
+
+
+async def _inner(relay: Relay, request: web.Request) -> web.StreamResponse:
+    """One request over a WebSocket whose inner TLS ends here: a JSON line in, a JSON line out.
+
+    ``{"op": "enroll", "token", "csr"}`` needs no client certificate (the secret is the credential, and
+    the agent has verified the pinned CA in the inner handshake); ``{"op": "renew", "csr"}`` needs the
+    current certificate presented in the inner handshake.
+    """
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_BODY * 2)
+    await ws.prepare(request)
+    try:
+        inner = await inner_tls_server(ws, relay.enroll_inner_context, INNER_TIMEOUT)
+    except InnerTlsError as exc:
+        log.warning("inner-TLS enrollment from %s failed: %s", request.remote, exc)
+        return ws
+    try:
+        line = await read_line(inner, MAX_BODY, INNER_TIMEOUT)
+        body = json.loads(line)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except (ValueError, TimeoutError, LinkError) as exc:
+        log.warning("inner-TLS enrollment from %s: bad request (%s)", request.remote, type(exc).__name__)
+        await inner.close()
+        return ws
+    try:
+        if body.get("op") == "enroll":
+            answer = {"status": 200, **enroll_with_token(relay, body, request.remote)}
+        elif body.get("op") == "renew":
+            der = inner.getpeercert(binary_form=True)
+            answer = {"status": 200, **renew_as(relay, relay.authenticate_der(der, request.remote, request.path),
+                                                body)}
+        else:
+            raise Refused(400, "op must be enroll or renew")
+    except Refused as exc:
+        answer = {"status": exc.status, "error": str(exc)}
+    await inner.send_bytes(json.dumps(answer).encode() + b"\n")
+    await inner.close()
+    return ws
+
+
+# --- shared -------------------------------------------------------------------------------------------
 
 
 def _sign(relay: Relay, csr: str, site: str, *, kind: str, actor: str) -> pki.IssuedCertificate:
@@ -78,26 +159,31 @@ def _sign(relay: Relay, csr: str, site: str, *, kind: str, actor: str) -> pki.Is
         issued = pki.sign_site_csr(relay.settings.state_dir, csr.encode(), site,
                                    days=relay.settings.enrollment.certificate_days)
     except pki.PkiError as exc:
-        raise _error(web.HTTPBadRequest, str(exc)) from None
+        raise Refused(400, str(exc)) from None
     try:
         relay.registry.record_certificate(serial_hex(issued.serial), site, kind, time.time(),
                                           issued.not_after.timestamp(), actor)
     except RegistryError as exc:
         log.error("site=%s certificate not recorded: %s", site, exc)
-        raise _error(web.HTTPInternalServerError, "registry unavailable") from None
+        raise Refused(500, "registry unavailable") from None
     return issued
 
 
-def _issued_response(relay: Relay, issued: pki.IssuedCertificate) -> web.Response:
-    return web.json_response({
+def _issued(relay: Relay, issued: pki.IssuedCertificate) -> dict[str, object]:
+    return {
         "site": issued.site,
         "certificate": issued.pem.decode(),
         "ca": relay.settings.tunnel_ca_path.read_text(),
         "not_after": issued.not_after.timestamp(),
-    })
+    }
 
 
-async def _json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, str]:
+def _require_strings(body: dict, keys: tuple[str, ...]) -> None:
+    if not all(isinstance(body.get(k), str) for k in keys):
+        raise Refused(400, f"body must be a JSON object with string fields {', '.join(keys)}")
+
+
+async def _json_body(request: web.Request) -> dict:
     if request.content_length is None or request.content_length > MAX_BODY:
         raise _error(web.HTTPRequestEntityTooLarge if request.content_length else web.HTTPLengthRequired,
                      f"send a JSON body of at most {MAX_BODY} bytes")
@@ -105,8 +191,8 @@ async def _json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, s
         body = await request.json()
     except ValueError:
         raise _error(web.HTTPBadRequest, "body is not JSON") from None
-    if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in keys):
-        raise _error(web.HTTPBadRequest, f"body must be a JSON object with string fields {', '.join(keys)}")
+    if not isinstance(body, dict):
+        raise _error(web.HTTPBadRequest, "body must be a JSON object")
     return body
 
 

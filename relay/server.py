@@ -118,6 +118,8 @@ class Relay:
         tunnel_app.router.add_get(s.tunnel.inner_path, self._tunnel_inner_ws)
         # Its own context: the inner handshake runs in memory BIOs, apart from the listener's.
         self._inner_ctx = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path)
+        self.enroll_inner_context = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path,
+                                                   client_cert_optional=True)
         enroll.add_routes(tunnel_app, self)
         self.bound["tunnel"] = await _serve_app(stack, tunnel_app, s.tunnel.host, s.tunnel.port, ssl_ctx)
         self.bound["admin"] = await _serve_app(stack, admin.build_app(self), s.admin.host, s.admin.port, None)

@@ -109,3 +109,50 @@ def test_dlp_box_inner_mode_carries_dicom_it_cannot_read(procs, tmp_path, ct_stu
     for clear in (PHI_PATIENT_NAME.encode(), PHI_PATIENT_ID.encode(), b"1.2.840.10008", b"A_PACS",
                   b"A_CLOUD", b"CLOUDAI", b"MODALITY"):
         assert clear not in dump, f"{clear!r} crossed the interceptor in clear"
+
+
+def test_dlp_box_inner_mode_enrolls_and_renews(procs, tmp_path):
+    import datetime as dt
+
+    from tests.support.dcmtk import echoscu
+    from tests.support.mitm import start_mitmproxy
+    from tests.support.stack import enroll, site_add
+    from tunnel_core.token import EnrollmentToken
+
+    relay, pacs = _dlp_stack(procs, tmp_path, inner=True)
+    mitm = start_mitmproxy(procs, tmp_path / "mitm", upstream_ca=relay.state_dir / "ca.crt")
+    state = tmp_path / "agent" / "state"
+    agent = make_agent(relay, "site-a", tmp_path / "agent", routes=[AgentRoute("pacs", pacs)], enrolled=True,
+                       extra=['tls_mode = "inner"', f'outer_ca_file = "{mitm.ca_cert}"'])
+    agent.config.write_text(agent.config.read_text() + f'\n[proxy]\nurl = "{mitm.proxy_url}"\n')
+    token = site_add(relay, "site-a")
+    result = enroll(agent, token)
+    assert result.returncode == 0, result.stderr
+    # Renewal is due at once: replace the enrolled certificate by one two thirds through its life.
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    bundle = pki.issue_cert_for_tests(relay.state_dir, state, common_name="site-a",
+                                      not_valid_before=now - dt.timedelta(hours=20),
+                                      not_valid_after=now + dt.timedelta(hours=4))
+    from relay.registry import Registry, serial_hex
+    registry = Registry.open(relay.state_dir)
+    registry.record_certificate(serial_hex(bundle.serial), "site-a", "manual", now.timestamp(),
+                                bundle.not_after.timestamp(), actor="test")
+    registry.close()
+    start_agent(procs, agent, relay)
+    wait_until(lambda: agent.status()["renewals"] == 1, 30,
+               message=lambda: f"renewed through the interceptor: {agent.status()['renewal_error']}")
+    assert echoscu("127.0.0.1", relay.dicom_port, "A_PACS", "CLOUDAI").ok
+    assert agent.status()["connects"] == 1
+    kinds = [c["kind"] for c in relay.admin("GET", "/api/certificates")["certificates"]]
+    assert sorted(kinds) == ["enroll", "manual", "renew"]
+    agent.proc.stop()
+    mitm.finish()
+    dump = mitm.dump_bytes()
+    assert b"/enroll/v1/inner" in dump
+    assert EnrollmentToken.decode(token).secret.encode() not in dump, "the token crossed the interceptor in clear"
+    assert b"CERTIFICATE REQUEST" not in dump
+    # The certificate renewal issued travelled inside the inner TLS only (the dump does hold public
+    # server certificates: the relay's, seen by the interceptor's upstream connection).
+    renewed = (state / "agent.crt").read_bytes()
+    assert pki.certificate_serial(renewed) != bundle.serial
+    assert b"".join(renewed.split(b"\n")[1:3]) not in dump.replace(b"\n", b"")

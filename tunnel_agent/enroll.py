@@ -18,6 +18,7 @@ Both go through the configured HTTP proxy, like the tunnel.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -37,10 +38,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tunnel_agent.connect import proxy_failure, target_of
+from tunnel_agent.connect import outer_context, proxy_failure, target_of
 from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
 from tunnel_agent.proxy import choose_proxy
 from tunnel_core.token import EnrollmentToken
+from tunnel_link.errors import LinkError
+from tunnel_link.innertls import inner_tls_client, read_line
 from tunnel_link.tls import TLS12_CIPHERS, client_context
 
 if TYPE_CHECKING:
@@ -157,7 +160,10 @@ def _pinned_context(ca_pem: bytes) -> ssl.SSLContext:
 
 async def _post(settings: AgentSettings, ctx: ssl.SSLContext, url: str, body: dict[str, str],
                 environ: Mapping[str, str]) -> dict:
-    raw = await _request(settings, ctx, "POST", url, body, environ)
+    if settings.tls_mode == "inner":
+        raw = await _inner_request(settings, ctx, url, body, environ)
+    else:
+        raw = await _request(settings, ctx, "POST", url, body, environ)
     try:
         answer = json.loads(raw)
     except ValueError:
@@ -166,6 +172,44 @@ async def _post(settings: AgentSettings, ctx: ssl.SSLContext, url: str, body: di
             or not isinstance(answer.get("not_after"), int | float):
         raise EnrollError(f"the relay's answer from {url} is incomplete")
     return answer
+
+
+async def _inner_request(settings: AgentSettings, ctx: ssl.SSLContext, url: str, body: dict[str, str],
+                         environ: Mapping[str, str]) -> bytes:
+    """The same request inside inner TLS: ``ctx`` (pinned CA, with our certificate for renewal) is
+    negotiated with the relay over a WebSocket whose outer TLS may end at an inspecting proxy."""
+    parts = urlsplit(url)
+    op = "renew" if parts.path.endswith("/renew") else "enroll"
+    ws_url = urlunsplit(("wss", parts.netloc, "/enroll/v1/inner", "", ""))
+    proxy = choose_proxy(settings.proxy, ws_url, environ)
+    via: dict[str, object] = {}
+    if proxy is not None:
+        authorization = proxy.authorization()
+        via = {"proxy": proxy.url,
+               "proxy_headers": {"Proxy-Authorization": authorization} if authorization else None}
+    connector = aiohttp.TCPConnector(ssl=outer_context(settings), use_dns_cache=False, force_close=True)
+    try:
+        async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
+            async with asyncio.timeout(settings.connect_timeout * 3):
+                ws = await http.ws_connect(ws_url, compress=0, **via)
+                inner = await inner_tls_client(ws, ctx, parts.hostname or "", settings.connect_timeout)
+                try:
+                    await inner.send_bytes(json.dumps({"op": op, **body}).encode() + b"\n")
+                    line = await read_line(inner, 256 * 1024, settings.connect_timeout)
+                finally:
+                    await inner.close()
+    except (aiohttp.ClientError, TimeoutError, LinkError, ValueError) as exc:
+        failure = proxy_failure(proxy, target_of(ws_url), exc, settings.connect_timeout) \
+            if proxy and isinstance(exc, aiohttp.ClientError | TimeoutError) else None
+        raise EnrollError(str(failure) if failure else
+                          f"cannot reach the relay at {ws_url} (inner TLS): {type(exc).__name__}: {exc}") from None
+    try:
+        status = json.loads(line).get("status")
+    except (ValueError, AttributeError):
+        status = None
+    if status != 200:
+        raise EnrollError(f"the relay refused ({status}): {_error_text(line)}")
+    return line
 
 
 async def _request(settings: AgentSettings, ctx: ssl.SSLContext, method: str, url: str, body: dict | None,

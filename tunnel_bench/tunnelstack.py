@@ -152,7 +152,8 @@ class TunnelStack:
 
     def site_connected(self, site: str) -> bool:
         try:
-            return any(s["name"] == site and s["connected"] for s in fetch_status(self.admin_port, token=self.admin_token)["sites"])
+            sites = fetch_status(self.admin_port, token=self.admin_token)["sites"]
+            return any(s["name"] == site and s["connected"] for s in sites)
         except (OSError, ValueError, KeyError):
             return False
 

@@ -514,3 +514,17 @@ def _leaf_der(message: bytes, tls13: bool) -> bytes | None:
 def _printable(text: str, limit: int = 200) -> str:
     """A peer-supplied name made safe for a log line: printable characters only, bounded length."""
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+
+
+async def read_line(conn: InnerTlsWebSocket, limit: int, timeout: float) -> bytes:
+    """Bytes up to the first newline from an inner-TLS connection (at most ``limit``)."""
+    buffer = bytearray()
+    async with asyncio.timeout(timeout):
+        while b"\n" not in buffer:
+            msg = await conn.receive()
+            if msg.type is not aiohttp.WSMsgType.BINARY:
+                raise LinkError("connection ended before a whole line")
+            buffer += msg.data
+            if len(buffer) > limit:
+                raise ValueError("line too long")
+    return bytes(buffer[:buffer.index(b"\n")])
