@@ -51,6 +51,7 @@ def _empty_is_none(value: object) -> object:
 
 
 OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
+PublicUrl = Annotated[str, Field(pattern=r"^wss://[^/\s@]+(/[A-Za-z0-9._~/-]*)?$")]
 
 
 class TunnelConfig(StrictModel):
@@ -64,8 +65,7 @@ class TunnelConfig(StrictModel):
     ca_file: OptionalPath = None
     heartbeat_interval: Seconds = 10.0
     # What enrollment tokens tell agents to dial; empty: wss://<first name in relay.crt>:<port><path>.
-    public_url: Annotated[str | None, BeforeValidator(_empty_is_none),
-                          Field(pattern=r"^wss://[^/\s@]+(/[A-Za-z0-9._~/-]*)?$")] = None
+    public_url: Annotated[PublicUrl | None, BeforeValidator(_empty_is_none)] = None
 
     @property
     def inner_path(self) -> str:
