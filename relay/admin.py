@@ -12,6 +12,12 @@ certificates do not authenticate here at all: the admin port speaks no TLS and k
 - ``GET  /api/certificates[?site=name]``         issued certificates
 - ``POST /api/certificates/{serial}/revoke``     revoke one certificate; ends a tunnel that uses it
 - ``GET  /api/audit``                            the latest audit entries
+- ``GET  /api/routes``                           listener routes and site destinations, with their source
+- ``POST /api/routes`` ``{listener, called_ae, site, route, allowed_calling_aes}``   add a listener route
+- ``DELETE /api/routes/{listener}/{called_ae}``  remove one (only routes added here; config routes stay)
+- ``POST /api/sites/{name}/destinations`` ``{called_ae, host, port, allowed_calling_aes}``
+- ``DELETE /api/sites/{name}/destinations/{called_ae}``
+Routing changes apply to the next association at once; they persist in the registry.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pydantic
 from aiohttp import web
 
 from relay import pki
-from relay.registry import RegistryError
+from relay.config import DestinationConfig, ListenerRoute
+from relay.registry import DestinationRecord, RegistryError, RouteRecord
 from tunnel_core.token import EnrollmentToken
 from tunnel_link.config_common import NAME_PATTERN
 
@@ -79,6 +87,10 @@ def build_app(relay: Relay) -> web.Application:
     async def audit(request: web.Request) -> web.Response:
         return _json({"audit": relay.registry.audit_entries()})
 
+    async def routes(request: web.Request) -> web.Response:
+        return _json({"listener_routes": [r.as_dict() for r in relay.registry.routes()],
+                      "destinations": [d.as_dict() for d in relay.registry.destinations()]})
+
     def bound(handler):
         async def handle(request: web.Request) -> web.Response:
             return await handler(relay, request)
@@ -93,6 +105,11 @@ def build_app(relay: Relay) -> web.Application:
     app.router.add_get("/api/certificates", bound(_certificates))
     app.router.add_post("/api/certificates/{serial}/revoke", bound(_revoke_certificate))
     app.router.add_get("/api/audit", audit)
+    app.router.add_get("/api/routes", routes)
+    app.router.add_post("/api/routes", bound(_add_route))
+    app.router.add_delete("/api/routes/{listener}/{called_ae}", bound(_remove_route))
+    app.router.add_post("/api/sites/{name}/destinations", bound(_add_destination))
+    app.router.add_delete("/api/sites/{name}/destinations/{called_ae}", bound(_remove_destination))
     return app
 
 
@@ -133,6 +150,60 @@ async def _revoke_certificate(relay: Relay, request: web.Request) -> web.Respons
         return _json({"error": str(exc)}, status=404)
     closed = await relay.enforce_revocations()
     return _json({"serial": serial, "site": site, "closed_sessions": closed})
+
+
+async def _add_route(relay: Relay, request: web.Request) -> web.Response:
+    body = await _body(request)
+    listener = body.pop("listener", None)
+    if not isinstance(listener, str) or relay.settings.listener(listener) is None:
+        known = ", ".join(li.name for li in relay.settings.listeners) or "none"
+        return _json({"error": f"listener must name a configured [[listeners]] entry ({known})"}, status=400)
+    try:
+        route = ListenerRoute.model_validate(body)
+    except pydantic.ValidationError as exc:
+        return _json({"error": _first_error(exc)}, status=400)
+    record = RouteRecord(listener, route.called_ae, route.site, route.route, tuple(route.allowed_calling_aes))
+    return _apply(relay, lambda: relay.registry.add_route(record, time.time(), actor="admin-api"),
+                  record.as_dict(), status=201)
+
+
+async def _remove_route(relay: Relay, request: web.Request) -> web.Response:
+    listener, called_ae = request.match_info["listener"], request.match_info["called_ae"]
+    return _apply(relay, lambda: relay.registry.remove_route(listener, called_ae, time.time(), actor="admin-api"),
+                  {"listener": listener, "called_ae": called_ae, "removed": True})
+
+
+async def _add_destination(relay: Relay, request: web.Request) -> web.Response:
+    site = request.match_info["name"]
+    try:
+        dest = DestinationConfig.model_validate(await _body(request))
+    except pydantic.ValidationError as exc:
+        return _json({"error": _first_error(exc)}, status=400)
+    record = DestinationRecord(site, dest.called_ae, dest.host, dest.port, tuple(dest.allowed_calling_aes))
+    return _apply(relay, lambda: relay.registry.add_destination(record, time.time(), actor="admin-api"),
+                  record.as_dict(), status=201)
+
+
+async def _remove_destination(relay: Relay, request: web.Request) -> web.Response:
+    site, called_ae = request.match_info["name"], request.match_info["called_ae"]
+    return _apply(relay, lambda: relay.registry.remove_destination(site, called_ae, time.time(), actor="admin-api"),
+                  {"site": site, "called_ae": called_ae, "removed": True})
+
+
+def _apply(relay: Relay, change, answer: dict, status: int = 200) -> web.Response:
+    """Write ``change`` to the registry and route with it at once; a refused change is a 409."""
+    try:
+        change()
+    except RegistryError as exc:
+        return _json({"error": str(exc)}, status=409)
+    relay.reload_routing()
+    return _json(answer, status=status)
+
+
+def _first_error(exc: pydantic.ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"]) or "body"
+    return f"{where}: {error['msg']}"
 
 
 async def _certificates(relay: Relay, request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from relay import pki
 from relay.admin import admin_token
@@ -86,6 +87,44 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(func=_site_revoke)
 
+    dest = site_sub.add_parser("destination", help="cloud SCPs a site's agent may send to")
+    dest_sub = dest.add_subparsers(dest="destination_command", required=True)
+    dest_add = dest_sub.add_parser("add", help="let SITE's agent reach HOST:PORT as CALLED_AE")
+    dest_add.add_argument("site")
+    dest_add.add_argument("called_ae")
+    dest_add.add_argument("--host", required=True)
+    dest_add.add_argument("--port", type=int, required=True)
+    dest_add.add_argument("--allow", action="append", required=True, metavar="CALLING_AE",
+                          help="calling AE title allowed (repeatable; '*' for any)")
+    dest_add.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    dest_add.set_defaults(func=_destination_add)
+    dest_rm = dest_sub.add_parser("remove", help="remove a destination added with `destination add`")
+    dest_rm.add_argument("site")
+    dest_rm.add_argument("called_ae")
+    dest_rm.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    dest_rm.set_defaults(func=_destination_remove)
+
+    route = sub.add_parser("route", help="listener routes: called AE on a relay listener -> site route")
+    route_sub = route.add_subparsers(dest="route_command", required=True)
+    route_add = route_sub.add_parser("add", help="route CALLED_AE on LISTENER to ROUTE at SITE")
+    route_add.add_argument("listener")
+    route_add.add_argument("called_ae")
+    route_add.add_argument("--site", required=True)
+    route_add.add_argument("--route", required=True, help="a [[routes]] name in the site's agent config")
+    route_add.add_argument("--allow", action="append", required=True, metavar="CALLING_AE",
+                           help="calling AE title allowed (repeatable; '*' for any)")
+    route_add.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    route_add.set_defaults(func=_route_add)
+    route_rm = route_sub.add_parser("remove", help="remove a route added with `route add`")
+    route_rm.add_argument("listener")
+    route_rm.add_argument("called_ae")
+    route_rm.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    route_rm.set_defaults(func=_route_remove)
+    route_list = route_sub.add_parser("list", help="listener routes and site destinations")
+    route_list.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    route_list.add_argument("--json", action="store_true")
+    route_list.set_defaults(func=_route_list)
+
     certs = sub.add_parser("cert", help="issued certificates")
     cert_sub = certs.add_subparsers(dest="cert_command", required=True)
     cert_list = cert_sub.add_parser("list", help="list issued certificates")
@@ -146,8 +185,8 @@ def _site_add(args: argparse.Namespace) -> int:
     print("on the hospital host: tunnel-agent enroll --config /etc/tunnel-agent/agent.toml  (paste the token)",
           file=sys.stderr)
     if not answer["configured_routes"]:
-        print(f"note: no [[sites]] entry named {answer['site']!r} in the relay config yet, so no traffic is "
-              "routed to or from it", file=sys.stderr)
+        print(f"note: nothing is routed to or from {answer['site']!r} yet: add routes with `tunnel-relay route "
+              "add` and `tunnel-relay site destination add`, or in the relay config", file=sys.stderr)
     return 0
 
 
@@ -196,6 +235,50 @@ def _cert_revoke(args: argparse.Namespace) -> int:
     else:
         print(f"certificate {answer['serial']} of site {answer['site']!r} revoked; "
               f"tunnel {'closed' if answer['closed_sessions'] else 'not affected'}")
+    return 0
+
+
+def _route_add(args: argparse.Namespace) -> int:
+    _admin_call(args.config, "POST", "/api/routes", {
+        "listener": args.listener, "called_ae": args.called_ae, "site": args.site, "route": args.route,
+        "allowed_calling_aes": args.allow})
+    print(f"listener {args.listener!r}: called AE {args.called_ae!r} -> route {args.route!r} at site {args.site!r}")
+    return 0
+
+
+def _route_remove(args: argparse.Namespace) -> int:
+    _admin_call(args.config, "DELETE", f"/api/routes/{quote(args.listener, safe='')}/{quote(args.called_ae, safe='')}")
+    print(f"listener {args.listener!r}: called AE {args.called_ae!r} removed")
+    return 0
+
+
+def _destination_add(args: argparse.Namespace) -> int:
+    _admin_call(args.config, "POST", f"/api/sites/{quote(args.site, safe='')}/destinations", {
+        "called_ae": args.called_ae, "host": args.host, "port": args.port, "allowed_calling_aes": args.allow})
+    print(f"site {args.site!r} may now send to {args.called_ae!r} at {args.host}:{args.port}")
+    return 0
+
+
+def _destination_remove(args: argparse.Namespace) -> int:
+    _admin_call(args.config, "DELETE",
+                f"/api/sites/{quote(args.site, safe='')}/destinations/{quote(args.called_ae, safe='')}")
+    print(f"site {args.site!r}: destination {args.called_ae!r} removed")
+    return 0
+
+
+def _route_list(args: argparse.Namespace) -> int:
+    answer = _admin_call(args.config, "GET", "/api/routes")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"{'LISTENER':<12} {'CALLED AE':<17} {'SITE':<20} {'ROUTE':<12} {'SOURCE':<7} ALLOWED CALLERS")
+    for r in answer["listener_routes"]:
+        print(f"{r['listener']:<12} {r['called_ae']:<17} {r['site']:<20} {r['route']:<12} {r['source']:<7} "
+              f"{', '.join(r['allowed_calling_aes'])}")
+    print(f"\n{'SITE':<20} {'CALLED AE':<17} {'DESTINATION':<28} {'SOURCE':<7} ALLOWED CALLERS")
+    for d in answer["destinations"]:
+        print(f"{d['site']:<20} {d['called_ae']:<17} {d['host'] + ':' + str(d['port']):<28} {d['source']:<7} "
+              f"{', '.join(d['allowed_calling_aes'])}")
     return 0
 
 

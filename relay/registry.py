@@ -7,6 +7,11 @@ for a revoked site (:meth:`Registry.check_certificate`). The relay re-asks for e
 second, so a revocation written by any process (the admin API, or the CLI on the same state directory)
 ends the site's session within that sweep.
 
+Routing lives here too. Listener routes (called AE on a relay listener -> a site's route) and site
+destinations (cloud SCPs a site may send to) come from two sources: the config file, whose rows are
+replaced at every start-up, and the admin API, whose rows persist and cannot shadow or remove a config
+row. The relay builds its routing tables from these rows (and rebuilds them when another process writes).
+
 Enrollment tokens are single-use and expiring; only the SHA-256 of the secret is stored, so a copy of
 the database cannot be used to enroll. Redeeming is one ``UPDATE ... WHERE used_at IS NULL AND expires_at
 > now``: two agents racing with the same token cannot both win.
@@ -35,8 +40,10 @@ __all__ = [
     "REGISTRY_FILE",
     "CertificateRecord",
     "CertificateVerdict",
+    "DestinationRecord",
     "Registry",
     "RegistryError",
+    "RouteRecord",
     "SiteRecord",
     "TokenRefused",
     "hash_secret",
@@ -79,6 +86,28 @@ _MIGRATIONS: tuple[str, ...] = (
         action TEXT NOT NULL,
         site   TEXT,
         detail TEXT NOT NULL
+    );
+    """,
+    # 2: routing in the registry. Rows from the config file (source 'config') are replaced at every
+    # start-up; rows added through the admin API (source 'api') persist.
+    """
+    CREATE TABLE listener_routes (
+        listener            TEXT NOT NULL,
+        called_ae           TEXT NOT NULL,
+        site                TEXT NOT NULL REFERENCES sites(name),
+        route               TEXT NOT NULL,
+        allowed_calling_aes TEXT NOT NULL,
+        source              TEXT NOT NULL,
+        PRIMARY KEY (listener, called_ae)
+    );
+    CREATE TABLE site_destinations (
+        site                TEXT NOT NULL REFERENCES sites(name),
+        called_ae           TEXT NOT NULL,
+        host                TEXT NOT NULL,
+        port                INTEGER NOT NULL,
+        allowed_calling_aes TEXT NOT NULL,
+        source              TEXT NOT NULL,
+        PRIMARY KEY (site, called_ae)
     );
     """,
 )
@@ -129,6 +158,38 @@ class CertificateRecord:
     def as_dict(self) -> dict[str, object]:
         return {"serial": self.serial, "site": self.site, "kind": self.kind, "issued_at": self.issued_at,
                 "not_after": self.not_after, "revoked": self.revoked_at is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRecord:
+    """A listener entry: called AE ``called_ae`` on ``listener`` leads to ``route`` at ``site``."""
+
+    listener: str
+    called_ae: str
+    site: str
+    route: str
+    allowed: tuple[str, ...]
+    source: str = "api"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"listener": self.listener, "called_ae": self.called_ae, "site": self.site, "route": self.route,
+                "allowed_calling_aes": list(self.allowed), "source": self.source}
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRecord:
+    """A cloud SCP that ``site``'s agent may send to, by called AE."""
+
+    site: str
+    called_ae: str
+    host: str
+    port: int
+    allowed: tuple[str, ...]
+    source: str = "api"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"site": self.site, "called_ae": self.called_ae, "host": self.host, "port": self.port,
+                "allowed_calling_aes": list(self.allowed), "source": self.source}
 
 
 def hash_secret(secret: str) -> str:
@@ -324,6 +385,91 @@ class Registry:
             serials).fetchall()
         return {serial: CertificateVerdict.SITE_REVOKED if site_revoked is not None else CertificateVerdict.REVOKED
                 for serial, _cert_revoked, site_revoked in rows}
+
+    # --- routing ---------------------------------------------------------------------------------------
+
+    def sync_config_routing(self, routes: Iterable[RouteRecord], destinations: Iterable[DestinationRecord],
+                            now: float) -> None:
+        """Make the 'config' rows equal to the config file's; an API row with the same key is replaced."""
+        with self._tx():
+            self._db.execute("DELETE FROM listener_routes WHERE source = 'config'")
+            self._db.execute("DELETE FROM site_destinations WHERE source = 'config'")
+            for r in routes:
+                self._db.execute("INSERT OR IGNORE INTO sites(name, created_at) VALUES (?, ?)", (r.site, now))
+                self._db.execute("INSERT OR REPLACE INTO listener_routes VALUES (?,?,?,?,?, 'config')",
+                                 (r.listener, r.called_ae, r.site, r.route, json.dumps(sorted(r.allowed))))
+            for d in destinations:
+                self._db.execute("INSERT OR IGNORE INTO sites(name, created_at) VALUES (?, ?)", (d.site, now))
+                self._db.execute("INSERT OR REPLACE INTO site_destinations VALUES (?,?,?,?,?, 'config')",
+                                 (d.site, d.called_ae, d.host, d.port, json.dumps(sorted(d.allowed))))
+
+    def routes(self) -> list[RouteRecord]:
+        rows = self._db.execute("SELECT listener, called_ae, site, route, allowed_calling_aes, source "
+                                "FROM listener_routes ORDER BY listener, called_ae").fetchall()
+        return [RouteRecord(li, ae, site, route, tuple(json.loads(allowed)), source)
+                for li, ae, site, route, allowed, source in rows]
+
+    def destinations(self) -> list[DestinationRecord]:
+        rows = self._db.execute("SELECT site, called_ae, host, port, allowed_calling_aes, source "
+                                "FROM site_destinations ORDER BY site, called_ae").fetchall()
+        return [DestinationRecord(site, ae, host, port, tuple(json.loads(allowed)), source)
+                for site, ae, host, port, allowed, source in rows]
+
+    def add_route(self, r: RouteRecord, now: float, actor: str) -> None:
+        with self._tx():
+            self._require_live_site(r.site)
+            if self._db.execute("SELECT 1 FROM listener_routes WHERE listener = ? AND called_ae = ?",
+                                (r.listener, r.called_ae)).fetchone():
+                raise RegistryError(f"listener {r.listener!r} already routes called AE {r.called_ae!r}")
+            self._db.execute("INSERT INTO listener_routes VALUES (?,?,?,?,?, 'api')",
+                             (r.listener, r.called_ae, r.site, r.route, json.dumps(sorted(r.allowed))))
+            self._audit(now, actor, "route_added", r.site, {"listener": r.listener, "called_ae": r.called_ae,
+                                                            "route": r.route, "allowed": sorted(r.allowed)})
+
+    def remove_route(self, listener: str, called_ae: str, now: float, actor: str) -> str:
+        with self._tx():
+            row = self._db.execute("SELECT site, source FROM listener_routes WHERE listener = ? AND called_ae = ?",
+                                   (listener, called_ae)).fetchone()
+            if row is None:
+                raise RegistryError(f"listener {listener!r} has no route for called AE {called_ae!r}")
+            if row[1] == "config":
+                raise RegistryError("that route is defined in the relay's config file; remove it there")
+            self._db.execute("DELETE FROM listener_routes WHERE listener = ? AND called_ae = ?", (listener, called_ae))
+            self._audit(now, actor, "route_removed", row[0], {"listener": listener, "called_ae": called_ae})
+        return row[0]
+
+    def add_destination(self, d: DestinationRecord, now: float, actor: str) -> None:
+        with self._tx():
+            self._require_live_site(d.site)
+            if self._db.execute("SELECT 1 FROM site_destinations WHERE site = ? AND called_ae = ?",
+                                (d.site, d.called_ae)).fetchone():
+                raise RegistryError(f"site {d.site!r} already has a destination {d.called_ae!r}")
+            self._db.execute("INSERT INTO site_destinations VALUES (?,?,?,?,?, 'api')",
+                             (d.site, d.called_ae, d.host, d.port, json.dumps(sorted(d.allowed))))
+            self._audit(now, actor, "destination_added", d.site, {"called_ae": d.called_ae, "host": d.host,
+                                                                  "port": d.port, "allowed": sorted(d.allowed)})
+
+    def remove_destination(self, site: str, called_ae: str, now: float, actor: str) -> None:
+        with self._tx():
+            row = self._db.execute("SELECT source FROM site_destinations WHERE site = ? AND called_ae = ?",
+                                   (site, called_ae)).fetchone()
+            if row is None:
+                raise RegistryError(f"site {site!r} has no destination {called_ae!r}")
+            if row[0] == "config":
+                raise RegistryError("that destination is defined in the relay's config file; remove it there")
+            self._db.execute("DELETE FROM site_destinations WHERE site = ? AND called_ae = ?", (site, called_ae))
+            self._audit(now, actor, "destination_removed", site, {"called_ae": called_ae})
+
+    def _require_live_site(self, site: str) -> None:
+        row = self._db.execute("SELECT revoked_at FROM sites WHERE name = ?", (site,)).fetchone()
+        if row is None:
+            raise RegistryError(f"unknown site {site!r} (tunnel-relay site add first)")
+        if row[0] is not None:
+            raise RegistryError(f"site {site!r} is revoked")
+
+    def data_version(self) -> int:
+        """Changes when any *other* connection commits: a cheap "reload?" check."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
 
     # --- audit -----------------------------------------------------------------------------------------
 

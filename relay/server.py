@@ -27,7 +27,7 @@ from aiohttp import web
 from relay import admin, enroll, pki
 from relay.config import RelaySettings
 from relay.pki import PkiError, site_from_certificate
-from relay.registry import CertificateVerdict, Registry, serial_hex
+from relay.registry import CertificateVerdict, DestinationRecord, Registry, RouteRecord, serial_hex
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
@@ -84,8 +84,9 @@ class Relay:
         self.settings = settings
         self.limits = settings.mux.to_limits()
         self.tracker = AssociationTracker("r")
-        self.sites = {s.name: SiteState(s.name, _destinations(s)) for s in settings.sites}
-        self.tables = {li.name: _ingress_table(li) for li in settings.listeners}
+        self.sites = {s.name: SiteState(s.name, {}) for s in settings.sites}
+        self.tables: dict[str, dict[str, IngressRoute]] = {li.name: {} for li in settings.listeners}
+        self._routing_version = -1
         self.bound: dict[str, tuple[str, int]] = {}
         self._stopping = asyncio.Event()
         self.started = time.time()
@@ -113,6 +114,8 @@ class Relay:
         stack.callback(self._registry.close)
         for site in s.sites:
             self._registry.ensure_site(site.name, time.time())
+        self._registry.sync_config_routing(_config_routes(s), _config_destinations(s), time.time())
+        self.reload_routing()
         tunnel_app = web.Application(client_max_size=enroll.MAX_BODY)
         tunnel_app.router.add_get(s.tunnel.path, self._tunnel_ws)
         tunnel_app.router.add_get(s.tunnel.inner_path, self._tunnel_inner_ws)
@@ -140,11 +143,10 @@ class Relay:
 
     async def _serve_listener(self, stack: AsyncExitStack, listener) -> tuple[str, int]:
         limits = IngressLimits(listener.artim_timeout, listener.max_associate_rq)
-        table = self.tables[listener.name]
-
         async def on_caller(pipe: Pipe) -> None:
             async def decide(req: AssociateRequest, assoc: Association) -> TunnelStream | RejectReason:
-                return await self._route_caller(table, req, assoc)
+                # Looked up per association: routes added or removed through the registry apply at once.
+                return await self._route_caller(self.tables.get(listener.name, {}), req, assoc)
             await serve_caller(pipe, limits=limits, decide=decide, tracker=self.tracker, direction="cloud-to-site")
 
         server = PipeServer(on_caller)
@@ -273,7 +275,26 @@ class Relay:
         return site
 
     def has_routes(self, name: str) -> bool:
-        return self.settings.site(name) is not None
+        site = self.sites.get(name)
+        return bool(site and site.destinations) or any(
+            r.site == name for table in self.tables.values() for r in table.values())
+
+    def reload_routing(self) -> None:
+        """Rebuild the listener tables and the sites' destinations from the registry (config + API rows)."""
+        tables: dict[str, dict[str, IngressRoute]] = {li.name: {} for li in self.settings.listeners}
+        for r in self.registry.routes():
+            if r.listener in tables:
+                tables[r.listener][r.called_ae] = IngressRoute(r.called_ae, r.site, r.route, frozenset(r.allowed))
+        destinations: dict[str, dict[str, Destination]] = {}
+        for d in self.registry.destinations():
+            destinations.setdefault(d.site, {})[d.called_ae] = Destination(
+                d.called_ae, d.host, d.port, None, frozenset(d.allowed))
+        for name in destinations.keys() - self.sites.keys():
+            self._site_state(name)
+        for name, site in self.sites.items():
+            site.destinations = destinations.get(name, {})
+        self.tables = tables
+        self._routing_version = self.registry.data_version()
 
     def public_url(self) -> str:
         """The URL enrollment tokens carry: ``tunnel.public_url``, else derived from the relay certificate."""
@@ -317,6 +338,8 @@ class Relay:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
+                if self.registry.data_version() != self._routing_version:  # another process wrote
+                    self.reload_routing()
                 await self.enforce_revocations()
             except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry
                 log.exception("revocation sweep failed")
@@ -358,14 +381,14 @@ class Relay:
         return views
 
 
-def _destinations(site) -> dict[str, Destination]:
-    return {d.called_ae: Destination(d.called_ae, d.host, d.port, None, frozenset(d.allowed_calling_aes))
-            for d in site.destinations}
+def _config_routes(settings: RelaySettings) -> list[RouteRecord]:
+    return [RouteRecord(li.name, r.called_ae, r.site, r.route, tuple(r.allowed_calling_aes), "config")
+            for li in settings.listeners for r in li.routes]
 
 
-def _ingress_table(listener) -> dict[str, IngressRoute]:
-    return {r.called_ae: IngressRoute(r.called_ae, r.site, r.route, frozenset(r.allowed_calling_aes))
-            for r in listener.routes}
+def _config_destinations(settings: RelaySettings) -> list[DestinationRecord]:
+    return [DestinationRecord(site.name, d.called_ae, d.host, d.port, tuple(d.allowed_calling_aes), "config")
+            for site in settings.sites for d in site.destinations]
 
 
 async def _serve_app(stack: AsyncExitStack, app: web.Application, host: str, port: int,
