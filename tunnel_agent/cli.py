@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--token-file", type=Path, help="file holding the token")
     enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
     enroll.set_defaults(func=_enroll)
+    diagnose = sub.add_parser("diagnose", help="check DNS, TCP, proxy, TLS, authentication, relay and the local "
+                              "destinations step by step, with a hint for each failure")
+    diagnose.add_argument("--config", type=Path, required=True, help="agent TOML file")
+    diagnose.add_argument("--json", action="store_true", help="print the steps as JSON")
+    diagnose.set_defaults(func=_diagnose)
     return parser
 
 
@@ -148,6 +153,18 @@ def _human(status: dict) -> str:
         lines.append(f"  {a['id']} {a['direction']} {a['calling_ae']} -> {a['called_ae']} "
                      f"in={a['bytes_from_caller']} out={a['bytes_to_caller']}")
     return "\n".join(lines)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from tunnel_agent.diagnose import exit_code, format_steps, run_diagnosis, steps_json
+
+    settings = load_agent_settings(args.config)
+    steps = asyncio.run(run_diagnosis(settings, os.environ))
+    print(steps_json(steps) if args.json else format_steps(steps))
+    return exit_code(steps)
 
 
 if __name__ == "__main__":
