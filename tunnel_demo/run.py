@@ -104,8 +104,8 @@ class Layout:
         return self.root / "relay" / "relay.toml"
 
     @property
-    def agent_certs(self) -> Path:
-        return self.root / "agent" / "certs"
+    def agent_state(self) -> Path:
+        return self.root / "agent" / "state"
 
     @property
     def agent_config(self) -> Path:
@@ -139,13 +139,10 @@ def relay_toml(layout: Layout) -> str:
 
 
 def agent_toml(layout: Layout) -> str:
-    """The agent's configuration: the relay, its certificate, one route to the PACS, a local listener."""
-    certs = layout.agent_certs
+    """The agent's configuration: its state directory (enrollment fills it: relay URL, key, certificate,
+    pinned CA), one route to the PACS, a local listener."""
     return "\n".join([
-        f"relay_url = {_toml_str(f'wss://{LOOPBACK}:{layout.relay_tunnel}/tunnel')}",
-        f"cert_file = {_toml_str(certs / 'agent.crt')}",
-        f"key_file = {_toml_str(certs / 'agent.key')}",
-        f"ca_file = {_toml_str(certs / 'ca.crt')}",
+        f"state_dir = {_toml_str(layout.agent_state)}",
         "backoff_initial = 0.1", "backoff_max = 2.0", "connect_timeout = 5.0",
         "[status]", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.agent_status}",
         "[listener]", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.agent_listener}",
@@ -202,13 +199,16 @@ class Children:
         self._record(popen.pid, name)
         return child
 
-    def run(self, name: str, argv: Sequence[str], timeout: float = CLI_TIMEOUT_S) -> tuple[int, str]:
-        """Run a short command to completion; returns (exit status, stdout and stderr)."""
-        popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def run(self, name: str, argv: Sequence[str], timeout: float = CLI_TIMEOUT_S,
+            stdin: str | None = None) -> tuple[int, str]:
+        """Run a short command to completion, ``stdin`` on its standard input (secrets go there, never
+        into argv); returns (exit status, stdout and stderr)."""
+        popen = subprocess.Popen(list(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
         self._record(popen.pid, name)
         try:
-            output, _ = popen.communicate(timeout=timeout)
+            output, _ = popen.communicate(input=stdin, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise StepFailed(f"{name} did not finish within {timeout:.0f} s") from exc
         finally:
@@ -436,18 +436,17 @@ class Demo:
         relay_cli = program("tunnel-relay", "relay.cli")
         self._cli("tunnel-relay ca init", [*relay_cli, "ca", "init", "--state-dir", str(lay.state_dir),
                                            "--hostname", LOOPBACK])
-        self._cli("tunnel-relay site cert", [*relay_cli, "site", "cert", SITE, "--state-dir",
-                                             str(lay.state_dir), "--out", str(lay.agent_certs)])
         lay.relay_config.write_text(relay_toml(lay))
+        lay.agent_config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         lay.agent_config.write_text(agent_toml(lay))
         self.console.debug(f"relay config: {lay.relay_config}\nagent config: {lay.agent_config}")
         self.console.detail(f"routing: {RELAY_CALLED_AE} at the relay -> site {SITE}, route {ROUTE!r} "
                             f"(callers: {CLOUD_SCU_AE})")
         self.console.detail(f"site {SITE} may send to: {CLOUD_STORE_AE} (callers: {PACS_AE}, {MODALITY_AE})")
-        return "relay CA, relay and site certificates, relay.toml, agent.toml"
+        return "relay CA and certificate, relay.toml, agent.toml"
 
-    def _cli(self, name: str, argv: list[str]) -> str:
-        status, output = self.children.run(name, argv)
+    def _cli(self, name: str, argv: list[str], stdin: str | None = None) -> str:
+        status, output = self.children.run(name, argv, stdin=stdin)
         if status != 0:
             raise StepFailed(f"{name} exited with status {status}:\n{output.strip()}")
         self.console.detail(f"$ {name}: {output.strip().splitlines()[-1] if output.strip() else 'ok'}")
@@ -487,6 +486,8 @@ class Demo:
                       *verbose], lay.log("relay"))
         self.console.detail(f"relay  pid {self.relay.popen.pid}: tunnel wss://{LOOPBACK}:{lay.relay_tunnel}"
                             f"/tunnel, DICOM {LOOPBACK}:{lay.relay_dicom}")
+        self._wait("the relay's admin port to accept connections", lambda: _port_open(lay.relay_admin))
+        self._enroll()
         self.agent = self.children.spawn(
             "agent", [*program("tunnel-agent", "tunnel_agent.cli"), "run", "--config", str(lay.agent_config),
                       *verbose], lay.log("agent"))
@@ -500,7 +501,19 @@ class Demo:
         self._wait("the agent's DICOM listener to accept connections", lambda: _port_open(lay.agent_listener))
         self.console.detail(f"tunnel up: agent -> relay mutual-TLS WebSocket connected in "
                             f"{_seconds(time.monotonic() - started)}")
-        return "connected"
+        return "enrolled with a one-line token; connected"
+
+    def _enroll(self) -> None:
+        """The one-line join: `site add` on the relay prints a token, `enroll` on the agent redeems it."""
+        lay = self.layout
+        added = self._cli("tunnel-relay site add", [*program("tunnel-relay", "relay.cli"), "site", "add", SITE,
+                                                    "--config", str(lay.relay_config), "--json"])
+        try:
+            token = json.loads(added)["token"]
+        except (ValueError, KeyError) as exc:
+            raise StepFailed(f"tunnel-relay site add printed no token:\n{added}") from exc
+        self._cli("tunnel-agent enroll", [*program("tunnel-agent", "tunnel_agent.cli"), "enroll", "--config",
+                                          str(lay.agent_config)], stdin=token + "\n")
 
     def _wait(self, what: str, predicate: Callable[[], bool], timeout: float = CONNECT_TIMEOUT_S) -> None:
         """Poll ``predicate`` until true; fail at once if a child died, or after ``timeout`` s, with logs."""
