@@ -156,3 +156,30 @@ def test_dlp_box_inner_mode_enrolls_and_renews(procs, tmp_path):
     renewed = (state / "agent.crt").read_bytes()
     assert pki.certificate_serial(renewed) != bundle.serial
     assert b"".join(renewed.split(b"\n")[1:3]) not in dump.replace(b"\n", b"")
+
+
+def test_diagnose_through_the_dlp_box_in_both_modes(procs, tmp_path):
+    import json
+    import subprocess
+
+    from tests.support.mitm import start_mitmproxy
+    from tests.support.stack import AGENT
+
+    relay, pacs = _dlp_stack(procs, tmp_path, inner=True)
+    mitm = start_mitmproxy(procs, tmp_path / "mitm", upstream_ca=relay.state_dir / "ca.crt")
+    agent = _agent_behind(relay, tmp_path, pacs, mitm, inner=False)
+
+    def diagnose() -> dict[str, dict]:
+        done = subprocess.run([AGENT, "diagnose", "--config", str(agent.config), "--json"], capture_output=True,
+                              text=True, timeout=120)
+        return {step["name"]: step for step in json.loads(done.stdout)["steps"]}
+
+    direct = diagnose()
+    assert direct["TLS"]["outcome"] == "fail" and "mitmproxy" in direct["TLS"]["detail"]
+    assert direct["auth"]["outcome"] == "skip"
+    agent.config.write_text(agent.config.read_text().replace(
+        "connect_timeout", f'tls_mode = "inner"\nouter_ca_file = "{mitm.ca_cert}"\nconnect_timeout', 1))
+    inner = diagnose()
+    assert {name: step["outcome"] for name, step in inner.items()} == {
+        name: "ok" for name in inner}, inner
+    assert "inside the tunnel" in inner["TLS"]["detail"]

@@ -47,13 +47,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from tunnel_agent.connect import _status_hint, open_tunnel, target_of
+from tunnel_agent.connect import _status_hint, open_tunnel, outer_context, target_of
 from tunnel_agent.enroll import RENEW_AT, EnrollError, with_enrollment
 from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
 from tunnel_core.codes import ErrorCode
 from tunnel_core.errors import ProtocolError
 from tunnel_core.mux import Mux, PongReceived, Role, StreamOpened
+from tunnel_link.errors import LinkError
 from tunnel_link.tls import TlsConfigError, client_context
 
 if TYPE_CHECKING:
@@ -502,6 +503,8 @@ class _Diagnosis:
     async def _tls(self) -> Step:
         assert self.writer is not None and self.ssl_ctx is not None
         host = self.settings.relay_host
+        if self.settings.tls_mode == "inner":
+            return await self._outer_tls(host)
         try:
             await self.writer.start_tls(self.ssl_ctx, server_hostname=host, ssl_handshake_timeout=self.timeout)
         except ssl.SSLCertVerificationError as exc:
@@ -515,6 +518,30 @@ class _Diagnosis:
         presented = describe_certificate(ssl_object.getpeercert(binary_form=True))
         return Step("TLS", Outcome.OK, f"{ssl_object.version()} {cipher}; relay certificate {presented} "
                                        "(verified against the pinned CA)")
+
+    async def _outer_tls(self, host: str) -> Step:
+        """Inner-TLS mode: the outer handshake is checked against ``outer_ca_file`` (the inspection CA or
+        the system store); the pinned mutual TLS is tried inside the tunnel by the auth step."""
+        assert self.writer is not None
+        trusted = str(self.settings.outer_ca_file) if self.settings.outer_ca_file else "the system store"
+        try:
+            await self.writer.start_tls(outer_context(self.settings), server_hostname=host,
+                                        ssl_handshake_timeout=self.timeout)
+        except ssl.SSLCertVerificationError as exc:
+            try:
+                presented = describe_certificate(
+                    await peek_certificate(self.settings.relay_url or "", self.proxy, self.timeout))
+            except PeekError as peek_error:
+                presented = f"unknown ({peek_error})"
+            return Step("TLS", Outcome.FAIL, f"outer TLS (inner mode) for {host} does not verify against "
+                        f"{trusted} ({exc.verify_message or _reason(exc)}): {presented}",
+                        "set outer_ca_file to the CA bundle of the inspecting proxy (ask the network team)")
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            return Step("TLS", Outcome.FAIL, f"outer TLS handshake with {self._relay_target} failed: {_reason(exc)}")
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        presented = describe_certificate(ssl_object.getpeercert(binary_form=True))
+        return Step("TLS", Outcome.OK, f"outer {ssl_object.version()} verified against {trusted}: {presented}; "
+                                       "the pinned mutual TLS runs inside the tunnel (auth step)")
 
     async def _tls_refused(self, exc: ssl.SSLCertVerificationError) -> Step:
         host = self.settings.relay_host
@@ -574,7 +601,7 @@ class _Diagnosis:
         except aiohttp.WSServerHandshakeError as exc:
             auth = _refused(exc, self.settings.relay_url or "")
             auth = replace(auth, detail=auth.detail + note)
-        except (ProxyError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (ProxyError, aiohttp.ClientError, OSError, TimeoutError, LinkError) as exc:
             if auth is None:  # else closing the tunnel after the checks failed: nothing to report
                 auth = Step("auth", Outcome.FAIL, f"the tunnel to {self.settings.relay_url} failed: "
                                                   f"{_reason(exc)}{note}",
