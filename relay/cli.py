@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the relay")
-    serve.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(serve)
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=_serve)
 
@@ -70,19 +70,19 @@ def _parser() -> argparse.ArgumentParser:
 
     add = site_sub.add_parser("add", help="register a site and print its one-line enrollment token")
     add.add_argument("name", help="site name (a-z, 0-9, '-')")
-    add.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(add)
     add.add_argument("--ttl", type=float, help="seconds the token stays valid (default: enrollment.token_ttl)")
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=_site_add)
 
     listing = site_sub.add_parser("list", help="list the registered sites")
-    listing.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=_site_list)
 
     revoke = site_sub.add_parser("revoke", help="revoke a site and its certificates; ends its tunnel")
     revoke.add_argument("name")
-    revoke.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(revoke)
     revoke.add_argument("--reason", default="", help="recorded in the audit trail")
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(func=_site_revoke)
@@ -94,14 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     dest_add.add_argument("called_ae")
     dest_add.add_argument("--host", required=True)
     dest_add.add_argument("--port", type=int, required=True)
-    dest_add.add_argument("--allow", action="append", required=True, metavar="CALLING_AE",
-                          help="calling AE title allowed (repeatable; '*' for any)")
-    dest_add.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _allow_arg(dest_add)
+    _config_arg(dest_add)
     dest_add.set_defaults(func=_destination_add)
     dest_rm = dest_sub.add_parser("remove", help="remove a destination added with `destination add`")
     dest_rm.add_argument("site")
     dest_rm.add_argument("called_ae")
-    dest_rm.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(dest_rm)
     dest_rm.set_defaults(func=_destination_remove)
 
     route = sub.add_parser("route", help="listener routes: called AE on a relay listener -> site route")
@@ -111,34 +110,42 @@ def _parser() -> argparse.ArgumentParser:
     route_add.add_argument("called_ae")
     route_add.add_argument("--site", required=True)
     route_add.add_argument("--route", required=True, help="a [[routes]] name in the site's agent config")
-    route_add.add_argument("--allow", action="append", required=True, metavar="CALLING_AE",
-                           help="calling AE title allowed (repeatable; '*' for any)")
-    route_add.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _allow_arg(route_add)
+    _config_arg(route_add)
     route_add.set_defaults(func=_route_add)
     route_rm = route_sub.add_parser("remove", help="remove a route added with `route add`")
     route_rm.add_argument("listener")
     route_rm.add_argument("called_ae")
-    route_rm.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(route_rm)
     route_rm.set_defaults(func=_route_remove)
     route_list = route_sub.add_parser("list", help="listener routes and site destinations")
-    route_list.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(route_list)
     route_list.add_argument("--json", action="store_true")
     route_list.set_defaults(func=_route_list)
 
     certs = sub.add_parser("cert", help="issued certificates")
     cert_sub = certs.add_subparsers(dest="cert_command", required=True)
     cert_list = cert_sub.add_parser("list", help="list issued certificates")
-    cert_list.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(cert_list)
     cert_list.add_argument("--site")
     cert_list.add_argument("--json", action="store_true")
     cert_list.set_defaults(func=_cert_list)
     cert_revoke = cert_sub.add_parser("revoke", help="revoke one certificate by serial (hex)")
     cert_revoke.add_argument("serial")
-    cert_revoke.add_argument("--config", type=Path, required=True, help="relay TOML file")
+    _config_arg(cert_revoke)
     cert_revoke.add_argument("--reason", default="")
     cert_revoke.add_argument("--json", action="store_true")
     cert_revoke.set_defaults(func=_cert_revoke)
     return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="relay TOML file")
+
+
+def _allow_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow", action="append", required=True, metavar="CALLING_AE",
+                        help="calling AE title allowed (repeatable; '*' for any)")
 
 
 class AdminApiError(Exception):

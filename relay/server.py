@@ -33,6 +33,7 @@ from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
+from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import (
     Association,
     AssociationTracker,
@@ -130,7 +131,7 @@ class Relay:
             self.bound[f"listener:{listener.name}"] = await self._serve_listener(stack, listener)
         stack.push_async_callback(self._close_sessions)
         sweeper = asyncio.create_task(self._sweep_forever())
-        stack.push_async_callback(_cancel, sweeper)
+        stack.push_async_callback(cancel_and_wait, sweeper)
         log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
 
     def stop(self) -> None:
@@ -401,10 +402,3 @@ async def _serve_app(stack: AsyncExitStack, app: web.Application, host: str, por
     sock = site._server.sockets[0]  # aiohttp exposes no public accessor for the bound address
     return sock.getsockname()[:2]
 
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass

@@ -30,6 +30,7 @@ from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Destination, decide_destination
+from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import (
     Association,
     AssociationTracker,
@@ -80,9 +81,9 @@ class Agent:
         async with AsyncExitStack() as stack:
             await self.start(stack)
             loop_task = asyncio.create_task(self.connect_forever())
-            stack.push_async_callback(_cancel, loop_task)
+            stack.push_async_callback(cancel_and_wait, loop_task)
             renew_task = asyncio.create_task(self.renew_forever())
-            stack.push_async_callback(_cancel, renew_task)
+            stack.push_async_callback(cancel_and_wait, renew_task)
             await self._stopping.wait()
             if self.session is not None:
                 await self.session.close(ErrorCode.GOING_AWAY, "agent shutting down")
@@ -251,10 +252,3 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:300]
 
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
