@@ -5,6 +5,7 @@ the relay's state directory can administer it, which is the same trust as holdin
 certificates do not authenticate here at all: the admin port speaks no TLS and knows only the token.
 
 - ``GET  /healthz``                              (no token) liveness
+- ``GET  /readyz``                               (no token) 200 when ready, 503 with the reason otherwise
 - ``GET  /api/status``                           sites, associations, process
 - ``GET  /api/sites``                            registry view of every site
 - ``POST /api/sites`` ``{"name": "..."}``        add (or reinstate) a site; returns a one-line enrollment token
@@ -78,6 +79,10 @@ def build_app(relay: Relay) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return _json({"ok": True})
 
+    async def readyz(request: web.Request) -> web.Response:
+        ready = relay.readiness()
+        return _json({"ready": ready.ready, "reason": ready.reason}, status=200 if ready.ready else 503)
+
     async def status(request: web.Request) -> web.Response:
         return _json(relay.status())
 
@@ -98,6 +103,7 @@ def build_app(relay: Relay) -> web.Application:
 
     app = web.Application(middlewares=[require_token], client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/sites", sites)
     app.router.add_post("/api/sites", bound(_add_site))

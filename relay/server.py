@@ -31,6 +31,14 @@ from relay.registry import CertificateVerdict, DestinationRecord, Registry, Rout
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
+from tunnel_core.health import (
+    Readiness,
+    ReportError,
+    SiteHealth,
+    parse_report,
+    relay_readiness,
+    site_condition,
+)
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
 from tunnel_link.aio import cancel_and_wait
@@ -76,6 +84,12 @@ class SiteState:
     last_disconnect_reason: str = ""
     serial: str | None = None  # the certificate the live session stands on (updated by renewal)
     not_after: float | None = None
+    report: dict | None = None  # the agent's latest health report (tunnel_core.health.parse_report)
+    report_at: float | None = None
+
+    def health(self, now: float) -> SiteHealth:
+        return site_condition(connected=self.session is not None, disconnect_reason=self.last_disconnect_reason,
+                              report=self.report, report_at=self.report_at, now=now)
 
 
 class Relay:
@@ -92,6 +106,15 @@ class Relay:
         self._stopping = asyncio.Event()
         self.started = time.time()
         self._registry: Registry | None = None
+        self.serving = False
+
+    def readiness(self) -> Readiness:
+        try:
+            registry_ok = self._registry is not None and self._registry.data_version() >= 0
+        except Exception:  # sqlite3 errors of any kind mean "not ready", with the reason logged
+            log.exception("registry check failed")
+            registry_ok = False
+        return relay_readiness(started=self.serving, registry_ok=registry_ok)
 
     @property
     def registry(self) -> Registry:
@@ -132,6 +155,7 @@ class Relay:
         stack.push_async_callback(self._close_sessions)
         sweeper = asyncio.create_task(self._sweep_forever())
         stack.push_async_callback(cancel_and_wait, sweeper)
+        self.serving = True
         log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
 
     def stop(self) -> None:
@@ -224,11 +248,20 @@ class Relay:
         async def on_stream(stream: TunnelStream) -> None:
             await self._agent_stream(site, stream)
 
+        def on_report(payload: bytes) -> None:
+            try:
+                site.report = parse_report(payload)
+            except ReportError as exc:
+                log.warning("tunnel=%s ignored a health report: %s", site.name, exc)
+                return
+            site.report_at = time.time()
+
         session = MuxSession(ws, Mux(Role.RELAY, self.limits),
                              heartbeat_interval=self.settings.tunnel.heartbeat_interval,
-                             on_stream=on_stream, label=site.name)
+                             on_stream=on_stream, label=site.name, on_report=on_report)
         previous = site.session
         site.session, site.peer = session, peer
+        site.report = site.report_at = None  # a new tunnel reports afresh
         site.serial, site.not_after = identity.serial, identity.not_after
         site.connects += 1
         log.info("tunnel=%s connected from %s", site.name, peer)
@@ -349,10 +382,18 @@ class Relay:
 
     def status(self) -> dict[str, object]:
         sites = []
+        now = time.time()
         for site in self.sites.values():
             session = site.session
+            health = site.health(now)
             sites.append({
                 "name": site.name,
+                "condition": health.condition.value,
+                "reason": health.reason,
+                "transport": ("websocket, inner TLS" if "inner TLS" in site.peer else "websocket") if session
+                else None,
+                "health": site.report,
+                "health_age_s": round(now - site.report_at, 1) if site.report_at else None,
                 "connected": session is not None,
                 "peer": site.peer if session else None,
                 "connected_since": session.connected_at if session else None,

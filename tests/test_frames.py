@@ -170,7 +170,7 @@ def test_bad_version_is_a_protocol_error(version: int) -> None:
     assert info.value.code is ErrorCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("ftype", [7, 0x10, 0xFF])
+@pytest.mark.parametrize("ftype", [8, 0x10, 0xFF])
 def test_unknown_frame_type_is_a_protocol_error(ftype: int) -> None:
     wire = fr.HEADER.pack(fr.VERSION, ftype, 0, 0, 1, 0)
     with pytest.raises(ProtocolError) as info:

@@ -11,7 +11,7 @@ from tunnel_core import frames as fr
 from tunnel_core import mux as m
 from tunnel_core.codes import ErrorCode, FrameFlag, FrameType, TargetKind
 from tunnel_core.errors import FlowControlError, ProtocolError, UsageError
-from tunnel_core.limits import INITIAL_WINDOW, KIB, MAX_FRAME_PAYLOAD, MIB, MuxLimits
+from tunnel_core.limits import INITIAL_WINDOW, KIB, MAX_FRAME_PAYLOAD, MAX_REPORT, MIB, MuxLimits
 
 ROUTE = fr.OpenPayload(TargetKind.ROUTE, "pacs", "CLOUD")
 CALLED = fr.OpenPayload(TargetKind.CALLED_AE, "STORE", "CT1")
@@ -712,6 +712,32 @@ def test_ping_is_answered_with_a_pong() -> None:
 def test_ping_payload_must_be_eight_bytes() -> None:
     with pytest.raises(UsageError):
         m.Mux(m.Role.AGENT).ping(b"short")
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def test_agent_report_reaches_the_relay_byte_for_byte() -> None:
+    agent, relay = fresh_pair()
+    agent.send_report(b'{"v":1}')
+    wire = agent.data_to_send()
+    assert wire == bytes.fromhex("01 07 00 00 00000000 00000007") + b'{"v":1}'
+    assert relay.receive_data(wire) == [m.ReportReceived(b'{"v":1}')]
+    assert relay.data_to_send() == b""  # not answered
+
+
+def test_report_rules() -> None:
+    agent, relay = fresh_pair()
+    with pytest.raises(UsageError):
+        relay.send_report(b"{}")  # only agents report
+    with pytest.raises(UsageError):
+        agent.send_report(b"x" * (MAX_REPORT + 1))
+    with pytest.raises(ProtocolError):
+        agent.receive_data(raw(FrameType.REPORT, 0, b"{}"))  # an agent never receives one
+    with pytest.raises(ProtocolError):
+        fresh_pair()[1].receive_data(raw(FrameType.REPORT, 1, b"{}"))  # stream 0 only
+    with pytest.raises(ProtocolError):
+        fresh_pair()[1].receive_data(raw(FrameType.REPORT, 0, b"x" * (MAX_REPORT + 1)))
 
 
 # --- limits ---------------------------------------------------------------------------------------------

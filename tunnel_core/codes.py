@@ -13,6 +13,7 @@ class FrameType(IntEnum):
     RESET = 0x4
     PING = 0x5
     GOAWAY = 0x6
+    REPORT = 0x7  # agent -> relay: the agent's health, a JSON object (docs/protocol.md §3.8)
 
 
 class FrameFlag(IntEnum):

@@ -11,6 +11,7 @@ MIB = 1024 * KIB
 # stream and connection starts with INITIAL_WINDOW of credit; a receiver raises it with WINDOW frames.
 MAX_FRAME_PAYLOAD = 1 * MIB
 INITIAL_WINDOW = 256 * KIB
+MAX_REPORT = 64 * KIB  # the largest REPORT payload (the agent's health, JSON)
 
 
 @dataclass(frozen=True, slots=True)

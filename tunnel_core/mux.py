@@ -28,7 +28,7 @@ from enum import Enum
 from tunnel_core import frames as fr
 from tunnel_core.codes import ErrorCode, FrameFlag, FrameType
 from tunnel_core.errors import FlowControlError, ProtocolError, UsageError
-from tunnel_core.limits import INITIAL_WINDOW, MAX_FRAME_PAYLOAD, MuxLimits
+from tunnel_core.limits import INITIAL_WINDOW, MAX_FRAME_PAYLOAD, MAX_REPORT, MuxLimits
 
 MAX_WINDOW = 2**31 - 1
 
@@ -137,8 +137,15 @@ class GoAwayReceived:
     code: ErrorCode
 
 
+@dataclass(frozen=True, slots=True)
+class ReportReceived:
+    """The agent's health report (relay side only): opaque bytes here, JSON to the application."""
+
+    payload: bytes
+
+
 Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | WindowUpdated | PingReceived
-         | PongReceived | GoAwayReceived)
+         | PongReceived | GoAwayReceived | ReportReceived)
 
 
 # --- streams --------------------------------------------------------------------------------------------
@@ -326,6 +333,14 @@ class Mux:
             raise UsageError("ping payload must be 8 bytes")
         self._queue(FrameType.PING, 0, opaque)
 
+    def send_report(self, payload: bytes) -> None:
+        """Queue a REPORT (agent only): the agent's health as a JSON object of at most MAX_REPORT bytes."""
+        if self.role is not Role.AGENT:
+            raise UsageError("only the agent sends REPORT frames")
+        if len(payload) > MAX_REPORT:
+            raise UsageError(f"a report is at most {MAX_REPORT} bytes, not {len(payload)}")
+        self._queue(FrameType.REPORT, 0, payload)
+
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
         """Announce drain: the peer opens no new streams here; open ones may finish."""
         if not self.goaway_sent:
@@ -432,6 +447,15 @@ class Mux:
         self.goaway_received = True
         events.append(GoAwayReceived(last, code))
 
+    def _on_report(self, frame: fr.Frame, events: list[Event]) -> None:
+        if frame.stream_id != 0:
+            raise ProtocolError("REPORT must be on stream 0")
+        if self.role is not Role.RELAY:
+            raise ProtocolError("REPORT is sent by the agent only")
+        if len(frame.payload) > MAX_REPORT:
+            raise ProtocolError(f"REPORT of {len(frame.payload)} bytes exceeds {MAX_REPORT}")
+        events.append(ReportReceived(bytes(frame.payload)))
+
     # --- helpers --------------------------------------------------------------------------------------
 
     def _require_stream_frame(self, frame: fr.Frame) -> None:
@@ -487,4 +511,5 @@ _HANDLERS = {
     FrameType.RESET: Mux._on_reset,
     FrameType.PING: Mux._on_ping,
     FrameType.GOAWAY: Mux._on_goaway,
+    FrameType.REPORT: Mux._on_report,
 }

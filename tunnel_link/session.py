@@ -148,13 +148,15 @@ class MuxSession:
     """Run one tunnel connection until it closes. Create, then ``await run()``; streams via ``open_stream``."""
 
     def __init__(self, ws: WebSocketLike, mux: m.Mux, *, heartbeat_interval: float,
-                 on_stream: StreamHandler, label: str) -> None:
+                 on_stream: StreamHandler, label: str,
+                 on_report: Callable[[bytes], None] | None = None) -> None:
         self.ws = ws
         self.mux = mux
         # The agent is the WebSocket client, which must mask what it sends (RFC 6455 §5.3).
         self._fast = FastBinaryWriter.attach(ws, mask=mux.role is m.Role.AGENT)
         self.label = label
         self._on_stream = on_stream
+        self._on_report = on_report
         self._streams: dict[int, TunnelStream] = {}
         self._heartbeat = Heartbeat(heartbeat_interval, time.monotonic())
         self._tasks: asyncio.TaskGroup | None = None
@@ -261,6 +263,11 @@ class MuxSession:
             for callback in callbacks:
                 callback()
 
+    def send_report(self, payload: bytes) -> None:
+        """Send the agent's health report (agent side); written at once, like other control frames."""
+        self.mux.send_report(payload)
+        self.flush_nowait()
+
     async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
         """Send GOAWAY and close the WebSocket; ``run()`` returns soon after."""
         if self._closing:
@@ -330,6 +337,9 @@ class MuxSession:
                 log.info("tunnel=%s peer is going away (%s)", self.label, code.name)
             case m.PingReceived():
                 pass
+            case m.ReportReceived(payload):
+                if self._on_report is not None:
+                    self._on_report(payload)
 
     def _accept(self, sid: int, open_payload: OpenPayload) -> None:
         stream = TunnelStream(self, sid, open_payload)

@@ -1,0 +1,165 @@
+"""How healthy a site is, and whether a program is ready: pure decisions from observed facts.
+
+Theory of operation: the agent measures (a periodic DICOM C-ECHO of each local destination, host metrics,
+its certificate) and sends the result to the relay as a REPORT frame (``docs/protocol.md`` §3.8, a JSON
+object). The relay decides a site's condition from what it knows — is the tunnel up, how old is the
+latest report, what does it say — with :func:`site_condition`; the dashboard, the metrics and
+``tunnel-relay sites`` all show that one decision. Readiness (``/readyz``) is decided the same way, by
+:func:`relay_readiness` and :func:`agent_readiness`. No clock is read here: ``now`` is a parameter.
+
+The report is data from the network: :func:`parse_report` accepts only the documented shape, with
+bounded strings, so nothing the agent sends can grow the relay's memory or inject markup into a page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "REPORT_VERSION",
+    "CERT_WARNING_DAYS",
+    "Condition",
+    "Readiness",
+    "ReportError",
+    "SiteHealth",
+    "agent_readiness",
+    "parse_report",
+    "relay_readiness",
+    "site_condition",
+]
+
+REPORT_VERSION = 1
+CERT_WARNING_DAYS = 7  # a certificate this close to expiry, with renewal failing, degrades the site
+STALE_REPORTS = 2.5  # a report older than this many report intervals is stale
+_MAX_TEXT = 300
+_MAX_DESTINATIONS = 64
+_HOST_KEYS = ("cpu_percent", "memory_percent", "disk_free_bytes", "rss_bytes", "open_fds")
+
+
+class Condition(Enum):
+    UP = "up"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class SiteHealth:
+    condition: Condition
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str
+
+
+class ReportError(ValueError):
+    """A REPORT payload is not a report of a version we understand."""
+
+
+def parse_report(payload: bytes) -> dict[str, Any]:
+    """The report as a plain dict with only known keys, bounded strings and finite numbers."""
+    try:
+        raw = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReportError("report is not JSON") from exc
+    if not isinstance(raw, dict) or raw.get("v") != REPORT_VERSION:
+        raise ReportError(f"report is not a version {REPORT_VERSION} object")
+    destinations = raw.get("destinations")
+    if not isinstance(destinations, list) or len(destinations) > _MAX_DESTINATIONS:
+        raise ReportError("report destinations must be a list")
+    return {
+        "v": REPORT_VERSION,
+        "version": _text(raw.get("version")),
+        "sent_at": _number(raw.get("sent_at")),
+        "report_interval": _number(raw.get("report_interval")),
+        "destinations": [_destination(d) for d in destinations],
+        "host": {k: _number(_dict(raw.get("host")).get(k)) for k in _HOST_KEYS},
+        "tunnel": {"rtt_ms": _number(_dict(raw.get("tunnel")).get("rtt_ms")),
+                   "reconnects": _number(_dict(raw.get("tunnel")).get("reconnects"))},
+        "certificate": {"not_after": _number(_dict(raw.get("certificate")).get("not_after")),
+                        "renewal_error": _text(_dict(raw.get("certificate")).get("renewal_error"))},
+    }
+
+
+def site_condition(*, connected: bool, disconnect_reason: str, report: dict[str, Any] | None,
+                   report_at: float | None, now: float) -> SiteHealth:
+    """Up, degraded or down, with the one reason ops should read first."""
+    if not connected:
+        return SiteHealth(Condition.DOWN, disconnect_reason or "never connected")
+    if report is None or report_at is None:
+        return SiteHealth(Condition.DEGRADED, "connected, no health report from the agent yet")
+    interval = report.get("report_interval") or 30.0
+    age = now - report_at
+    if age > interval * STALE_REPORTS:
+        return SiteHealth(Condition.DEGRADED, f"no health report for {age:.0f} s")
+    failing = [d for d in report["destinations"] if d["ok"] is False]
+    if failing:
+        first = failing[0]
+        more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
+        return SiteHealth(Condition.DEGRADED, f"C-ECHO {first['route']} ({first['host']}:{first['port']}) "
+                                              f"failed: {first['last_failure_reason'] or 'no answer'}{more}")
+    cert = report["certificate"]
+    if cert["not_after"] is not None:
+        days = (cert["not_after"] - now) / 86400
+        if days < CERT_WARNING_DAYS and cert["renewal_error"]:
+            return SiteHealth(Condition.DEGRADED, f"certificate expires in {days:.1f} days and renewal fails: "
+                                                  f"{cert['renewal_error']}")
+    return SiteHealth(Condition.UP, "ok")
+
+
+def relay_readiness(*, started: bool, registry_ok: bool) -> Readiness:
+    """The relay can take traffic once every port is bound and the registry answers."""
+    if not started:
+        return Readiness(False, "starting")
+    if not registry_ok:
+        return Readiness(False, "registry unavailable")
+    return Readiness(True, "ready")
+
+
+def agent_readiness(*, state: str, last_error: str) -> Readiness:
+    """The agent is ready when its tunnel to the relay is up."""
+    if state == "connected":
+        return Readiness(True, "ready")
+    return Readiness(False, f"tunnel {state}" + (f": {last_error}" if last_error else ""))
+
+
+# --- validation helpers ----------------------------------------------------------------------------------
+
+
+def _destination(raw: object) -> dict[str, Any]:
+    d = _dict(raw)
+    ok = d.get("ok")
+    port = _number(d.get("port"))
+    return {
+        "route": _text(d.get("route")),
+        "host": _text(d.get("host")),
+        "port": int(port) if port is not None else None,
+        "ok": ok if isinstance(ok, bool) else None,  # None: not checked yet
+        "latency_ms": _number(d.get("latency_ms")),
+        "last_success": _number(d.get("last_success")),
+        "last_failure": _number(d.get("last_failure")),
+        "last_failure_reason": _text(d.get("last_failure_reason")),
+        "checked_at": _number(d.get("checked_at")),
+    }
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        return ""
+    return "".join(ch if ch.isprintable() else "?" for ch in value[:_MAX_TEXT])
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
