@@ -264,7 +264,7 @@ class Relay:
         site.report = site.report_at = None  # a new tunnel reports afresh
         site.serial, site.not_after = identity.serial, identity.not_after
         site.connects += 1
-        log.info("tunnel=%s connected from %s", site.name, peer)
+        log.info("tunnel=%s connected from %s", site.name, peer, extra={"tunnel": site.name, "peer": peer})
         if previous is not None:
             await previous.close(ErrorCode.GOING_AWAY, "replaced by a newer connection from the site")
         try:
@@ -274,7 +274,8 @@ class Relay:
                 site.session = None
             site.last_disconnect = time.time()
             site.last_disconnect_reason = session.close_reason or "closed"
-            log.info("tunnel=%s disconnected: %s", site.name, site.last_disconnect_reason)
+            log.info("tunnel=%s disconnected: %s", site.name, site.last_disconnect_reason,
+                     extra={"tunnel": site.name, "reason": site.last_disconnect_reason})
 
     def authenticate_request(self, request: web.Request) -> Identity | None:
         """The site behind this request's verified client certificate, if the registry lets it in."""
@@ -363,7 +364,7 @@ class Relay:
                 continue
             session = site.session
             assert session is not None
-            log.warning("tunnel=%s closing: %s", site.name, reason)
+            log.warning("tunnel=%s closing: %s", site.name, reason, extra={"tunnel": site.name, "reason": reason})
             await session.close(ErrorCode.GOING_AWAY, reason)
             closed.append(site.name)
         return closed
