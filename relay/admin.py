@@ -6,6 +6,8 @@ certificates do not authenticate here at all: the admin port speaks no TLS and k
 
 - ``GET  /healthz``                              (no token) liveness
 - ``GET  /readyz``                               (no token) 200 when ready, 503 with the reason otherwise
+- ``GET  /metrics``                              (no token) Prometheus text (``relay.metrics``): counts and
+  names only, no PHI or secrets, read-only; the port is loopback by default, open it to the scraper only
 - ``GET  /api/status``                           sites, associations, process
 - ``GET  /api/sites``                            registry view of every site
 - ``POST /api/sites`` ``{"name": "..."}``        add (or reinstate) a site; returns a one-line enrollment token
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING
 import pydantic
 from aiohttp import web
 
-from relay import pki
+from relay import metrics, pki
 from relay.config import DestinationConfig, ListenerRoute
 from relay.registry import DestinationRecord, RegistryError, RouteRecord
 from tunnel_core.token import EnrollmentToken
@@ -104,6 +106,7 @@ def build_app(relay: Relay) -> web.Application:
     app = web.Application(middlewares=[require_token], client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics.handler(relay))  # no token, like /healthz: see relay.metrics
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/sites", sites)
     app.router.add_post("/api/sites", bound(_add_site))

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 from cryptography import x509
 
+from tunnel_agent import metrics
 from tunnel_agent.config import AgentSettings
 from tunnel_agent.connect import explain_untrusted_relay
 from tunnel_agent.enroll import EnrollError, renew, renewal_due, with_enrollment
@@ -93,6 +94,7 @@ class Agent:
         s = self.settings
         app = web.Application()
         app.router.add_get("/api/status", self._status)
+        app.router.add_get("/metrics", metrics.handler(self))  # Prometheus (tunnel_agent.metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -8,11 +8,21 @@ let ``choose`` map it to a configured destination (or a RESET code), dial, forwa
 A refusal that arrives as a stream RESET before the far end has answered anything becomes an
 A-ASSOCIATE-RJ the caller's DICOM tool understands; after that it becomes an A-ABORT. Nothing here ever
 invents a DICOM success: every response the caller sees came from the real peer.
+
+``AssociationTracker`` is what the metrics, the status API and the association log line read. It keeps
+cumulative counts by (direction, outcome), byte totals and a fixed-bucket duration histogram per
+direction, all updated once, when an association ends (never per byte), and writes one log line per
+association whose ``extra={"assoc": {...}}`` carries the same fields for JSON logs. Outcomes are the
+strings of this module and ``tunnel_link.splice``: ``completed``, ``rejected:<reason>``,
+``refused:<code>``, ``reset:<code>``, ``aborted:<why>``, ``destination-unreachable``, ``internal-error``,
+and for connections that never became an association ``closed-before-associate``, ``artim-timeout``,
+``bad-first-pdu:<error>``. AE titles, sizes and times only: nothing here ever holds patient data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import time
@@ -31,6 +41,10 @@ from tunnel_link.splice import Splice
 
 log = logging.getLogger("tunnel.association")
 
+# Upper bounds (seconds) of the duration histogram: an echo takes milliseconds, a study minutes.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# The two ways an association's bytes flow, as named in metrics and log records.
+FROM_CALLER, TO_CALLER = "from_caller", "to_caller"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +64,7 @@ class Association:
     site: str = ""
     route: str = ""
     started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic, repr=False)
     bytes_from_caller: int = 0
     bytes_to_caller: int = 0
     outcome: str = "active"
@@ -63,14 +78,43 @@ class Association:
         }
 
 
+@dataclass(slots=True)
+class DurationHistogram:
+    """Association durations in the fixed ``DURATION_BUCKETS``: one ``observe`` per ended association."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))  # last: > every bound
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # a bucket holds values <= its bound
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, count of durations <= it)`` for every bound and +Inf, as Prometheus wants them."""
+        running, out = 0, []
+        for bound, n in zip((*DURATION_BUCKETS, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
 class AssociationTracker:
-    """Active associations and outcome counts; writes one log line when each ends."""
+    """Active associations and cumulative counts; writes one log line when each ends.
+
+    ``outcomes`` counts by outcome alone (the status API), ``totals`` by (direction, outcome),
+    ``bytes_total`` by (direction, way) with way ``FROM_CALLER`` or ``TO_CALLER``, ``durations`` by
+    direction. All only grow, and only when an association ends or a connection is refused."""
 
     def __init__(self, prefix: str) -> None:
         self._ids = itertools.count(1)
         self._prefix = prefix
         self.active: dict[str, Association] = {}
         self.outcomes: dict[str, int] = {}
+        self.totals: dict[tuple[str, str], int] = {}
+        self.bytes_total: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, DurationHistogram] = {}
 
     def start(self, direction: str, req: AssociateRequest) -> Association:
         assoc = Association(f"{self._prefix}{next(self._ids)}", direction, req.calling_ae, req.called_ae)
@@ -78,17 +122,44 @@ class AssociationTracker:
         return assoc
 
     def finish(self, assoc: Association, outcome: str) -> None:
+        """Call once, when the association is over: counts it and writes its log line."""
         assoc.outcome = outcome
         self.active.pop(assoc.id, None)
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        duration = time.monotonic() - assoc.started_monotonic
+        self._count(assoc.direction, outcome)
+        for way, n in ((FROM_CALLER, assoc.bytes_from_caller), (TO_CALLER, assoc.bytes_to_caller)):
+            key = (assoc.direction, way)
+            self.bytes_total[key] = self.bytes_total.get(key, 0) + n
+        self.durations.setdefault(assoc.direction, DurationHistogram()).observe(duration)
         log.info("assoc=%s direction=%s site=%s route=%s calling=%s called=%s bytes_in=%d bytes_out=%d "
                  "duration=%.3fs outcome=%s", assoc.id, assoc.direction, assoc.site or "-",
                  assoc.route or "-", assoc.calling_ae, assoc.called_ae, assoc.bytes_from_caller,
-                 assoc.bytes_to_caller, time.time() - assoc.started, outcome)
+                 assoc.bytes_to_caller, duration, outcome, extra={"assoc": log_record(assoc, duration)})
 
-    def refused(self, reason: str) -> None:
+    def refused(self, reason: str, direction: str) -> None:
         """A connection refused before it was an association (not DICOM, too big, silent)."""
-        self.outcomes[reason] = self.outcomes.get(reason, 0) + 1
+        self._count(direction, reason)
+
+    def _count(self, direction: str, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        key = (direction, outcome)
+        self.totals[key] = self.totals.get(key, 0) + 1
+
+
+def reject_reason(outcome: str) -> str | None:
+    """The reason of a refusal outcome (``rejected:called_ae_unknown`` -> ``called_ae_unknown``), else None."""
+    kind, _, reason = outcome.partition(":")
+    return reason if kind in ("rejected", "refused") and reason else None
+
+
+def log_record(assoc: Association, duration: float) -> dict[str, object]:
+    """The structured fields of an association's log line: AE titles, route, sizes, times. Never PHI."""
+    return {
+        "id": assoc.id, "direction": assoc.direction, "calling_ae": assoc.calling_ae,
+        "called_ae": assoc.called_ae, "site": assoc.site or None, "route": assoc.route or None,
+        "bytes_from_caller": assoc.bytes_from_caller, "bytes_to_caller": assoc.bytes_to_caller,
+        "duration_s": round(duration, 6), "outcome": assoc.outcome, "reject_reason": reject_reason(assoc.outcome),
+    }
 
 
 Decision = TunnelStream | RejectReason
@@ -101,7 +172,7 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
     """Handle one inbound DICOM connection to the end. Never raises for peer faults."""
     peer = pipe.peername()
     try:
-        first = await _sniff_caller(pipe, limits, tracker, peer)
+        first = await _sniff_caller(pipe, limits, tracker, peer, direction)
         if first is None:
             return
         req, rest = first
@@ -128,26 +199,26 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
 
 
 async def _sniff_caller(pipe: Pipe, limits: IngressLimits, tracker: AssociationTracker,
-                        peer: object) -> tuple[AssociateRequest, bytes] | None:
+                        peer: object, direction: str) -> tuple[AssociateRequest, bytes] | None:
     sniffer = AssociateSniffer(limits.max_associate_rq)
     try:
         async with asyncio.timeout(limits.artim_timeout):
             while True:
                 data = await pipe.read()
                 if not data:
-                    tracker.refused("closed-before-associate")
+                    tracker.refused("closed-before-associate", direction)
                     return None
                 req = sniffer.feed(data)
                 if req is not None:
                     return req, sniffer.rest
     except TimeoutError:
         log.info("peer=%s refused: silent past the ARTIM timeout of %.1fs", peer, limits.artim_timeout)
-        tracker.refused("artim-timeout")
+        tracker.refused("artim-timeout", direction)
     except DicomError as exc:
         log.info("peer=%s refused: %s", peer, exc)
-        tracker.refused(f"bad-first-pdu:{type(exc).__name__}")
+        tracker.refused(f"bad-first-pdu:{type(exc).__name__}", direction)
     except ConnectionError:
-        tracker.refused("closed-before-associate")
+        tracker.refused("closed-before-associate", direction)
     return None
 
 

@@ -1,0 +1,125 @@
+"""The relay's Prometheus metrics: ``GET /metrics`` on the admin port, read from live state at scrape time.
+
+:class:`RelayCollector` takes one ``relay.status()`` snapshot per scrape (the same numbers the JSON API
+and the dashboard show, including each site's up/degraded/down decision of ``tunnel_core.health``) plus
+the association tracker's counters, and the agents' health reports for the C-ECHO results of the
+destinations behind them and their host metrics. Report-derived series exist only while the site is
+connected: a stale "echo ok" of a site that is gone would mislead; ``dicom_tunnel_site_up`` says it is
+gone.
+
+``/metrics`` needs no admin token, like ``/healthz``: the admin port listens on loopback by default
+(expose it only to the scraper), and what it shows is counts, times and names of sites, routes,
+directions and outcomes — no patient data, no secrets, nothing that changes the relay. The admin
+token guards ``/api/`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tunnel_core.health import Condition
+from tunnel_link.metrics import (
+    PREFIX,
+    association_families,
+    destination_families,
+    host_families,
+    metrics_handler,
+    new_registry,
+    tasks_family,
+)
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+__all__ = ["RelayCollector", "handler", "registry_for"]
+
+
+def registry_for(relay: Relay) -> CollectorRegistry:
+    """A registry of the relay's own metrics and the process's ``process_*`` metrics."""
+    return new_registry(RelayCollector(relay))
+
+
+def handler(relay: Relay):
+    """The aiohttp handler for ``GET /metrics`` (``relay.admin`` routes it)."""
+    return metrics_handler(registry_for(relay))
+
+
+class RelayCollector(Collector):
+    """Collect at scrape time; call only on the relay's event loop (aiohttp handlers are)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.relay.status()
+        sites: list[dict[str, Any]] = status["sites"]
+        yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when the relay is ready to take traffic (see /readyz)",
+                                value=1.0 if self.relay.readiness().ready else 0.0)
+        yield from _site_families(sites, self._active_by_site())
+        yield from association_families(self.relay.tracker)
+        reporting = [s for s in sites if s["connected"] and s["health"]]
+        yield from destination_families(
+            (([s["name"], d["route"]], d) for s in reporting for d in s["health"]["destinations"]), ["site"])
+        yield from host_families((([s["name"]], s["health"]["host"]) for s in reporting), ["site"])
+        yield from _report_families(reporting)
+        yield tasks_family(status["process"]["tasks"])
+
+    def _active_by_site(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for assoc in self.relay.tracker.active.values():
+            if assoc.site:
+                counts[assoc.site] = counts.get(assoc.site, 0) + 1
+        return counts
+
+
+def _site_families(sites: list[dict[str, Any]], active: dict[str, int]) -> Iterator[Metric]:
+    up = GaugeMetricFamily(f"{PREFIX}_site_up", "1 while the site's agent has a tunnel to the relay",
+                           labels=["site"])
+    condition = GaugeMetricFamily(f"{PREFIX}_site_condition", "1 for the site's current condition "
+                                  "(up, degraded, down), 0 for the others", labels=["site", "condition"])
+    rtt = GaugeMetricFamily(f"{PREFIX}_rtt_seconds", "Tunnel round trip (heartbeat) to the site's agent",
+                            labels=["site"])
+    associations = GaugeMetricFamily(f"{PREFIX}_active_associations", "Associations in progress through "
+                                     "the site's tunnel", labels=["site"])
+    streams = GaugeMetricFamily(f"{PREFIX}_active_streams", "Open mux streams of the site's tunnel",
+                                labels=["site"])
+    connects = CounterMetricFamily(f"{PREFIX}_connects", "Tunnels the site's agent opened since the relay "
+                                   "started", labels=["site"])
+    expiry = GaugeMetricFamily(f"{PREFIX}_certificate_expiry_timestamp_seconds", "When the certificate of "
+                               "the site's live tunnel expires (Unix time)", labels=["site"])
+    for s in sites:
+        name = s["name"]
+        up.add_metric([name], 1.0 if s["connected"] else 0.0)
+        for c in Condition:
+            condition.add_metric([name, c.value], 1.0 if s["condition"] == c.value else 0.0)
+        if s["rtt_ms"] is not None:
+            rtt.add_metric([name], s["rtt_ms"] / 1000)
+        associations.add_metric([name], active.get(name, 0))
+        streams.add_metric([name], s["active_streams"])
+        connects.add_metric([name], s["connects"])
+        if s["certificate_not_after"] is not None:
+            expiry.add_metric([name], s["certificate_not_after"])
+    yield from (up, condition, rtt, associations, streams, connects, expiry)
+
+
+def _report_families(reporting: list[dict[str, Any]]) -> Iterator[Metric]:
+    age = GaugeMetricFamily(f"{PREFIX}_health_report_age_seconds", "Age of the latest health report from the "
+                            "site's agent", labels=["site"])
+    reconnects = CounterMetricFamily(f"{PREFIX}_agent_reconnects", "Reconnects the site's agent reports since "
+                                     "it started", labels=["site"])
+    info = GaugeMetricFamily(f"{PREFIX}_agent_info", "The version the site's agent reports (value 1)",
+                             labels=["site", "version"])
+    for s in reporting:
+        report = s["health"]
+        if s["health_age_s"] is not None:
+            age.add_metric([s["name"]], s["health_age_s"])
+        if report["tunnel"]["reconnects"] is not None:
+            reconnects.add_metric([s["name"]], report["tunnel"]["reconnects"])
+        info.add_metric([s["name"], report["version"]], 1.0)
+    yield from (age, reconnects, info)
+
