@@ -33,8 +33,12 @@ def test_relay_logs_json_lines_with_tunnel_ids(procs, tmp_path):
     wait_for_port("127.0.0.1", relay.dicom_port, 15, proc=relay.proc)
     start_agent(procs, agent, relay)
     assert echoscu("127.0.0.1", relay.dicom_port, "A_PACS", "CLOUDAI").ok
-    wait_until(lambda: "assoc" in relay.proc.log_tail(), 10, message="the association's log line")
+    wait_until(lambda: '"assoc"' in relay.proc.log_tail(), 10, message="the association's log line")
     entries = [json.loads(line) for line in relay.proc.log_tail(10_000).splitlines() if line.strip()]
     assert all({"ts", "level", "logger", "msg"} <= entry.keys() for entry in entries)
     connected = [e for e in entries if e["msg"].startswith("tunnel=site-a connected")]
     assert connected and connected[0]["tunnel"] == "site-a"
+    assoc = [e["assoc"] for e in entries if "assoc" in e and e["assoc"].get("outcome") == "completed"]
+    assert assoc and assoc[0]["site"] == "site-a" and assoc[0]["called_ae"] == "A_PACS"
+    assert {"id", "direction", "calling_ae", "route", "bytes_from_caller", "bytes_to_caller", "duration_s"} <= \
+        assoc[0].keys()
