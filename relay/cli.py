@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     route_list.add_argument("--json", action="store_true")
     route_list.set_defaults(func=_route_list)
 
+    sites = sub.add_parser("sites", help="each site's condition (up / degraded / down) and why, from the running "
+                           "relay: transport, RTT, associations, PACS C-ECHO, certificate expiry")
+    _config_arg(sites)
+    sites.add_argument("--json", action="store_true", help="print the sites of GET /api/status as JSON")
+    sites.set_defaults(func=_sites)
+
     certs = sub.add_parser("cert", help="issued certificates")
     cert_sub = certs.add_subparsers(dest="cert_command", required=True)
     cert_list = cert_sub.add_parser("list", help="list issued certificates")
@@ -208,6 +214,27 @@ def _site_list(args: argparse.Namespace) -> int:
         expires = _when(site["latest_not_after"]) if site["latest_not_after"] else "-"
         print(f"{site['name']:<24} {state:<10} {'yes' if site['connected'] else 'no':<10} "
               f"{site['certificates']:>5}  {expires}")
+    return 0
+
+
+def _sites(args: argparse.Namespace) -> int:
+    sites = _admin_call(args.config, "GET", "/api/status")["sites"]
+    if args.json:
+        print(json.dumps(sites, indent=2))
+        return 0
+    now = time.time()
+    print(f"{'SITE':<20} {'CONDITION':<9} {'TRANSPORT':<20} {'CONNECTED SINCE':<20} {'RTT':>9} {'ASSOC':>5} "
+          f"{'ECHO OK':>7} {'CERT':>6}  REASON")
+    for site in sites:
+        health = site.get("health") or {}
+        dests = health.get("destinations") or []
+        echo = f"{sum(1 for d in dests if d['ok'])}/{len(dests)}" if health else "-"
+        not_after = site.get("certificate_not_after") or (health.get("certificate") or {}).get("not_after")
+        cert = f"{(not_after - now) / 86400:.0f} d" if not_after else "-"
+        rtt = f"{site['rtt_ms']:.1f} ms" if site.get("rtt_ms") is not None else "-"
+        since = _when(site["connected_since"]) if site.get("connected_since") else "-"
+        print(f"{site['name']:<20} {site['condition']:<9} {site.get('transport') or '-':<20} {since:<20} "
+              f"{rtt:>9} {site['active_streams']:>5} {echo:>7} {cert:>6}  {site['reason']}")
     return 0
 
 

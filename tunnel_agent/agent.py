@@ -25,10 +25,12 @@ from tunnel_agent import metrics
 from tunnel_agent.config import AgentSettings
 from tunnel_agent.connect import explain_untrusted_relay
 from tunnel_agent.enroll import EnrollError, renew, renewal_due, with_enrollment
+from tunnel_agent.health import HealthMonitor
 from tunnel_core.backoff import Backoff
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
+from tunnel_core.health import agent_readiness
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Destination, decide_destination
 from tunnel_link.aio import cancel_and_wait
@@ -75,6 +77,8 @@ class Agent:
         self.bound: dict[str, tuple[str, int]] = {}
         self._stopping = asyncio.Event()
         self.started = time.time()
+        self.health = HealthMonitor(self, settings.health, settings.routes, state_dir=settings.state_dir,
+                                    version=__version__)
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -85,6 +89,8 @@ class Agent:
             stack.push_async_callback(cancel_and_wait, loop_task)
             renew_task = asyncio.create_task(self.renew_forever())
             stack.push_async_callback(cancel_and_wait, renew_task)
+            health_task = asyncio.create_task(self.health.run())
+            stack.push_async_callback(cancel_and_wait, health_task)
             await self._stopping.wait()
             if self.session is not None:
                 await self.session.close(ErrorCode.GOING_AWAY, "agent shutting down")
@@ -95,6 +101,8 @@ class Agent:
         app = web.Application()
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/metrics", metrics.handler(self))  # Prometheus (tunnel_agent.metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -243,10 +251,19 @@ class Agent:
             "associations": [a.as_dict() for a in self.tracker.active.values()],
             "outcomes": dict(self.tracker.outcomes),
             "process": process_stats(),
+            "health": self.health.latest,
         }
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        """Ready while the tunnel to the relay is up (``tunnel_core.health.agent_readiness``)."""
+        ready = agent_readiness(state=self.state, last_error=self.last_error)
+        return web.json_response({"ready": ready.ready, "reason": ready.reason}, status=200 if ready.ready else 503)
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import urllib.error
@@ -115,6 +116,10 @@ def _run(args: argparse.Namespace) -> int:
     # not a transient failure, so say so now instead of retrying forever.
     client_context(settings.cert_file, settings.key_file, settings.ca_file)
     setup_logging(args.verbose)
+    # The health C-ECHOs run through pynetdicom, which logs every association at INFO and every failed one
+    # at ERROR, each round, without the route; the monitor logs once when a destination stops or starts
+    # answering, and the reason is in the status.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     agent = Agent(settings)
     return run_service(agent.run, agent.stop)
 
@@ -152,7 +157,30 @@ def _human(status: dict) -> str:
     for a in status["associations"]:
         lines.append(f"  {a['id']} {a['direction']} {a['calling_ae']} -> {a['called_ae']} "
                      f"in={a['bytes_from_caller']} out={a['bytes_to_caller']}")
+    lines += _health_lines(status.get("health"))
     return "\n".join(lines)
+
+
+def _health_lines(health: dict | None) -> list[str]:
+    """One line per destination's latest C-ECHO, and one for the host."""
+    if not health:
+        return ["health:       no C-ECHO round yet"]
+    lines = [f"health:       C-ECHO every {health['report_interval']:g} s"]
+    for d in health["destinations"]:
+        address = f"{d['host']}:{d['port']}"
+        if d["ok"] is None:
+            result = "not checked yet"
+        elif d["ok"]:
+            result = f"ok  {d['latency_ms']:.1f} ms" if d["latency_ms"] is not None else "ok"
+        else:
+            since = time.strftime("%H:%M:%S", time.localtime(d["last_failure"]))
+            result = f"FAILED: {d['last_failure_reason']} (at {since})"
+        lines.append(f"  {d['route']:<12} {address:<24} {result}")
+    h = health["host"]
+    disk = f"{h['disk_free_bytes'] / 2**30:.1f} GiB" if h["disk_free_bytes"] is not None else "?"
+    lines.append(f"host:         cpu {h['cpu_percent']:.0f}%  memory {h['memory_percent']:.0f}%  "
+                 f"disk free {disk}  rss {h['rss_bytes'] / 2**20:.0f} MiB  fds {h['open_fds']}")
+    return lines
 
 
 def _diagnose(args: argparse.Namespace) -> int:

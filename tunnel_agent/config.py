@@ -36,6 +36,7 @@ __all__ = [
     "AgentListenerConfig",
     "AgentRoute",
     "AgentSettings",
+    "HealthConfig",
     "StatusConfig",
     "load_agent_settings",
 ]
@@ -74,6 +75,14 @@ class AgentListenerConfig(DicomIngressConfig):
     enabled: bool = True
 
 
+class HealthConfig(StrictModel):
+    """``[health]``: the periodic C-ECHO of each ``[[routes]]`` destination, reported to the relay."""
+
+    echo_interval: Seconds = 30.0  # seconds between rounds; also the report interval the relay expects
+    echo_timeout: Seconds = 5.0  # bounds each of connect, association, C-ECHO and release
+    calling_ae: AETitle = "TUNNEL-HEALTH"
+
+
 class AgentRoute(StrictModel):
     """``[[routes]]``: one destination the agent may dial. ``called_ae`` rewrites the called AE title."""
 
@@ -108,6 +117,7 @@ class AgentSettings(TomlSettings):
     status: StatusConfig = Field(default_factory=StatusConfig)
     listener: AgentListenerConfig = Field(default_factory=AgentListenerConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     routes: list[AgentRoute] = Field(default_factory=list)
 
     @model_validator(mode="before")
