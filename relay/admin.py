@@ -21,6 +21,9 @@ certificates do not authenticate here at all: the admin port speaks no TLS and k
 - ``POST /api/sites/{name}/destinations`` ``{called_ae, host, port, allowed_calling_aes}``
 - ``DELETE /api/sites/{name}/destinations/{called_ae}``
 Routing changes apply to the next association at once; they persist in the registry.
+
+The ops dashboard (``relay.dashboard``: ``/``, ``/sites/{name}``, ``/login``) shares this port; its data API
+``/api/dashboard*`` also accepts the session cookie its login hands out. Every other ``/api/`` path needs the token.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING
 import pydantic
 from aiohttp import web
 
-from relay import metrics, pki
+from relay import dashboard, metrics, pki
 from relay.config import DestinationConfig, ListenerRoute
 from relay.registry import DestinationRecord, RegistryError, RouteRecord
 from tunnel_core.token import EnrollmentToken
@@ -68,10 +71,11 @@ def admin_token(state_dir: Path) -> str:
 
 def build_app(relay: Relay) -> web.Application:
     expected = admin_token(relay.settings.state_dir)
+    board = dashboard.Dashboard(relay, expected)
 
     @web.middleware
     async def require_token(request: web.Request, handler):
-        if request.path.startswith("/api/"):
+        if request.path.startswith("/api/") and not board.session_allows(request):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
                 return _json({"error": "missing or wrong admin token (see admin.token in the state directory)"},
@@ -119,6 +123,7 @@ def build_app(relay: Relay) -> web.Application:
     app.router.add_delete("/api/routes/{listener}/{called_ae}", bound(_remove_route))
     app.router.add_post("/api/sites/{name}/destinations", bound(_add_destination))
     app.router.add_delete("/api/sites/{name}/destinations/{called_ae}", bound(_remove_destination))
+    dashboard.add_routes(app, board)
     return app
 
 
