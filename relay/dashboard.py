@@ -226,8 +226,8 @@ class TrafficMeter:
     """Bytes to and from each site and their rate, from the associations the tracker holds.
 
     Call ``observe`` with the tracker's active associations now and then (the dashboard: every ``SAMPLE_INTERVAL``).
-    An association's byte counts are final once it leaves the tracker; it is added to its site's totals
-    then, and to the site's recent list. One that starts and ends between two calls is not seen.
+    An association's byte counts are final once it ends; ``ended`` (the tracker's finish listener) adds
+    them to its site's totals and recent list, so even one that starts and ends between two samples counts.
     """
 
     def __init__(self, window: float = RATE_WINDOW, recent: int = RECENT_PER_SITE) -> None:
@@ -239,15 +239,19 @@ class TrafficMeter:
         self._recent: dict[str, deque[dict[str, Any]]] = {}
         self._totals: dict[str, tuple[int, int]] = {}
 
+    def ended(self, assoc: Association, now: float) -> None:
+        """An association is over (the tracker's finish listener): its bytes are final, count them."""
+        self._watching.pop(assoc.id, None)
+        if assoc.site:
+            to_site, from_site = _site_bytes(assoc)
+            done = self._done.get(assoc.site, (0, 0))
+            self._done[assoc.site] = (done[0] + to_site, done[1] + from_site)
+            recent = self._recent.setdefault(assoc.site, deque(maxlen=self._recent_size))
+            recent.appendleft({**assoc.as_dict(), "ended": now})
+
     def observe(self, active: Mapping[str, Association], now: float, sites: Iterable[str]) -> None:
         for assoc_id in [a for a in self._watching if a not in active]:
-            assoc = self._watching.pop(assoc_id)
-            if assoc.site:
-                to_site, from_site = _site_bytes(assoc)
-                done = self._done.get(assoc.site, (0, 0))
-                self._done[assoc.site] = (done[0] + to_site, done[1] + from_site)
-                recent = self._recent.setdefault(assoc.site, deque(maxlen=self._recent_size))
-                recent.appendleft({**assoc.as_dict(), "ended": now})
+            self.ended(self._watching[assoc_id], now)  # without a finish listener: seen to have left
         self._watching.update(active)
         live: dict[str, tuple[int, int]] = {}
         for assoc in self._watching.values():  # one pass, whatever the number of sites
@@ -294,6 +298,7 @@ class Dashboard:
         self.login_lock = asyncio.Lock()
         self.history = OutcomeHistory()
         self.traffic = TrafficMeter()
+        relay.tracker.finish_listeners.append(lambda assoc: self.traffic.ended(assoc, time.time()))
 
     def token_matches(self, given: str) -> bool:
         return hmac.compare_digest(given.strip().encode(), self._token)

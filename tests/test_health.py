@@ -80,7 +80,7 @@ def test_parse_rejects_what_is_not_a_json_object(payload):
         parse_report(payload)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None, 1.5, [1]])
+@pytest.mark.parametrize("version", [0, 2, "1", None, 1.5, [1], True, 1.0])
 def test_parse_rejects_other_versions(version):
     with pytest.raises(ReportError, match="version"):
         _parse(_report(v=version))

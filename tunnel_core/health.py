@@ -68,7 +68,7 @@ def parse_report(payload: bytes) -> dict[str, Any]:
         raw = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ReportError("report is not JSON") from exc
-    if not isinstance(raw, dict) or raw.get("v") != REPORT_VERSION:
+    if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw["v"] != REPORT_VERSION:  # not True
         raise ReportError(f"report is not a version {REPORT_VERSION} object")
     destinations = raw.get("destinations")
     if not isinstance(destinations, list) or len(destinations) > _MAX_DESTINATIONS:

@@ -115,6 +115,8 @@ class AssociationTracker:
         self.totals: dict[tuple[str, str], int] = {}
         self.bytes_total: dict[tuple[str, str], int] = {}
         self.durations: dict[str, DurationHistogram] = {}
+        # Called with each association as it ends (its counts are final then): e.g. the dashboard's meter.
+        self.finish_listeners: list[Callable[[Association], None]] = []
 
     def start(self, direction: str, req: AssociateRequest) -> Association:
         assoc = Association(f"{self._prefix}{next(self._ids)}", direction, req.calling_ae, req.called_ae)
@@ -135,6 +137,8 @@ class AssociationTracker:
                  "duration=%.3fs outcome=%s", assoc.id, assoc.direction, assoc.site or "-",
                  assoc.route or "-", assoc.calling_ae, assoc.called_ae, assoc.bytes_from_caller,
                  assoc.bytes_to_caller, duration, outcome, extra={"assoc": log_record(assoc, duration)})
+        for listener in self.finish_listeners:
+            listener(assoc)
 
     def refused(self, reason: str, direction: str) -> None:
         """A connection refused before it was an association (not DICOM, too big, silent)."""
