@@ -42,3 +42,4 @@ def test_relay_logs_json_lines_with_tunnel_ids(procs, tmp_path):
     assert assoc and assoc[0]["site"] == "site-a" and assoc[0]["called_ae"] == "A_PACS"
     assert {"id", "direction", "calling_ae", "route", "bytes_from_caller", "bytes_to_caller", "duration_s"} <= \
         assoc[0].keys()
+    assert assoc[0]["tunnel"] == "site-a" and isinstance(assoc[0]["stream"], int)

@@ -244,7 +244,7 @@ def test_association_log_record_carries_structured_fields(captured):
     assert {k: v for k, v in record.items() if k != "duration_s"} == {
         "id": "t1", "direction": C2S, "calling_ae": "CLOUDAI", "called_ae": "HOSP_PACS", "site": "hospital-a",
         "route": "pacs", "bytes_from_caller": 1234, "bytes_to_caller": 56, "outcome": "completed",
-        "reject_reason": None}
+        "reject_reason": None, "tunnel": "hospital-a", "stream": None}
     assert record["duration_s"] >= 0
     assert second.assoc["reject_reason"] == "called_ae_unknown" and second.assoc["site"] is None
     assert "outcome=rejected:called_ae_unknown" in second.getMessage()

@@ -68,11 +68,12 @@ class Association:
     bytes_from_caller: int = 0
     bytes_to_caller: int = 0
     outcome: str = "active"
+    stream: int | None = None  # the mux stream carrying it, within the site's tunnel
 
     def as_dict(self) -> dict[str, object]:
         return {
             "id": self.id, "direction": self.direction, "calling_ae": self.calling_ae,
-            "called_ae": self.called_ae, "site": self.site, "route": self.route,
+            "called_ae": self.called_ae, "site": self.site, "route": self.route, "stream": self.stream,
             "started": self.started, "bytes_from_caller": self.bytes_from_caller,
             "bytes_to_caller": self.bytes_to_caller, "outcome": self.outcome,
         }
@@ -161,6 +162,7 @@ def log_record(assoc: Association, duration: float) -> dict[str, object]:
     return {
         "id": assoc.id, "direction": assoc.direction, "calling_ae": assoc.calling_ae,
         "called_ae": assoc.called_ae, "site": assoc.site or None, "route": assoc.route or None,
+        "tunnel": assoc.site or None, "stream": assoc.stream,
         "bytes_from_caller": assoc.bytes_from_caller, "bytes_to_caller": assoc.bytes_to_caller,
         "duration_s": round(duration, 6), "outcome": assoc.outcome, "reject_reason": reject_reason(assoc.outcome),
     }
@@ -190,6 +192,7 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
                 outcome = f"rejected:{decision.name.lower()}"
                 return
             assoc.bytes_from_caller = len(req.pdu) + len(rest)
+            assoc.stream = decision.id
             try:
                 outcome = await _splice(decision, pipe, assoc, answered=False, first=req.pdu + rest)
             finally:
@@ -236,6 +239,7 @@ async def serve_stream(stream: TunnelStream, *, limits: IngressLimits, choose: C
     req, rest, consumed = sniffed
     assoc = tracker.start(direction, req)
     assoc.site = site
+    assoc.stream = stream.id
     outcome = "internal-error"
     try:
         choice = choose(req)
