@@ -1,0 +1,726 @@
+"""WireGuard for the tunnel: X25519 key files, the `wg show <if> dump` parser, and one interface.
+
+Theory of operation
+- Keys are X25519 (``cryptography``), stored as one base64 line in a 0600 file. A new key file is
+  written under a temporary name opened with O_CREAT|O_EXCL and mode 0600, then published atomically:
+  by hard link (never replaces an existing key) or, with ``overwrite=True``, by rename. Key material
+  never reaches argv, logs or exception text: ``wg set <if> private-key <path>`` reads the file itself.
+- ``parse_dump`` is pure. It reads the tab-separated output of ``wg show <if> dump`` and drops the
+  private and preshared keys on the spot (only "is one set" survives), so a dump can be logged or shown.
+  Errors name the line and field, never the line's text (it would carry a key).
+- ``WireGuardInterface`` drives one interface with ``ip`` and ``wg`` (argv lists, a timeout on every
+  call, no shell). ``up`` tries the kernel (``ip link add <if> type wireguard``) and otherwise runs
+  ``wireguard-go`` in the foreground (WG_PROCESS_FOREGROUND=1) as our own child: we hold its PID through
+  the ``Popen`` object (no PID-reuse race, no pidfile), see it exit, and end it with SIGTERM, after which
+  it deletes its TUN device and its UAPI socket itself. A daemonized wireguard-go would be found again
+  only through its socket; the socket's peer credentials name the parent that created it and then
+  exited, so the daemon could not be signalled by PID reliably.
+- Crash recovery (``recover_stale``) needs no PID: deleting ``/var/run/wireguard/<if>.sock`` makes a
+  surviving wireguard-go exit (it watches the file with inotify; wg-quick uses the same contract on the
+  BSDs), and a kernel or TUN link of that name is then deleted. A link of another kind is never touched.
+- The UAPI socket directory is shared by every network namespace, so userspace interface names must be
+  unique on the host, not only inside one namespace.
+
+The methods block (subprocess); call them from asyncio through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import errno
+import ipaddress
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tunnel_link.errors import LinkError
+
+__all__ = [
+    "DumpParseError",
+    "InvalidKeyError",
+    "WgDump",
+    "WgEndpoint",
+    "WgPeer",
+    "WireGuardCommandError",
+    "WireGuardError",
+    "WireGuardInterface",
+    "generate_private_key",
+    "is_valid_key",
+    "load_private_key",
+    "parse_dump",
+    "parse_endpoint",
+    "public_key_of",
+    "validate_interface_name",
+    "validate_key",
+]
+
+KEY_BYTES = 32
+KEY_BASE64_LEN = 44
+UAPI_DIR = Path("/var/run/wireguard")
+COMMAND_TIMEOUT = 10.0
+START_TIMEOUT = 10.0
+STOP_GRACE = 5.0
+POLL_INTERVAL = 0.02
+LINK_POLL_INTERVAL = 0.1  # each poll runs `ip link show`
+STDERR_CHARS = 300
+COMMANDS_KEPT = 1000
+NONE = "(none)"
+# Linux IFNAMSIZ is 16 with the NUL; the characters are the ones wg-quick accepts, and no leading "-"
+# (wireguard-go would read "-h" as an interface name and create it).
+_IFNAME = re.compile(r"[A-Za-z0-9_=+.][A-Za-z0-9_=+.-]{0,14}")
+
+Implementation = Literal["kernel", "userspace"]
+
+
+class WireGuardError(LinkError):
+    """Root of the WireGuard errors."""
+
+
+class InvalidKeyError(WireGuardError, ValueError):
+    """A key is not base64 of 32 bytes, or a key file is unreadable or too open. Never holds the key."""
+
+
+class DumpParseError(WireGuardError, ValueError):
+    """``wg show <if> dump`` output did not have the documented shape. Names line and field only."""
+
+
+class WireGuardCommandError(WireGuardError):
+    """A command managing the interface failed; the message is one line: the argv and its stderr.
+
+    argv never holds key material, so the message is safe to log.
+    """
+
+    def __init__(self, argv: Sequence[str], detail: str, returncode: int | None = None) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.detail = detail
+        status = "" if returncode is None else f" (exit {returncode})"
+        super().__init__(f"`{shlex.join(self.argv)}` failed{status}: {detail}")
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def validate_key(text: str) -> str:
+    """Return ``text`` stripped if it is canonical base64 of a 32-byte key, else raise InvalidKeyError."""
+    if not isinstance(text, str):
+        raise InvalidKeyError("a WireGuard key must be a base64 string")
+    value = text.strip()
+    if len(value) != KEY_BASE64_LEN or not value.endswith("="):
+        raise InvalidKeyError(f"a WireGuard key is {KEY_BASE64_LEN} base64 characters ending in '='")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidKeyError("a WireGuard key must be valid base64") from None
+    if len(raw) != KEY_BYTES or base64.b64encode(raw).decode("ascii") != value:
+        raise InvalidKeyError("a WireGuard key must be the canonical base64 of 32 bytes")
+    return value
+
+
+def is_valid_key(text: str) -> bool:
+    """True if ``text`` is a canonical base64 32-byte key (see validate_key)."""
+    try:
+        validate_key(text)
+    except InvalidKeyError:
+        return False
+    return True
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def generate_private_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
+    """Write a new X25519 private key to ``path`` (mode 0600) and return its public key in base64.
+
+    The file appears complete or not at all. Without ``overwrite`` an existing file is an error
+    (FileExistsError) and is left untouched. The directory should be private to the service user.
+    """
+    target = Path(path)
+    key = X25519PrivateKey.generate()
+    line = (_b64(key.private_bytes_raw()) + "\n").encode("ascii")
+    tmp = _write_private_temp(target.parent, line)
+    try:
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)  # atomic and, unlike rename, refuses to replace an existing key
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(target.parent)
+    return _b64(key.public_key().public_bytes_raw())
+
+
+def _write_private_temp(directory: Path, data: bytes) -> Path:
+    """A new file in ``directory`` holding ``data``, created 0600 with O_EXCL, flushed to disk."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):  # bounded: a name collision with O_EXCL just picks another name
+        tmp = directory / f".wgkey-{os.urandom(6).hex()}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only remove bits; be explicit anyway
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary key file in {directory}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename/link is still atomic
+    finally:
+        os.close(fd)
+
+
+def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
+    """Read a key file written by generate_private_key (or ``wg genkey``); refuse one others can read."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise InvalidKeyError(f"cannot open private key file {os.fspath(path)}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            raise InvalidKeyError(
+                f"private key file {os.fspath(path)} has mode {mode:04o}; it must be 0600 (chmod 600 it)"
+            )
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidKeyError(f"private key file {os.fspath(path)} is not base64 text") from None
+    try:
+        value = validate_key(text)
+    except InvalidKeyError as exc:
+        raise InvalidKeyError(f"private key file {os.fspath(path)}: {exc}") from None
+    return X25519PrivateKey.from_private_bytes(base64.b64decode(value))
+
+
+def public_key_of(private_key: X25519PrivateKey | os.PathLike[str]) -> str:
+    """The base64 public key of a private key object or of a key file (a Path)."""
+    if not isinstance(private_key, X25519PrivateKey):
+        private_key = load_private_key(private_key)
+    return _b64(private_key.public_key().public_bytes_raw())
+
+
+# ---------------------------------------------------------------------------------------- dump parse
+
+
+@dataclass(frozen=True)
+class WgEndpoint:
+    """A peer's UDP endpoint as wg prints it: ``1.2.3.4:51820`` or ``[fd00::1]:51820``."""
+
+    host: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+
+    def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    """One peer line of a dump, without its preshared key.
+
+    latest_handshake: Unix seconds of the last completed handshake, None if there never was one.
+    persistent_keepalive: seconds, None when off.
+    """
+
+    public_key: str
+    has_preshared_key: bool
+    endpoint: WgEndpoint | None
+    allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    latest_handshake: int | None
+    transfer_rx: int
+    transfer_tx: int
+    persistent_keepalive: int | None
+
+    def handshake_age(self, now: float) -> float | None:
+        """Seconds since the latest handshake at wall-clock time ``now``; None if never."""
+        if self.latest_handshake is None:
+            return None
+        return now - self.latest_handshake
+
+
+@dataclass(frozen=True)
+class WgDump:
+    """An interface and its peers as ``wg show <if> dump`` reports them, without private key material."""
+
+    public_key: str | None
+    has_private_key: bool
+    listen_port: int
+    fwmark: int | None
+    peers: tuple[WgPeer, ...]
+
+    def peer(self, public_key: str) -> WgPeer | None:
+        """The peer with this public key, or None."""
+        for peer in self.peers:
+            if peer.public_key == public_key:
+                return peer
+        return None
+
+
+def parse_endpoint(text: str) -> WgEndpoint:
+    """Parse ``host:port`` with a numeric IPv4 host or a bracketed IPv6 host (optionally ``%scope``)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("an IPv6 endpoint is written [address]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("an endpoint is address:port (IPv6 in brackets)")
+    address = ipaddress.ip_address(host)  # ValueError if not numeric
+    return WgEndpoint(address, _port(port))
+
+
+def _port(text: str) -> int:
+    if not _is_decimal(text) or not 0 < int(text) <= 65535:
+        raise ValueError("a port is a number from 1 to 65535")
+    return int(text)
+
+
+def _is_decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _uint(text: str) -> int:
+    if not _is_decimal(text):
+        raise ValueError("expected an unsigned decimal number")
+    return int(text)
+
+
+def _has_key(text: str) -> bool:
+    """True when a key field holds a key, False for "(none)"; the key itself is not kept."""
+    if text == NONE:
+        return False
+    validate_key(text)
+    return True
+
+
+def _listen_port(text: str) -> int:
+    port = _uint(text)
+    if port > 65535:
+        raise ValueError("listen port out of range")
+    return port
+
+
+def _fwmark(text: str) -> int | None:
+    if text == "off":
+        return None
+    mark = int(text, 0)  # wg prints 0x%x
+    if not 0 < mark < 2**32:
+        raise ValueError("fwmark out of range")
+    return mark
+
+
+def _allowed_ips(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if text == NONE:
+        return ()
+    return tuple(ipaddress.ip_network(item, strict=False) for item in text.split(","))
+
+
+# Each field of the two line kinds, in order, with the function that reads it (ValueError if bad).
+_INTERFACE_FIELDS: tuple[tuple[str, Callable[[str], object]], ...] = (
+    ("private-key", _has_key),
+    ("public-key", lambda v: None if v == NONE else validate_key(v)),
+    ("listen-port", _listen_port),
+    ("fwmark", _fwmark),
+)
+_PEER_FIELDS: tuple[tuple[str, Callable[[str], object]], ...] = (
+    ("public-key", validate_key),
+    ("preshared-key", _has_key),
+    ("endpoint", lambda v: None if v == NONE else parse_endpoint(v)),
+    ("allowed-ips", _allowed_ips),
+    ("latest-handshake", _uint),
+    ("transfer-rx", _uint),
+    ("transfer-tx", _uint),
+    ("persistent-keepalive", lambda v: None if v == "off" else _uint(v)),
+)
+
+
+def parse_dump(text: str) -> WgDump:
+    """Parse the output of ``wg show <if> dump`` (one interface; not ``wg show all dump``).
+
+    Line 1: private-key, public-key, listen-port, fwmark; then one line per peer: public-key,
+    preshared-key, endpoint, allowed-ips, latest-handshake, transfer-rx, transfer-tx,
+    persistent-keepalive; tab-separated. Raises DumpParseError naming the line and field, never
+    quoting the text (it may hold a key).
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DumpParseError("empty dump: expected an interface line")
+    has_private, public_key, listen_port, fwmark = _read_line(lines[0], 1, _INTERFACE_FIELDS)
+    peers = []
+    for number, line in enumerate(lines[1:], start=2):
+        values = _read_line(line, number, _PEER_FIELDS)
+        handshake = values[4]
+        peers.append(WgPeer(*values[:4], handshake or None, *values[5:]))  # 0 means "never"
+    return WgDump(public_key, has_private, listen_port, fwmark, tuple(peers))
+
+
+def _read_line(line: str, number: int, fields: tuple[tuple[str, Callable[[str], object]], ...]) -> list:
+    values = line.rstrip("\r").split("\t")
+    if len(values) != len(fields):
+        hint = " (is this `wg show all dump`? parse one interface's dump)" if len(values) == len(fields) + 1 else ""
+        raise DumpParseError(f"line {number}: expected {len(fields)} tab-separated fields, got {len(values)}{hint}")
+    parsed = []
+    for (name, read), value in zip(fields, values, strict=True):
+        try:
+            parsed.append(read(value))
+        except ValueError:
+            raise DumpParseError(f"line {number}: malformed {name} field") from None
+    return parsed
+
+
+# ----------------------------------------------------------------------------------------- interface
+
+
+def validate_interface_name(name: str) -> str:
+    """Return ``name`` if it is a usable interface name (1-15 of [A-Za-z0-9_=+.-], no leading '-')."""
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name):
+        raise ValueError(f"bad interface name {name!r}: 1-15 characters of A-Z a-z 0-9 _ = + . -, not starting with -")
+    return name
+
+
+class WireGuardInterface:
+    """One WireGuard interface, in the current or a named network namespace.
+
+    Call ``up(...)``, then ``set_peer``/``remove_peer``/``dump`` as needed, and ``down()`` at the end
+    (also usable as a context manager). Every command failure raises WireGuardCommandError.
+    ``commands`` records every argv this object ran, for audit and tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        netns: str | None = None,
+        implementation: Literal["auto", "kernel", "userspace"] = "auto",
+        command_timeout: float = COMMAND_TIMEOUT,
+        start_timeout: float = START_TIMEOUT,
+        uapi_dir: Path = UAPI_DIR,
+    ) -> None:
+        if implementation not in ("auto", "kernel", "userspace"):
+            raise ValueError(f"implementation must be auto, kernel or userspace, not {implementation!r}")
+        self.netns = netns
+        self.requested = implementation
+        self.command_timeout = command_timeout
+        self.start_timeout = start_timeout
+        self.uapi_dir = Path(uapi_dir)
+        self.name: str | None = None
+        self.implementation: Implementation | None = None
+        self.kernel_error: str | None = None  # why the kernel path was not taken (auto mode)
+        # The newest argv this object ran (bounded: an agent calls dump() for as long as it runs).
+        self.commands: deque[tuple[str, ...]] = deque(maxlen=COMMANDS_KEPT)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._child_log: IO[bytes] | None = None
+
+    def __enter__(self) -> WireGuardInterface:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+    # -- public surface ----------------------------------------------------------------------------
+
+    @property
+    def wireguard_go_pid(self) -> int | None:
+        """PID of our wireguard-go child while it runs (userspace only), else None."""
+        if self._child is not None and self._child.poll() is None:
+            return self._child.pid
+        return None
+
+    def up(
+        self,
+        name: str,
+        private_key_path: str | os.PathLike[str],
+        address_cidr: str,
+        listen_port: int | None = None,
+        *,
+        mtu: int | None = None,
+        recover: bool = True,
+    ) -> None:
+        """Create interface ``name``, load the key from its file, add ``address_cidr`` and bring it up.
+
+        With ``recover`` (default) a stale interface or socket of that name is removed first.
+        On failure everything created so far is removed again before the error propagates.
+        """
+        if self.name is not None:
+            raise WireGuardError(f"interface {self.name} is already up; call down() first")
+        validate_interface_name(name)
+        address = str(ipaddress.ip_interface(address_cidr))
+        key_path = os.fspath(Path(private_key_path).resolve())
+        load_private_key(key_path)  # fail early, with a clear message, on a bad or world-readable file
+        if listen_port is not None and not 0 <= int(listen_port) <= 65535:
+            raise ValueError("listen_port must be 0..65535")
+        if recover:
+            self.recover_stale(name)
+        self._create(name)
+        try:
+            self._configure(key_path, address, listen_port, mtu)
+        except BaseException as exc:
+            try:
+                self.down()
+            except WireGuardError as cleanup:
+                exc.add_note(f"removing the half-made interface failed too: {cleanup}")
+            raise
+
+    def down(self) -> None:
+        """Remove the interface and end our wireguard-go. Idempotent; safe after a failed up()."""
+        name, implementation = self.name, self.implementation
+        self.name = self.implementation = None
+        if name is None:
+            return
+        try:
+            if implementation == "userspace":
+                self._stop_child()
+                self._unlink_socket(name)
+            if self._link_kind(name) is not None:
+                self._run(["ip", "link", "delete", "dev", name])
+        finally:
+            self._close_child_log()
+
+    def recover_stale(self, name: str) -> bool:
+        """Remove what a crashed run left under ``name``: its UAPI socket and a WireGuard/TUN link.
+
+        Deleting the socket makes a surviving wireguard-go exit and remove its TUN device; whatever
+        link of a WireGuard kind remains is then deleted. A link of any other kind raises WireGuardError
+        and is left alone. Returns True if anything was removed.
+        """
+        validate_interface_name(name)
+        if name == self.name:
+            raise WireGuardError(f"interface {name} is ours and up; call down() instead")
+        removed = self._unlink_socket(name)
+        if removed:
+            # wireguard-go notices the deletion and exits, taking its TUN device with it.
+            self._wait(lambda: self._link_kind(name) is None, self.start_timeout, interval=LINK_POLL_INTERVAL)
+        kind = self._link_kind(name)
+        if kind is None:
+            return removed
+        if kind not in ("wireguard", "tun"):
+            raise WireGuardError(f"interface {name} exists and is of kind {kind!r}, not WireGuard; not deleting it")
+        self._run(["ip", "link", "delete", "dev", name])
+        return True
+
+    def set_peer(
+        self,
+        public_key: str,
+        *,
+        allowed_ips: Sequence[str],
+        endpoint: str | None = None,
+        persistent_keepalive: int | None = None,
+        preshared_key_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Add or update a peer; ``allowed_ips`` replaces its list. ``endpoint`` is ``host:port``."""
+        name = self._require_up()
+        argv = ["wg", "set", name, "peer", validate_key(public_key)]
+        if preshared_key_path is not None:
+            argv += ["preshared-key", os.fspath(Path(preshared_key_path).resolve())]
+        nets = [str(ipaddress.ip_network(item, strict=False)) for item in allowed_ips]
+        argv += ["allowed-ips", ",".join(nets)]
+        if endpoint is not None:
+            argv += ["endpoint", _endpoint_argument(endpoint)]
+        if persistent_keepalive is not None:
+            if not 0 <= int(persistent_keepalive) <= 65535:
+                raise ValueError("persistent_keepalive must be 0..65535 seconds")
+            argv += ["persistent-keepalive", str(int(persistent_keepalive)) if persistent_keepalive else "off"]
+        self._run(argv)
+
+    def remove_peer(self, public_key: str) -> None:
+        """Remove a peer; its packets are dropped from this moment on."""
+        self._run(["wg", "set", self._require_up(), "peer", validate_key(public_key), "remove"])
+
+    def dump(self) -> WgDump:
+        """The interface's state from ``wg show <if> dump`` (private and preshared keys dropped)."""
+        return parse_dump(self._run(["wg", "show", self._require_up(), "dump"]))
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _require_up(self) -> str:
+        if self.name is None:
+            raise WireGuardError("the interface is not up")
+        return self.name
+
+    def _create(self, name: str) -> None:
+        if self.requested in ("auto", "kernel"):
+            try:
+                self._run(["ip", "link", "add", "dev", name, "type", "wireguard"])
+            except WireGuardCommandError as exc:
+                if self.requested == "kernel":
+                    raise
+                self.kernel_error = exc.detail
+            else:
+                self.name, self.implementation = name, "kernel"
+                return
+        self._start_wireguard_go(name)
+        self.name, self.implementation = name, "userspace"
+
+    def _configure(self, key_path: str, address: str, listen_port: int | None, mtu: int | None) -> None:
+        name = self._require_up()
+        argv = ["wg", "set", name, "private-key", key_path]
+        if listen_port is not None:
+            argv += ["listen-port", str(int(listen_port))]
+        self._run(argv)
+        if mtu is not None:
+            self._run(["ip", "link", "set", "dev", name, "mtu", str(int(mtu))])
+        self._run(["ip", "address", "add", address, "dev", name])
+        self._run(["ip", "link", "set", "dev", name, "up"])
+
+    def _start_wireguard_go(self, name: str) -> None:
+        argv = self._full_argv(["wireguard-go", name])
+        socket_path = self._socket_path(name)
+        if socket_path.exists():  # its owner would answer our `wg set`; up(recover=True) removes it
+            raise WireGuardError(f"{socket_path} exists: another wireguard-go serves {name}; recover_stale() first")
+        self.commands.append(tuple(argv))
+        self._child_log = tempfile.TemporaryFile(prefix="wireguard-go-")
+        try:
+            self._child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._child_log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "WG_PROCESS_FOREGROUND": "1"},
+                start_new_session=True,  # a terminal's Ctrl-C reaches us, and we end it in order
+            )
+        except OSError as exc:
+            self._close_child_log()
+            raise WireGuardCommandError(argv, exc.strerror or str(exc)) from None
+        child = self._child
+        ready = self._wait(lambda: child.poll() is not None or socket_path.exists(), self.start_timeout)
+        if child.poll() is not None or not ready:
+            detail = "exited before its UAPI socket appeared" if child.poll() is not None else "no UAPI socket in time"
+            log = self._child_log_tail()
+            self._stop_child()
+            self._close_child_log()
+            raise WireGuardCommandError(argv, f"{detail}: {log}" if log else detail, child.returncode)
+
+    def _stop_child(self) -> None:
+        child, self._child = self._child, None
+        if child is None or child.poll() is not None:
+            return
+        child.terminate()  # by our own Popen: the PID cannot have been reused
+        try:
+            child.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=STOP_GRACE)
+
+    def _child_log_tail(self) -> str:
+        if self._child_log is None:
+            return ""
+        self._child_log.seek(0)
+        return _one_line(self._child_log.read().decode("utf-8", "replace"))
+
+    def _close_child_log(self) -> None:
+        log, self._child_log = self._child_log, None
+        if log is not None:
+            log.close()
+
+    def _socket_path(self, name: str) -> Path:
+        return self.uapi_dir / f"{name}.sock"
+
+    def _unlink_socket(self, name: str) -> bool:
+        try:
+            self._socket_path(name).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _link_kind(self, name: str) -> str | None:
+        """None if no link ``name`` exists (in our namespace); else its kind ("wireguard", "tun", "veth"...)."""
+        links = json.loads(self._run(["ip", "-json", "-details", "link", "show"]) or "[]")
+        for link in links:
+            if link.get("ifname") == name:
+                return str(link.get("linkinfo", {}).get("info_kind", "") or "unknown")
+        return None
+
+    def _full_argv(self, argv: Sequence[str]) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [*prefix, *argv]
+
+    def _run(self, argv: Sequence[str]) -> str:
+        """Run ``argv`` (no shell, bounded time); return stdout or raise WireGuardCommandError."""
+        full = self._full_argv(argv)
+        self.commands.append(tuple(full))
+        try:
+            done = subprocess.run(
+                full,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.command_timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise WireGuardCommandError(full, f"no answer within {self.command_timeout:g} s") from None
+        except OSError as exc:
+            detail = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+            raise WireGuardCommandError(full, detail) from None
+        if done.returncode != 0:
+            detail = _one_line(done.stderr.decode("utf-8", "replace")) or "no error output"
+            raise WireGuardCommandError(full, detail, done.returncode)
+        return done.stdout.decode("utf-8", "replace")
+
+    @staticmethod
+    def _wait(predicate: Callable[[], bool], timeout: float, interval: float = POLL_INTERVAL) -> bool:
+        """Poll ``predicate`` until true or ``timeout`` s pass (bounded in count too); return its last value."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / interval) + 2):
+            if predicate():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(interval, remaining))
+        return bool(predicate())
+
+
+def _endpoint_argument(endpoint: str) -> str:
+    """Check ``host:port`` (a name or numeric host; IPv6 in brackets) well enough to pass it to wg."""
+    text = str(endpoint)
+    if not text or text.startswith("-") or any(ch.isspace() for ch in text):
+        raise ValueError("an endpoint is host:port")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("an endpoint is host:port")
+    _port(port)
+    return text
+
+
+def _one_line(text: str) -> str:
+    """Whitespace collapsed to single spaces, at most STDERR_CHARS characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= STDERR_CHARS else flat[: STDERR_CHARS - 3] + "..."
