@@ -8,8 +8,9 @@ AE titles are unique per listener and per site, names are unique, and no two soc
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -36,6 +37,7 @@ __all__ = [
     "AdminConfig",
     "DestinationConfig",
     "EnrollmentConfig",
+    "WireGuardConfig",
     "ListenerConfig",
     "ListenerRoute",
     "RelaySettings",
@@ -87,6 +89,33 @@ class EnrollmentConfig(StrictModel):
 
     token_ttl: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0  # seconds a token stays redeemable
     certificate_days: Annotated[int, Field(ge=1, le=30)] = 30  # lifetime of each issued site certificate
+
+
+class WireGuardConfig(StrictModel):
+    """``[wireguard]``: the WireGuard transport. Agents with ``transport = "wireguard"`` register a key over
+    the TLS port, then reach ``tunnel_port`` on ``address`` through the tunnel (only outbound UDP for them)."""
+
+    enabled: bool = False
+    interface: Annotated[str, Field(pattern=r"^[A-Za-z0-9_=+.][A-Za-z0-9_=+.-]{0,14}$")] = "wgrelay0"
+    listen_port: Port = 51820
+    address: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+\.\d+/\d+$")] = "10.99.0.1/24"
+    tunnel_port: Port = 8444
+    # What agents dial (host:port). Empty: the first name in relay.crt and listen_port.
+    endpoint: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
+    persistent_keepalive: Annotated[int, Field(ge=0, le=3600)] = 25
+    implementation: Literal["auto", "kernel", "userspace"] = "auto"
+
+    @model_validator(mode="after")
+    def _address_in_network(self) -> WireGuardConfig:
+        iface = ipaddress.ip_interface(self.address)
+        if iface.network.num_addresses < 4 or iface.ip in (iface.network.network_address,
+                                                           iface.network.broadcast_address):
+            raise KeyProblem(("address",), "needs a host address in a network with room for sites, e.g. 10.99.0.1/24")
+        return self
+
+    @property
+    def relay_ip(self) -> str:
+        return str(ipaddress.ip_interface(self.address).ip)
 
 
 class AdminConfig(EndpointConfig):
@@ -150,6 +179,7 @@ class RelaySettings(TomlSettings):
     mux: MuxConfig = Field(default_factory=MuxConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     enrollment: EnrollmentConfig = Field(default_factory=EnrollmentConfig)
+    wireguard: WireGuardConfig = Field(default_factory=WireGuardConfig)
     listeners: list[ListenerConfig] = Field(default_factory=list)
     sites: list[SiteConfig] = Field(default_factory=list)
 

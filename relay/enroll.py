@@ -55,6 +55,7 @@ def add_routes(app: web.Application, relay: Relay) -> None:
     app.router.add_post("/enroll/v1/certificate", bound(_enroll_http))
     app.router.add_post("/enroll/v1/renew", bound(_renew_http))
     app.router.add_get("/enroll/v1/inner", bound(_inner))
+    app.router.add_post("/enroll/v1/wireguard", bound(_wireguard_http))
 
 
 # --- the two operations, whatever carries them --------------------------------------------------------
@@ -100,6 +101,26 @@ async def _renew_http(relay: Relay, request: web.Request) -> web.Response:
     identity = relay.authenticate_request(request)
     body = await _json_body(request) if identity is not None else {}
     return _answer(lambda: renew_as(relay, identity, body))
+
+
+async def _wireguard_http(relay: Relay, request: web.Request) -> web.Response:
+    """Register the site's WireGuard key (mutual TLS): answers its tunnel address and the relay's peer data."""
+    identity = relay.authenticate_request(request)
+    if identity is None:
+        return web.json_response({"error": "a valid site certificate is required"}, status=403)
+    if relay.wireguard is None:
+        return web.json_response({"error": "this relay has no WireGuard transport"}, status=404)
+    body = await _json_body(request)
+    try:
+        _require_strings(body, ("public_key",))
+        answer = relay.wireguard.register(identity.site, body["public_key"])
+    except Refused as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    except (ValueError, RegistryError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    await relay.wireguard.sync()
+    log.info("site=%s registered a WireGuard key; tunnel address %s", identity.site, answer["address_cidr"])
+    return web.json_response(answer)
 
 
 def _answer(operation) -> web.Response:

@@ -27,6 +27,7 @@ Every method opens its own short transaction; the class is safe to use from one 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -108,6 +109,15 @@ _MIGRATIONS: tuple[str, ...] = (
         allowed_calling_aes TEXT NOT NULL,
         source              TEXT NOT NULL,
         PRIMARY KEY (site, called_ae)
+    );
+    """,
+    # 3: WireGuard peers: one key and one tunnel address per site.
+    """
+    CREATE TABLE wg_peers (
+        site       TEXT PRIMARY KEY REFERENCES sites(name),
+        public_key TEXT NOT NULL UNIQUE,
+        address    TEXT NOT NULL UNIQUE,
+        updated_at REAL NOT NULL
     );
     """,
 )
@@ -466,6 +476,40 @@ class Registry:
             raise RegistryError(f"unknown site {site!r} (tunnel-relay site add first)")
         if row[0] is not None:
             raise RegistryError(f"site {site!r} is revoked")
+
+    # --- WireGuard peers --------------------------------------------------------------------------------
+
+    def register_wg_peer(self, site: str, public_key: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                         reserved: set[str], now: float, actor: str) -> str:
+        """Give ``site`` the WireGuard key ``public_key``; returns its tunnel address (kept across key changes,
+        else the lowest free host address of ``network`` not in ``reserved``)."""
+        with self._tx():
+            self._require_live_site(site)
+            row = self._db.execute("SELECT site FROM wg_peers WHERE public_key = ?", (public_key,)).fetchone()
+            if row is not None and row[0] != site:
+                raise RegistryError("that WireGuard key is registered to another site")
+            current = self._db.execute("SELECT public_key, address FROM wg_peers WHERE site = ?",
+                                       (site,)).fetchone()
+            if current is not None:
+                if current[0] != public_key:
+                    self._db.execute("UPDATE wg_peers SET public_key = ?, updated_at = ? WHERE site = ?",
+                                     (public_key, now, site))
+                    self._audit(now, actor, "wireguard_key_replaced", site, {"address": current[1]})
+                return current[1]
+            taken = {r[0] for r in self._db.execute("SELECT address FROM wg_peers")} | reserved
+            address = next((str(ip) for ip in network.hosts() if str(ip) not in taken), None)
+            if address is None:
+                raise RegistryError(f"no free WireGuard address left in {network}")
+            self._db.execute("INSERT INTO wg_peers(site, public_key, address, updated_at) VALUES (?,?,?,?)",
+                             (site, public_key, address, now))
+            self._audit(now, actor, "wireguard_peer_added", site, {"address": address})
+        return address
+
+    def wg_peers(self) -> list[tuple[str, str, str]]:
+        """(site, public key, address) of every unrevoked site with a WireGuard key."""
+        return [tuple(r) for r in self._db.execute(
+            "SELECT w.site, w.public_key, w.address FROM wg_peers w JOIN sites s ON s.name = w.site "
+            "WHERE s.revoked_at IS NULL ORDER BY w.site")]
 
     def data_version(self) -> int:
         """Changes when any *other* connection commits: a cheap "reload?" check."""

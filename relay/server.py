@@ -28,6 +28,7 @@ from relay import admin, enroll, pki
 from relay.config import RelaySettings
 from relay.pki import PkiError, site_from_certificate
 from relay.registry import CertificateVerdict, DestinationRecord, Registry, RouteRecord, serial_hex
+from relay.wgtransport import RelayWireGuard
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
@@ -66,11 +67,12 @@ SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the re
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a verified client certificate says it is, after the registry agreed."""
+    """Who a connection is, after the registry agreed: from a verified client certificate (``serial``,
+    ``not_after``), or from the WireGuard peer the connection came through (both None)."""
 
     site: str
-    serial: str
-    not_after: float
+    serial: str | None
+    not_after: float | None
 
 
 @dataclass
@@ -86,6 +88,7 @@ class SiteState:
     not_after: float | None = None
     report: dict | None = None  # the agent's latest health report (tunnel_core.health.parse_report)
     report_at: float | None = None
+    transport: str = ""  # "websocket", "websocket, inner TLS" or "wireguard" while connected
 
     def health(self, now: float) -> SiteHealth:
         return site_condition(connected=self.session is not None, disconnect_reason=self.last_disconnect_reason,
@@ -107,6 +110,7 @@ class Relay:
         self.started = time.time()
         self._registry: Registry | None = None
         self.serving = False
+        self.wireguard = RelayWireGuard(self) if settings.wireguard.enabled else None
 
     def readiness(self) -> Readiness:
         try:
@@ -150,6 +154,10 @@ class Relay:
         enroll.add_routes(tunnel_app, self)
         self.bound["tunnel"] = await _serve_app(stack, tunnel_app, s.tunnel.host, s.tunnel.port, ssl_ctx)
         self.bound["admin"] = await _serve_app(stack, admin.build_app(self), s.admin.host, s.admin.port, None)
+        if self.wireguard is not None:
+            wg_app = web.Application()
+            wg_app.router.add_get(s.tunnel.path, self._tunnel_wg_ws)
+            self.bound["wireguard"] = await self.wireguard.start(stack, wg_app)
         for listener in s.listeners:
             self.bound[f"listener:{listener.name}"] = await self._serve_listener(stack, listener)
         stack.push_async_callback(self._close_sessions)
@@ -220,7 +228,20 @@ class Relay:
         tune(request.transport)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
         await ws.prepare(request)
-        await self._serve_session(identity, ws, f"{request.remote}")
+        await self._serve_session(identity, ws, f"{request.remote}", "websocket")
+        return ws
+
+    async def _tunnel_wg_ws(self, request: web.Request) -> web.StreamResponse:
+        """The WireGuard transport: the site is the peer whose tunnel address the connection comes from."""
+        assert self.wireguard is not None
+        site = self.wireguard.site_of(request.remote)
+        if site is None:
+            log.warning("refused wireguard tunnel from %s: no peer has that address", request.remote)
+            raise web.HTTPForbidden(text="unknown WireGuard peer\n")
+        tune(request.transport)
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
+        await ws.prepare(request)
+        await self._serve_session(Identity(site, None, None), ws, f"{request.remote} (wireguard)", "wireguard")
         return ws
 
     async def _tunnel_inner_ws(self, request: web.Request) -> web.StreamResponse:
@@ -239,10 +260,10 @@ class Relay:
             await inner.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION,
                               message=b"a valid, unrevoked site certificate is required")
             return ws
-        await self._serve_session(identity, inner, f"{request.remote} (inner TLS)")
+        await self._serve_session(identity, inner, f"{request.remote} (inner TLS)", "websocket, inner TLS")
         return ws
 
-    async def _serve_session(self, identity: Identity, ws, peer: str) -> None:
+    async def _serve_session(self, identity: Identity, ws, peer: str, transport: str) -> None:
         site = self._site_state(identity.site)
 
         async def on_stream(stream: TunnelStream) -> None:
@@ -263,6 +284,7 @@ class Relay:
         site.session, site.peer = session, peer
         site.report = site.report_at = None  # a new tunnel reports afresh
         site.serial, site.not_after = identity.serial, identity.not_after
+        site.transport = transport
         site.connects += 1
         log.info("tunnel=%s connected from %s", site.name, peer, extra={"tunnel": site.name, "peer": peer})
         if previous is not None:
@@ -349,12 +371,22 @@ class Relay:
         if site is not None and site.session is not None and site.serial == identity.serial:
             site.serial, site.not_after = serial, not_after
 
-    async def enforce_revocations(self, now: float | None = None) -> list[str]:
-        """Close every live tunnel whose certificate is revoked, whose site is revoked, or that expired."""
+    async def enforce_revocations(self, now: float | None = None, *, sync_wireguard: bool = True) -> list[str]:
+        """Close every live tunnel whose certificate is revoked, whose site is revoked, or that expired; and
+        (``sync_wireguard``) bring the WireGuard peers in line with the registry first."""
         now = time.time() if now is None else now
+        closed = []
+        if self.wireguard is not None:
+            if sync_wireguard:
+                await self.wireguard.sync()
+            allowed = {site for site, _key in self.wireguard.by_address.values()}
+            for site in self.sites.values():
+                if site.session is not None and site.transport == "wireguard" and site.name not in allowed:
+                    log.warning("tunnel=%s closing: WireGuard peer removed", site.name, extra={"tunnel": site.name})
+                    await site.session.close(ErrorCode.GOING_AWAY, "WireGuard peer removed (site revoked)")
+                    closed.append(site.name)
         live = {s.serial: s for s in self.sites.values() if s.session is not None and s.serial is not None}
         refused = self.registry.refused_among(live)
-        closed = []
         for serial, site in live.items():
             if serial in refused:
                 reason = f"certificate {serial} refused: {refused[serial].value}"
@@ -373,9 +405,10 @@ class Relay:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                if self.registry.data_version() != self._routing_version:  # another process wrote
+                changed = self.registry.data_version() != self._routing_version  # another process wrote
+                if changed:
                     self.reload_routing()
-                await self.enforce_revocations()
+                await self.enforce_revocations(sync_wireguard=changed)
             except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry
                 log.exception("revocation sweep failed")
 
@@ -384,6 +417,7 @@ class Relay:
     def status(self) -> dict[str, object]:
         sites = []
         now = time.time()
+        wg = self.wireguard.handshakes() if self.wireguard is not None else None
         for site in self.sites.values():
             session = site.session
             health = site.health(now)
@@ -391,8 +425,8 @@ class Relay:
                 "name": site.name,
                 "condition": health.condition.value,
                 "reason": health.reason,
-                "transport": ("websocket, inner TLS" if "inner TLS" in site.peer else "websocket") if session
-                else None,
+                "transport": site.transport if session else None,
+                "wireguard": wg.get(site.name) if wg is not None else None,
                 "health": site.report,
                 "health_age_s": round(now - site.report_at, 1) if site.report_at else None,
                 "connected": session is not None,

@@ -108,4 +108,5 @@ def test_version_1_registry_is_migrated_keeping_its_data(tmp_path: Path):
         assert registry.routes()[0].source == "api"
     finally:
         registry.close()
-    assert sqlite3.connect(tmp_path / reg.REGISTRY_FILE).execute("PRAGMA user_version").fetchone()[0] == 2
+    version = sqlite3.connect(tmp_path / reg.REGISTRY_FILE).execute("PRAGMA user_version").fetchone()[0]
+    assert version == reg.SCHEMA_VERSION
