@@ -67,6 +67,7 @@ class RelayCollector(Collector):
             (([s["name"], d["route"]], d) for s in reporting for d in s["health"]["destinations"]), ["site"])
         yield from host_families((([s["name"]], s["health"]["host"]) for s in reporting), ["site"])
         yield from _report_families(reporting)
+        yield from _wireguard_families(sites)
         yield tasks_family(status["process"]["tasks"])
 
     def _active_by_site(self) -> dict[str, int]:
@@ -105,6 +106,23 @@ def _site_families(sites: list[dict[str, Any]], active: dict[str, int]) -> Itera
         if s["certificate_not_after"] is not None:
             expiry.add_metric([name], s["certificate_not_after"])
     yield from (up, condition, rtt, associations, streams, connects, expiry)
+
+
+def _wireguard_families(sites: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per site with a WireGuard peer, from ``wg show dump``: handshake age and bytes."""
+    handshake = GaugeMetricFamily(f"{PREFIX}_wireguard_handshake_age_seconds", "Seconds since the latest "
+                                  "WireGuard handshake with the site's agent", labels=["site"])
+    transfer = CounterMetricFamily(f"{PREFIX}_wireguard_transfer_bytes", "Bytes through the site's WireGuard "
+                                   "peer", labels=["site", "way"])
+    for s in sites:
+        wg = s.get("wireguard")
+        if not wg:
+            continue
+        if wg["latest_handshake_age_s"] is not None:
+            handshake.add_metric([s["name"]], wg["latest_handshake_age_s"])
+        transfer.add_metric([s["name"], "rx"], wg["rx_bytes"])
+        transfer.add_metric([s["name"], "tx"], wg["tx_bytes"])
+    yield from (handshake, transfer)
 
 
 def _report_families(reporting: list[dict[str, Any]]) -> Iterator[Metric]:
