@@ -26,6 +26,7 @@ from tunnel_agent.config import AgentSettings
 from tunnel_agent.connect import explain_untrusted_relay
 from tunnel_agent.enroll import EnrollError, renew, renewal_due, with_enrollment
 from tunnel_agent.health import HealthMonitor
+from tunnel_agent.wgtransport import WireGuardTransport
 from tunnel_core.backoff import Backoff
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
@@ -79,6 +80,8 @@ class Agent:
         self.started = time.time()
         self.health = HealthMonitor(self, settings.health, settings.routes, state_dir=settings.state_dir,
                                     version=__version__)
+        self.wireguard = (WireGuardTransport(settings, session=lambda: self.session)
+                          if settings.transport == "wireguard" else None)
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ class Agent:
     async def start(self, stack: AsyncExitStack) -> None:
         """Bind the status endpoint and the local DICOM listener; torn down with ``stack``."""
         s = self.settings
+        if self.wireguard is not None:
+            stack.push_async_callback(self.wireguard.close)  # the interface goes last, after the tunnel
         app = web.Application()
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/metrics", metrics.handler(self))  # Prometheus (tunnel_agent.metrics)
@@ -149,8 +154,10 @@ class Agent:
         ssl_ctx = client_context(s.cert_file, s.key_file, s.ca_file)
         from tunnel_agent.connect import open_tunnel
 
-        # Direct or through the configured HTTP proxy; a proxy's failure is a one-line ProxyError.
-        async with open_tunnel(s, ssl_ctx) as ws:
+        # Direct or through the configured HTTP proxy; a proxy's failure is a one-line ProxyError. With
+        # transport = "wireguard", through the WireGuard interface, with that as its fallback.
+        opening = self.wireguard.open(lambda: open_tunnel(s, ssl_ctx)) if self.wireguard else open_tunnel(s, ssl_ctx)
+        async with opening as ws:
             session = MuxSession(ws, Mux(Role.AGENT, self.limits),
                                  heartbeat_interval=s.heartbeat_interval, on_stream=self._relay_stream,
                                  label="relay")
@@ -252,6 +259,7 @@ class Agent:
             "outcomes": dict(self.tracker.outcomes),
             "process": process_stats(),
             "health": self.health.latest,
+            **(self.wireguard.status() if self.wireguard else {"transport": "websocket", "transport_reason": ""}),
         }
 
     async def _status(self, request: web.Request) -> web.Response:

@@ -38,6 +38,7 @@ __all__ = [
     "AgentSettings",
     "HealthConfig",
     "StatusConfig",
+    "WireGuardAgentConfig",
     "load_agent_settings",
 ]
 
@@ -83,6 +84,21 @@ class HealthConfig(StrictModel):
     calling_ae: AETitle = "TUNNEL-HEALTH"
 
 
+class WireGuardAgentConfig(StrictModel):
+    """``[wireguard]``: the WireGuard transport, used when ``transport = "wireguard"``.
+
+    The agent registers its public key with the relay (mutual TLS on the relay's port), brings up
+    ``interface`` with the address the relay assigns, and opens the usual tunnel WebSocket through it.
+    """
+
+    # Userspace (wireguard-go) interface names must be unique on the host, not only in a namespace.
+    interface: Annotated[str, Field(pattern=r"^[A-Za-z0-9_=+.][A-Za-z0-9_=+.-]{0,14}$")] = "wgtunnel0"
+    key_file: Path = Path()  # empty: {state_dir}/wg.key (made on first use, 0600, never sent)
+    fallback_after: Seconds = 15.0  # no tunnel over WireGuard within this: use the WebSocket transport
+    retry_interval: Seconds = 60.0  # while on the fallback, seconds between WireGuard probes
+    implementation: Literal["auto", "kernel", "userspace"] = "auto"  # auto: kernel, else wireguard-go
+
+
 class AgentRoute(StrictModel):
     """``[[routes]]``: one destination the agent may dial. ``called_ae`` rewrites the called AE title."""
 
@@ -109,6 +125,9 @@ class AgentSettings(TomlSettings):
     # and may end at the proxy; the mutual TLS with the pinned relay CA runs inside the WebSocket.
     tls_mode: Literal["direct", "inner"] = "direct"
     outer_ca_file: Path | None = None
+    # "websocket": the mutual-TLS WebSocket to relay_url. "wireguard": the same tunnel through a WireGuard
+    # interface to the relay (only outbound UDP), falling back to "websocket" while that does not work.
+    transport: Literal["websocket", "wireguard"] = "websocket"
     heartbeat_interval: Seconds = 10.0
     backoff_initial: Seconds = 0.5
     backoff_max: Seconds = 30.0
@@ -118,6 +137,7 @@ class AgentSettings(TomlSettings):
     listener: AgentListenerConfig = Field(default_factory=AgentListenerConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    wireguard: WireGuardAgentConfig = Field(default_factory=WireGuardAgentConfig)
     routes: list[AgentRoute] = Field(default_factory=list)
 
     @model_validator(mode="before")
@@ -127,6 +147,13 @@ class AgentSettings(TomlSettings):
             state_dir = Path(data.get("state_dir") or DEFAULT_STATE_DIR)
             defaults = {"cert_file": "agent.crt", "key_file": "agent.key", "ca_file": "ca.crt"}
             data = {**data, **{k: state_dir / name for k, name in defaults.items() if not data.get(k)}}
+            wireguard = data.get("wireguard")
+            if isinstance(wireguard, dict) and not wireguard.get("key_file"):
+                data["wireguard"] = {**wireguard, "key_file": state_dir / "wg.key"}
+            elif isinstance(wireguard, WireGuardAgentConfig) and wireguard.key_file == Path():
+                data["wireguard"] = wireguard.model_copy(update={"key_file": state_dir / "wg.key"})
+            elif wireguard is None:
+                data["wireguard"] = {"key_file": state_dir / "wg.key"}
         return data
 
     @model_validator(mode="after")
@@ -137,6 +164,8 @@ class AgentSettings(TomlSettings):
         listener, status = self.listener, self.status
         if listener.enabled and listener.port == status.port and hosts_overlap(listener.host, status.host):
             raise KeyProblem(("status", "port"), f"port {status.port} is already used by listener.port")
+        if self.transport == "wireguard" and self.tls_mode == "inner":
+            raise KeyProblem(("transport",), 'wireguard registers over direct mutual TLS; it needs tls_mode = "direct"')
         return self
 
     @property
