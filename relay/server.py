@@ -377,14 +377,15 @@ class Relay:
         now = time.time() if now is None else now
         closed = []
         if self.wireguard is not None:
-            if sync_wireguard:
-                await self.wireguard.sync()
-            allowed = {site for site, _key in self.wireguard.by_address.values()}
+            # Close first, then remove peers: the GOAWAY still reaches the agent through its tunnel.
+            allowed = {site for site, _key, _address in self.registry.wg_peers()}
             for site in self.sites.values():
                 if site.session is not None and site.transport == "wireguard" and site.name not in allowed:
                     log.warning("tunnel=%s closing: WireGuard peer removed", site.name, extra={"tunnel": site.name})
                     await site.session.close(ErrorCode.GOING_AWAY, "WireGuard peer removed (site revoked)")
                     closed.append(site.name)
+            if sync_wireguard or closed:
+                await self.wireguard.sync()
         live = {s.serial: s for s in self.sites.values() if s.session is not None and s.serial is not None}
         refused = self.registry.refused_among(live)
         for serial, site in live.items():

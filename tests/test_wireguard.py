@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import stat
@@ -590,3 +591,11 @@ def test_commands_against_a_missing_namespace_raise_one_line_errors() -> None:
         iface.recover_stale(f"dtnone{os.getpid() % 100000}")  # a name nobody uses: its socket is unlinked
     assert str(info.value).startswith(f"`ip netns exec dt-no-such-namespace-{os.getpid()} ip -json -details link show")
     assert "\n" not in str(info.value)
+
+
+def test_guard_table_names_are_valid_for_nft_and_unique_per_interface() -> None:
+    from tunnel_link.wireguard import guard_table_name
+
+    names = {guard_table_name(n) for n in ("wg0", "wg.0", "wg-0", "wg_0", "wg+0", "wg=0")}
+    assert len(names) == 6
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", n) for n in names)

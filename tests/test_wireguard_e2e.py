@@ -429,9 +429,6 @@ def test_crash_leftover_is_recovered_and_revocation_cuts_the_site(site: Site) ->
     assert site.find_fails()
 
 
-@pytest.mark.xfail(strict=True, reason="the agent does not yet refuse new inbound connections on its WireGuard "
-                   "interface: the hospital's perimeter firewall never sees the packets WireGuard decapsulates, "
-                   "so the relay's host can reach any service listening on all addresses of the agent's host")
 def test_nothing_inside_the_tunnel_can_open_a_connection_to_the_hospital(site: Site) -> None:
     site.wait_transport("wireguard")
     # Orthanc listens on all addresses of the hospital host, so also on the agent's tunnel address.

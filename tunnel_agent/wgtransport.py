@@ -518,7 +518,8 @@ class WireGuardTransport:
             self.iface.down()
             self._applied = None
         if self.iface.name is None:
-            self.iface.up(self.config.interface, self.config.key_file, reg.address_cidr)  # recovers a stale one
+            # Recovers a stale one; replies_only: the relay can reach nothing on this host through the tunnel.
+            self.iface.up(self.config.interface, self.config.key_file, reg.address_cidr, replies_only=True)
             log.info("WireGuard interface %s up (%s), address %s", self.config.interface,
                      self.iface.implementation, reg.address_cidr)
         elif self._reset_peer:

@@ -410,6 +410,11 @@ def _read_line(line: str, number: int, fields: tuple[tuple[str, Callable[[str], 
 # ----------------------------------------------------------------------------------------- interface
 
 
+def guard_table_name(interface: str) -> str:
+    """The nftables table guarding ``interface`` (``replies_only``): a name nft accepts, unique per interface."""
+    return "dtunnel_guard_" + re.sub(r"[^A-Za-z0-9_]", lambda m: f"x{ord(m.group()):02x}", interface)
+
+
 def validate_interface_name(name: str) -> str:
     """Return ``name`` if it is a usable interface name (1-15 of [A-Za-z0-9_=+.-], no leading '-')."""
     if not isinstance(name, str) or not _IFNAME.fullmatch(name):
@@ -473,10 +478,14 @@ class WireGuardInterface:
         *,
         mtu: int | None = None,
         recover: bool = True,
+        replies_only: bool = False,
     ) -> None:
         """Create interface ``name``, load the key from its file, add ``address_cidr`` and bring it up.
 
         With ``recover`` (default) a stale interface or socket of that name is removed first.
+        ``replies_only`` (the agent): an nftables table accepts on this interface only packets of
+        connections this host opened, and forwards nothing from it, so the peer cannot reach any local
+        service or the network behind the host through the tunnel. Needs ``nft``.
         On failure everything created so far is removed again before the error propagates.
         """
         if self.name is not None:
@@ -491,6 +500,8 @@ class WireGuardInterface:
             self.recover_stale(name)
         self._create(name)
         try:
+            if replies_only:
+                self._guard(name)
             self._configure(key_path, address, listen_port, mtu)
         except BaseException as exc:
             try:
@@ -511,6 +522,7 @@ class WireGuardInterface:
                 self._unlink_socket(name)
             if self._link_kind(name) is not None:
                 self._run(["ip", "link", "delete", "dev", name])
+            self._unguard(name)
         finally:
             self._close_child_log()
 
@@ -524,7 +536,8 @@ class WireGuardInterface:
         validate_interface_name(name)
         if name == self.name:
             raise WireGuardError(f"interface {name} is ours and up; call down() instead")
-        removed = self._unlink_socket(name)
+        removed = self._unguard(name)
+        removed = self._unlink_socket(name) or removed
         if removed:
             # wireguard-go notices the deletion and exits, taking its TUN device with it.
             self._wait(lambda: self._link_kind(name) is None, self.start_timeout, interval=LINK_POLL_INTERVAL)
@@ -672,14 +685,39 @@ class WireGuardInterface:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [*prefix, *argv]
 
-    def _run(self, argv: Sequence[str]) -> str:
+    # -- inbound guard (nftables) --------------------------------------------------------------------
+
+    def _guard(self, name: str) -> None:
+        table = guard_table_name(name)
+        # add+delete first: replaces a table left by a crash, in the same atomic transaction.
+        script = (f"add table inet {table}\ndelete table inet {table}\n"
+                  f"table inet {table} {{\n"
+                  f"  chain input {{ type filter hook input priority -10; policy accept;\n"
+                  f'    iifname "{name}" ct state established,related accept\n'
+                  f'    iifname "{name}" counter drop\n  }}\n'
+                  f"  chain forward {{ type filter hook forward priority -10; policy accept;\n"
+                  f'    iifname "{name}" counter drop\n  }}\n}}\n')
+        self._run(["nft", "-f", "-"], stdin=script.encode())
+
+    def _unguard(self, name: str) -> bool:
+        """Delete the guard table of ``name`` if it exists; True if it did."""
+        table = guard_table_name(name)
+        try:
+            self._run(["nft", "list", "table", "inet", table])
+        except WireGuardCommandError:
+            return False  # no such table (or no nft at all: then there is nothing to remove either)
+        self._run(["nft", "delete", "table", "inet", table])
+        return True
+
+    def _run(self, argv: Sequence[str], stdin: bytes | None = None) -> str:
         """Run ``argv`` (no shell, bounded time); return stdout or raise WireGuardCommandError."""
         full = self._full_argv(argv)
         self.commands.append(tuple(full))
         try:
             done = subprocess.run(
                 full,
-                stdin=subprocess.DEVNULL,
+                input=stdin,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
                 capture_output=True,
                 timeout=self.command_timeout,
                 check=False,
