@@ -347,3 +347,31 @@ def test_agent_collector_with_and_without_health(health):
         assert s.value("dicom_tunnel_destination_echo_ok", route="ris") == 0
         assert s.value("dicom_tunnel_destination_echo_latency_seconds", route="pacs") == 0.012
         assert s.value("dicom_tunnel_agent_host_memory_percent") == 40
+
+
+def test_agent_transport_and_wireguard_metrics_come_from_its_status() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tunnel_agent.metrics import _transport_families
+
+    class Fake:
+        def __init__(self, status):
+            self.status = status
+
+        def collect(self):
+            yield from _transport_families(self.status)
+
+    def scrape(status) -> dict[tuple[str, tuple], float]:
+        registry = CollectorRegistry()
+        registry.register(Fake(status))
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+
+    wg = scrape({"transport": "wireguard",
+                 "wireguard": {"latest_handshake_age_s": 3.5, "rx_bytes": 100, "tx_bytes": 200}})
+    assert wg[("dicom_tunnel_transport", (("transport", "wireguard"),))] == 1.0
+    assert wg[("dicom_tunnel_wireguard_handshake_age_seconds", ())] == 3.5
+    assert wg[("dicom_tunnel_wireguard_transfer_bytes_total", (("way", "tx"),))] == 200
+    plain = scrape({"transport": "websocket"})
+    assert ("dicom_tunnel_wireguard_handshake_age_seconds", ()) not in plain

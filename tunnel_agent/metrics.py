@@ -64,7 +64,35 @@ class AgentCollector(Collector):
             (([d["route"]], d) for d in destinations if isinstance(d.get("route"), str)), [])
         host = health.get("host") if isinstance(health, dict) else None
         yield from host_families([([], host)] if isinstance(host, dict) else [], [])
+        yield from _transport_families(status)
         yield tasks_family(status["process"]["tasks"])
+
+
+def _transport_families(status: dict[str, Any]) -> Iterator[Metric]:
+    """Which transport carries the tunnel and, with WireGuard, its handshake age and bytes (wg show dump)."""
+    transport = status.get("transport")
+    if isinstance(transport, str):
+        yield _labelled(f"{PREFIX}_transport", "1 for the transport carrying the tunnel now", "transport", transport)
+    wg = status.get("wireguard")
+    if not isinstance(wg, dict):
+        return
+    age = GaugeMetricFamily(f"{PREFIX}_wireguard_handshake_age_seconds", "Seconds since the latest WireGuard "
+                            "handshake with the relay")
+    if isinstance(wg.get("latest_handshake_age_s"), int | float):
+        age.add_metric([], wg["latest_handshake_age_s"])
+    yield age
+    transfer = CounterMetricFamily(f"{PREFIX}_wireguard_transfer_bytes", "Bytes through the WireGuard peer",
+                                   labels=["way"])
+    for way, key in (("rx", "rx_bytes"), ("tx", "tx_bytes")):
+        if isinstance(wg.get(key), int | float):
+            transfer.add_metric([way], wg[key])
+    yield transfer
+
+
+def _labelled(name: str, doc: str, label: str, value: str) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=[label])
+    family.add_metric([value], 1.0)
+    return family
 
 
 def _tunnel_families(status: dict[str, Any]) -> Iterator[Metric]:
