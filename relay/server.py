@@ -410,6 +410,8 @@ class Relay:
                 if changed:
                     self.reload_routing()
                 await self.enforce_revocations(sync_wireguard=changed)
+                if self.wireguard is not None:
+                    await self.wireguard.refresh()
             except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry
                 log.exception("revocation sweep failed")
 

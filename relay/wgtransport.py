@@ -53,6 +53,7 @@ class RelayWireGuard:
         self.public_key = ""
         self.by_address: dict[str, tuple[str, str]] = {}  # tunnel address -> (site, public key)
         self._lock = asyncio.Lock()
+        self._handshakes: dict[str, dict[str, object]] = {}
 
     async def start(self, stack: AsyncExitStack, app: web.Application) -> tuple[str, int]:
         key_path = self.relay.settings.state_dir / KEY_FILE
@@ -63,6 +64,7 @@ class RelayWireGuard:
         await asyncio.to_thread(self.interface.up, c.interface, key_path, c.address, c.listen_port)
         stack.push_async_callback(asyncio.to_thread, self.interface.down)
         await self.sync()
+        await self.refresh()
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -117,11 +119,16 @@ class RelayWireGuard:
         return entry[0] if entry else None
 
     def handshakes(self) -> dict[str, dict[str, object]]:
-        """Per site: latest handshake, bytes and endpoint from ``wg show dump`` (for status and metrics)."""
+        """Per site: latest handshake, bytes and endpoint, as of the last ``refresh()`` (the relay's sweep,
+        once a second): status and metrics never run a subprocess on the event loop."""
+        return self._handshakes
+
+    async def refresh(self) -> None:
         try:
-            dump = self.interface.dump()
-        except WireGuardError:
-            return {}
+            dump = await asyncio.to_thread(self.interface.dump)
+        except WireGuardError as exc:
+            log.warning("wg show dump failed: %s", exc)
+            return
         now = time.time()
         sites = {public_key: site for site, public_key in self.by_address.values()}
         result: dict[str, dict[str, object]] = {}
@@ -132,4 +139,4 @@ class RelayWireGuard:
                 result[site] = {"latest_handshake_age_s": round(age, 1) if age is not None else None,
                                 "rx_bytes": peer.transfer_rx, "tx_bytes": peer.transfer_tx,
                                 "endpoint": str(peer.endpoint) if peer.endpoint else None}
-        return result
+        self._handshakes = result
