@@ -424,3 +424,63 @@ def test_terminal_report_and_readme_render(results, tmp_path: Path):
     assert "`python -m tunnel_bench --quick`" in readme
     assert "![throughput.png](throughput.png)" in readme
     assert "## What each measurement is" in readme and "| CPU | cpu (2 logical cores) |" in readme
+
+
+# --- the WireGuard row (issue 6) -----------------------------------------------------------------------
+
+
+def test_summarize_wireguard_medians_runs_and_ratio():
+    from tunnel_bench.wgbench import summarize_wireguard
+
+    summary = summarize_wireguard(100_000_000, 100, [2.0, 4.0, 3.0], [5.0, 4.0, 4.0])
+    assert summary["raw"]["mb_s"] == 33.33 and summary["raw"]["runs"] == [50.0, 25.0, 33.33]
+    assert summary["tunnel"]["mb_s"] == 25.0 and summary["tunnel"]["inst_s"] == 25.0
+    assert summary["ratio"] == 0.75
+    with pytest.raises(ValueError):
+        summarize_wireguard(1, 1, [], [1.0])
+
+
+def test_namespace_addresses_and_interface_names():
+    from tunnel_bench.netns import interface_name, pair_addresses
+
+    hospital, cloud = pair_addresses(7)
+    assert (str(hospital), str(cloud)) == ("10.203.7.1/24", "10.203.7.2/24")
+    assert str(pair_addresses(250, 204)[1].ip) == "10.204.250.2"
+    for bad in ((0, 203), (255, 203), (1, 256)):
+        with pytest.raises(ValueError):
+            pair_addresses(*bad)
+    assert interface_name("a1b2c3", "rc") == "tba1b2c3rc"
+    for tag, suffix in (("a1b2c3", ""), ("a1b2c3d4e5f6", "xyz"), ("a1b2c3", "r c")):
+        with pytest.raises(ValueError):
+            interface_name(tag, suffix)
+
+
+def _wireguard(raw: float, ours: float) -> dict:
+    return {"implementation": "wireguard-go", "instances": 100, "bytes": 52_000_000, "run_count": 1,
+            "raw": {"mb_s": raw, "inst_s": 60.0, "seconds": 1.0, "runs": [raw]},
+            "tunnel": {"mb_s": ours, "inst_s": 55.0, "seconds": 1.1, "runs": [ours]}, "ratio": ours / raw}
+
+
+def test_wireguard_target_table_and_readme(results, tmp_path: Path):
+    from tunnel_bench.report import wireguard_measured, wireguard_report
+
+    assert not wireguard_measured(results) and not wireguard_measured({"wireguard": {"skipped": "not root"}})
+    assert not [t for t in evaluate_targets(results) if "WireGuard" in t["target"]]
+    results["wireguard"] = _wireguard(40.0, 30.0)
+    missed = _target(evaluate_targets(results), "WireGuard mode, 1 assoc: throughput >= 0.8x raw")
+    assert missed["met"] is False and missed["measured"] == "0.75x (30.0 vs 40.0 MB/s)"
+    results["wireguard"] = _wireguard(40.0, 36.0)
+    results["targets"] = evaluate_targets(results)
+    assert _target(results["targets"], "WireGuard mode")["margin"] == "met, 12% above"
+    text = terminal_report(results)
+    ours = next(line for line in text.splitlines() if line.startswith("our tunnel, WireGuard mode"))
+    assert "36.0" in ours and "0.90x" in ours
+    assert "Target of issue 6" in wireguard_report(results) and "0.90x" in wireguard_report(results)
+    readme = render_readme(results, [], tmp_path)
+    assert "WireGuard mode against raw wireguard-go" in readme and "| our tunnel, WireGuard mode |" in readme
+
+
+def test_readme_says_why_wireguard_was_skipped(results, tmp_path: Path):
+    results["wireguard"] = {"skipped": "needs root"}
+    results["targets"] = evaluate_targets(results)
+    assert "- WireGuard: skipped (needs root)" in render_readme(results, [], tmp_path)

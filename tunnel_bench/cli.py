@@ -1,6 +1,7 @@
 """``python -m tunnel_bench``: run every measurement in one go and write the results.
 
-Order of a run: generate the workload; start the sinks and every path (direct, ``ssh -R``, stunnel
+Order of a run: generate the workload; the WireGuard row (its own namespaces, processes and sink, all
+gone again before anything else starts); start the sinks and every path (direct, ``ssh -R``, stunnel
 pair, our relay + agent); throughput (all paths, interleaved); latency idle and loaded (all paths);
 idle associations and churn (our tunnel, fresh processes each); emulated WAN; then write
 ``results.json``, the PNG plots and ``README.md`` into the output directory and print the tables.
@@ -30,16 +31,17 @@ from tunnel_bench.peers import generate_workload, start_sinks
 from tunnel_bench.plots import write_plots
 from tunnel_bench.procs import ProcessSet, raise_nofile_limit
 from tunnel_bench.readme import render_readme
-from tunnel_bench.report import evaluate_targets, terminal_report
+from tunnel_bench.report import evaluate_targets, terminal_report, wireguard_measured, wireguard_report
 from tunnel_bench.scale import measure_churn, measure_idle
 from tunnel_bench.scenarios import BenchContext, Settings, measure_latency, measure_throughput
 from tunnel_bench.tunnelstack import TunnelStack
 from tunnel_bench.wan import measure_wan
+from tunnel_bench.wgbench import measure_wireguard
 
 __all__ = ["main", "settings_for"]
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("throughput", "latency", "idle", "churn", "wan")
+PHASES = ("throughput", "latency", "idle", "churn", "wan", "wireguard")
 NOFILE_WANTED = 65536
 
 
@@ -49,7 +51,7 @@ def settings_for(quick: bool, runs: int | None = None) -> Settings:
         mode="quick" if quick else "full", runs=runs or (1 if quick else 3), parallel=8, latency_count=200,
         idle_associations=1000, churn_rate=100, churn_seconds=10 if quick else 60, wan_rtts_ms=(20, 80),
         wan_rate_mbit=200.0, wan_instances=40 if quick else 150, wan_runs=1 if quick else 3,
-        store_timeout_s=1800.0)
+        store_timeout_s=1800.0, wireguard_instances=100 if quick else 0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,7 +111,15 @@ def _measure(args: argparse.Namespace, settings: Settings, workdir: Path, sink_r
     workload = generate_workload(workdir / "workload", instances=instances, prototype=args.prototype_set)
     results["workload"] = {"description": workload.description, "instances": len(workload.files),
                            "bytes": workload.total_bytes}
-    progress(f"workload: {len(workload.files)} files, {workload.total_bytes / 1e6:.1f} MB; starting the paths")
+    progress(f"workload: {len(workload.files)} files, {workload.total_bytes / 1e6:.1f} MB")
+    if "wireguard" in phases:
+        wg_workload = workload.head(settings.wireguard_instances) if settings.wireguard_instances else workload
+        _phase(results, "wireguard", progress, lambda: measure_wireguard(
+            wg_workload, settings.runs, procs, workdir / "wireguard", sink_root / "wireguard", progress,
+            settings.store_timeout_s))
+    if not phases - {"wireguard"}:
+        return
+    progress("starting the paths")
     sinks = start_sinks(procs, sink_root)
     ctx = BenchContext(settings, workload, sinks, workdir / "logs", progress)
     stack = TunnelStack(procs, workdir / "tunnel", sinks, wan_sites=len(settings.wan_rtts_ms))
@@ -209,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _complete(results):
         results["targets"] = evaluate_targets(results)
         print("\n" + terminal_report(results), flush=True)
+    elif wireguard_measured(results):  # --phases wireguard alone: its table and target
+        print("\n" + wireguard_report(results), flush=True)
     plots = _write(results, out_dir)
     written = "results.json, README.md" + "".join(f", {p}" for p in plots) if _complete(results) else \
         "results-partial.json"

@@ -72,6 +72,16 @@ Measured with 1 association (the issue's target) and with N in parallel (N TCP c
 the link directly, N streams of one WebSocket through the tunnel). 20 association set-ups are timed
 over the same link: direct pays TCP handshake + A-ASSOCIATE + A-RELEASE, the tunnel (already
 connected) only the last two.
+
+**WireGuard mode against raw wireguard-go** (issue 6). Two network namespaces made for the run
+(cloud, hospital) joined by a veth. *raw*: a plain wireguard-go tunnel between them, storescu in the
+hospital namespace -> the cloud's WireGuard address -> storescp. *our WireGuard mode*: relay in the
+cloud namespace with `[wireguard]` enabled, agent in the hospital namespace with `transport =
+"wireguard"`: storescu -> agent listener -> mux WebSocket inside WireGuard -> relay -> storescp.
+Both use wireguard-go (`implementation = "userspace"`), the same veth and the same `storescp --fork`;
+1 association, runs interleaved, median shown; 10 untimed warm-up files per path first. The quick
+mode sends the first 100 instances. Needs root, `ip`, `wg`, `wireguard-go`, `nft`; otherwise the
+row is skipped and the run says why.
 """
 
 
@@ -97,6 +107,8 @@ def _config(results: dict) -> str:
         f"- latency: {c['latency_count']} sequential associations per path, idle and loaded",
         f"- idle associations: {c['idle_associations']}; churn: {c['churn_rate']}/s for {c['churn_seconds']} s",
         f"- emulated WAN: {wan}",
+        *([f"- WireGuard: skipped ({results['wireguard']['skipped']})"]
+          if (results.get("wireguard") or {}).get("skipped") else []),
     ])
 
 
@@ -135,7 +147,8 @@ def render_readme(results: dict, plots: list[str], out_dir: Path) -> str:
         parts += [f"### {title}", "", markdown_table(headers, rows), ""]
         if title.startswith(SCALE_TITLE) and (notes := _scale_notes(results)):
             parts += [notes, ""]
-    parts += ["## Targets (issue 3)", "", markdown_table(*targets_table(results["targets"])), ""]
+    parts += ["## Targets (issue 3; the WireGuard row: issue 6)", "",
+              markdown_table(*targets_table(results["targets"])), ""]
     if (out_dir / "ANALYSIS.md").exists():
         parts += ["Why a target is missed, with profiles: [ANALYSIS.md](ANALYSIS.md) (hand-written).", ""]
     if plots:

@@ -22,6 +22,9 @@ __all__ = [
     "tables",
     "targets_table",
     "terminal_report",
+    "wireguard_measured",
+    "wireguard_report",
+    "wireguard_table",
 ]
 
 PATH_ORDER = ("direct", "ssh", "stunnel", "tunnel_s2c", "tunnel_c2s")
@@ -140,6 +143,27 @@ def wan_table(results: dict) -> Table:
     return headers, rows
 
 
+WIREGUARD_TITLE = "WireGuard mode against raw wireguard-go (two namespaces, 1 association)"
+WIREGUARD_TARGET = 0.8
+
+
+def wireguard_measured(results: dict) -> bool:
+    wg = results.get("wireguard")
+    return bool(wg) and "raw" in wg and "tunnel" in wg
+
+
+def wireguard_table(results: dict) -> Table:
+    """Raw wireguard-go and our WireGuard mode: median MB/s, inst/s, ratio to raw, every run."""
+    wg = results["wireguard"]
+    headers = ["path", "1 assoc MB/s", "inst/s", "x raw wireguard-go", "each run MB/s"]
+    rows = []
+    for key, label in (("raw", "raw wireguard-go"), ("tunnel", "our tunnel, WireGuard mode")):
+        tp = wg[key]
+        rows.append([label, _num(tp["mb_s"]), _num(tp["inst_s"], 0), _x(ratio(tp["mb_s"], wg["raw"]["mb_s"])),
+                     " / ".join(_num(r) for r in tp["runs"])])
+    return headers, rows
+
+
 def _snap_cells(snap: dict) -> str:
     tasks = "n/a" if snap.get("tasks") is None else str(snap["tasks"])
     return f"{snap['rss'] / MIB:.1f} MiB, {snap['fds']} fds, {tasks} tasks"
@@ -174,6 +198,10 @@ def tables(results: dict) -> list[tuple[str, Table]]:
            ("Cost of the tunnel processes while moving data", resources_table(results))]
     if results.get("idle") or results.get("churn"):
         out.append((f"{SCALE_TITLE} (RSS, open descriptors, asyncio tasks)", scale_table(results)))
+    if wireguard_measured(results):
+        wg = results["wireguard"]
+        out.append((f"{WIREGUARD_TITLE}; {wg['instances']} instances, {wg['bytes'] / 1e6:.0f} MB, median of "
+                    f"{wg['run_count']} runs", wireguard_table(results)))
     if results.get("wan"):
         out.append(("Emulated WAN (userspace delay proxy; same link for direct and tunnel)", wan_table(results)))
     return out
@@ -278,10 +306,21 @@ def _wan_targets(results: dict) -> list[dict]:
     return rows
 
 
+def _wireguard_targets(results: dict) -> list[dict]:
+    """Issue 6: our WireGuard mode >= 0.8x raw wireguard-go over the same namespaces."""
+    if not wireguard_measured(results):
+        return []
+    wg = results["wireguard"]
+    value = ratio(wg["tunnel"]["mb_s"], wg["raw"]["mb_s"])
+    return [_row(f"WireGuard mode, 1 assoc: throughput >= {WIREGUARD_TARGET:.1f}x raw wireguard-go (issue 6)",
+                 f"{_x(value)} ({_num(wg['tunnel']['mb_s'])} vs {_num(wg['raw']['mb_s'])} MB/s)",
+                 _at_least(value, WIREGUARD_TARGET))]
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """One dict per target: target, measured, met (True/False/None), margin, kind (see ``_row``)."""
     return (_throughput_targets(results) + _latency_targets(results) + _scale_targets(results)
-            + _wan_targets(results))
+            + _wan_targets(results) + _wireguard_targets(results))
 
 
 def _mark(target: dict) -> str:
@@ -294,6 +333,16 @@ def _mark(target: dict) -> str:
 def targets_table(targets: list[dict]) -> Table:
     return ["target", "measured", "result", "by how much"], [
         [t["target"], t["measured"], _mark(t), t["margin"]] for t in targets]
+
+
+def wireguard_report(results: dict) -> str:
+    """The WireGuard table and target alone (a run of ``--phases wireguard``)."""
+    wg = results["wireguard"]
+    headers, rows = wireguard_table(results)
+    target_headers, target_rows = targets_table(_wireguard_targets(results))
+    return "\n".join([f"{WIREGUARD_TITLE}; {wg['instances']} instances, {wg['bytes'] / 1e6:.0f} MB, median of "
+                      f"{wg['run_count']} runs", format_table(headers, rows), "", "Target of issue 6",
+                      format_table(target_headers, target_rows)])
 
 
 def terminal_report(results: dict) -> str:

@@ -50,6 +50,7 @@ class Settings:
     wan_instances: int
     wan_runs: int
     store_timeout_s: float
+    wireguard_instances: int = 0  # WireGuard row: the first N instances (0: the whole workload)
 
 
 @dataclass
