@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -61,7 +62,9 @@ class RelayWireGuard:
             generate_private_key(key_path)
         self.public_key = public_key_of(key_path)
         c = self.config
-        await asyncio.to_thread(self.interface.up, c.interface, key_path, c.address, c.listen_port)
+        # no_forward: nothing arriving from one site's peer is routed on, to another site or anywhere.
+        await asyncio.to_thread(partial(self.interface.up, c.interface, key_path, c.address, c.listen_port,
+                                        no_forward=True))
         stack.push_async_callback(asyncio.to_thread, self.interface.down)
         await self.sync()
         await self.refresh()

@@ -433,3 +433,14 @@ def test_nothing_inside_the_tunnel_can_open_a_connection_to_the_hospital(site: S
     site.wait_transport("wireguard")
     # Orthanc listens on all addresses of the hospital host, so also on the agent's tunnel address.
     assert not connects(site.pair.cloud, site.agent_wg_ip, ORTHANC_DICOM)
+
+
+def test_the_relay_forwards_nothing_between_site_peers(site: Site) -> None:
+    from tunnel_link.wireguard import guard_table_name
+
+    site.wait_transport("wireguard")
+    table = guard_table_name(site.relay_if)
+    done = ns_exec(site.pair.cloud, ["nft", "list", "table", "inet", table])
+    assert done.returncode == 0, f"the relay's WireGuard interface has no guard table: {done.stderr}"
+    assert "hook forward" in done.stdout and f'iifname "{site.relay_if}"' in done.stdout and "drop" in done.stdout
+    assert "hook input" not in done.stdout  # agents open connections to the relay: its input stays open

@@ -479,13 +479,16 @@ class WireGuardInterface:
         mtu: int | None = None,
         recover: bool = True,
         replies_only: bool = False,
+        no_forward: bool = False,
     ) -> None:
         """Create interface ``name``, load the key from its file, add ``address_cidr`` and bring it up.
 
         With ``recover`` (default) a stale interface or socket of that name is removed first.
         ``replies_only`` (the agent): an nftables table accepts on this interface only packets of
         connections this host opened, and forwards nothing from it, so the peer cannot reach any local
-        service or the network behind the host through the tunnel. Needs ``nft``.
+        service or the network behind the host through the tunnel. ``no_forward`` (the relay): nothing that
+        arrives on this interface is forwarded, so one peer can never reach another through this host,
+        whatever the host's ``ip_forward``. Both need ``nft``.
         On failure everything created so far is removed again before the error propagates.
         """
         if self.name is not None:
@@ -500,8 +503,8 @@ class WireGuardInterface:
             self.recover_stale(name)
         self._create(name)
         try:
-            if replies_only:
-                self._guard(name)
+            if replies_only or no_forward:
+                self._guard(name, replies_only=replies_only)
             self._configure(key_path, address, listen_port, mtu)
         except BaseException as exc:
             try:
@@ -687,14 +690,14 @@ class WireGuardInterface:
 
     # -- inbound guard (nftables) --------------------------------------------------------------------
 
-    def _guard(self, name: str) -> None:
+    def _guard(self, name: str, *, replies_only: bool) -> None:
         table = guard_table_name(name)
+        input_chain = (f"  chain input {{ type filter hook input priority -10; policy accept;\n"
+                       f'    iifname "{name}" ct state established,related accept\n'
+                       f'    iifname "{name}" counter drop\n  }}\n') if replies_only else ""
         # add+delete first: replaces a table left by a crash, in the same atomic transaction.
         script = (f"add table inet {table}\ndelete table inet {table}\n"
-                  f"table inet {table} {{\n"
-                  f"  chain input {{ type filter hook input priority -10; policy accept;\n"
-                  f'    iifname "{name}" ct state established,related accept\n'
-                  f'    iifname "{name}" counter drop\n  }}\n'
+                  f"table inet {table} {{\n{input_chain}"
                   f"  chain forward {{ type filter hook forward priority -10; policy accept;\n"
                   f'    iifname "{name}" counter drop\n  }}\n}}\n')
         self._run(["nft", "-f", "-"], stdin=script.encode())
