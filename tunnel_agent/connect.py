@@ -96,12 +96,7 @@ def tunnel_url(settings: AgentSettings) -> str:
 
 async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings,
                      proxy: ProxyRoute | None = None) -> aiohttp.ClientWebSocketResponse:
-    via: dict[str, object] = {}
-    if proxy is not None:
-        # Sent on the CONNECT request only, never to the relay inside the tunnel.
-        authorization = proxy.authorization()
-        headers = {"Proxy-Authorization": authorization} if authorization is not None else None
-        via = {"proxy": proxy.url, "proxy_headers": headers}
+    via = proxy.request_kwargs() if proxy is not None else {}
     async with asyncio.timeout(settings.connect_timeout):
         return await http.ws_connect(tunnel_url(settings), compress=0, max_msg_size=MAX_MESSAGE_IN,
                                      autoping=True, autoclose=True, **via)

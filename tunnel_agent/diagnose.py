@@ -478,13 +478,10 @@ class _Diagnosis:
         """CONNECT to the relay over the TCP connection to the proxy (with the proxy's Basic credentials)."""
         proxy, target = self.proxy, self._relay_target
         assert proxy is not None and self.reader is not None and self.writer is not None
-        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-        if (authorization := proxy.authorization()) is not None:
-            lines.append(f"Proxy-Authorization: {authorization}")
         began = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
-                self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+                self.writer.write(proxy.connect_request(target))
                 await self.writer.drain()
                 head = await self.reader.readuntil(b"\r\n\r\n")
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

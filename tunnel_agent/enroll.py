@@ -182,11 +182,7 @@ async def _inner_request(settings: AgentSettings, ctx: ssl.SSLContext, url: str,
     op = "renew" if parts.path.endswith("/renew") else "enroll"
     ws_url = urlunsplit(("wss", parts.netloc, "/enroll/v1/inner", "", ""))
     proxy = choose_proxy(settings.proxy, ws_url, environ)
-    via: dict[str, object] = {}
-    if proxy is not None:
-        authorization = proxy.authorization()
-        via = {"proxy": proxy.url,
-               "proxy_headers": {"Proxy-Authorization": authorization} if authorization else None}
+    via = proxy.request_kwargs() if proxy is not None else {}
     connector = aiohttp.TCPConnector(ssl=outer_context(settings), use_dns_cache=False, force_close=True)
     try:
         async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
@@ -215,11 +211,7 @@ async def _inner_request(settings: AgentSettings, ctx: ssl.SSLContext, url: str,
 async def _request(settings: AgentSettings, ctx: ssl.SSLContext, method: str, url: str, body: dict | None,
                    environ: Mapping[str, str]) -> bytes:
     proxy = choose_proxy(settings.proxy, url.replace("https://", "wss://", 1), environ)
-    via: dict[str, object] = {}
-    if proxy is not None:
-        authorization = proxy.authorization()
-        via = {"proxy": proxy.url,
-               "proxy_headers": {"Proxy-Authorization": authorization} if authorization else None}
+    via = proxy.request_kwargs() if proxy is not None else {}
     timeout = aiohttp.ClientTimeout(total=settings.connect_timeout * 3, sock_connect=settings.connect_timeout)
     connector = aiohttp.TCPConnector(ssl=ctx, use_dns_cache=False, force_close=True)
     try:

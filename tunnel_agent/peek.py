@@ -54,10 +54,7 @@ async def peek_certificate(url: str, proxy: ProxyRoute | None, timeout: float) -
 async def _connect_through(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: ProxyRoute,
                            host: str, port: int) -> None:
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-    if (authorization := proxy.authorization()) is not None:
-        lines.append(f"Proxy-Authorization: {authorization}")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    writer.write(proxy.connect_request(target))
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()

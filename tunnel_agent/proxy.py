@@ -178,6 +178,20 @@ class ProxyRoute:
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
         return f"Basic {token}"
 
+    def request_kwargs(self) -> dict[str, object]:
+        """What aiohttp's ``request``/``ws_connect`` need to go through this proxy. The credentials go as a
+        header on the CONNECT only (never to the relay), not through aiohttp's deprecated BasicAuth."""
+        authorization = self.authorization()
+        return {"proxy": self.url,
+                "proxy_headers": {"Proxy-Authorization": authorization} if authorization is not None else None}
+
+    def connect_request(self, target: str) -> bytes:
+        """The raw ``CONNECT target`` request, for code that speaks to the proxy over its own socket."""
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if (authorization := self.authorization()) is not None:
+            lines.append(f"Proxy-Authorization: {authorization}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
     def auth_hint(self) -> str:
         """What to check when the proxy answers 407."""
         if self.username is None:

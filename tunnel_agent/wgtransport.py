@@ -477,11 +477,7 @@ class WireGuardTransport:
         except TlsConfigError as exc:
             raise WireGuardPathError(f"cannot register with the relay's WireGuard: {exc}") from None
         proxy = choose_proxy(s.proxy, s.relay_url, self._environ)
-        via: dict[str, Any] = {}
-        if proxy is not None:
-            authorization = proxy.authorization()
-            via = {"proxy": proxy.url,
-                   "proxy_headers": {"Proxy-Authorization": authorization} if authorization else None}
+        via = proxy.request_kwargs() if proxy is not None else {}
         connector = aiohttp.TCPConnector(ssl=ctx, use_dns_cache=False, force_close=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout)
         try:
