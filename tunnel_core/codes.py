@@ -42,6 +42,7 @@ class ErrorCode(IntEnum):
     ABORTED = 9  # the far end's TCP connection ended abruptly
     TIMEOUT = 10  # the far end was silent too long (ARTIM)
     INTERNAL_ERROR = 11
+    REVOKED = 12  # GOAWAY: the site or its certificate was revoked, or the certificate expired; do not retry soon
 
     @classmethod
     def from_wire(cls, value: int) -> ErrorCode:
