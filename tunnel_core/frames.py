@@ -3,7 +3,9 @@
 Theory of operation: frames are carried in WebSocket binary messages, but the parser treats its input as
 a byte stream, so a message may hold several frames and a frame may, in principle, span messages. The
 header is read first; its length is checked against ``max_payload`` *before* any payload is buffered, so a
-hostile 4 GiB length costs nothing. ``FrameParser.feed`` accepts any chunking and returns complete frames.
+hostile 4 GiB length costs nothing. ``FrameParser.feed`` accepts any chunking and returns complete frames;
+a frame split into many chunks is appended to one buffer, never re-joined per chunk, so a peer that drips
+bytes pays for them linearly.
 
 Header (network byte order)::
 
@@ -48,36 +50,60 @@ class FrameParser:
     """Incremental parser. Call ``feed(data)`` with any chunk; it returns the frames completed by it.
 
     DATA payloads are zero-copy ``memoryview`` slices of the chunk they arrived in (the usual case is one
-    whole frame per WebSocket message); other payloads are small ``bytes``. Only a frame split across
-    chunks is copied, once.
+    whole frame per WebSocket message); other payloads are small ``bytes``. A frame split across chunks is
+    collected by appending to one buffer and copied out once when it completes, so the cost stays linear
+    in the bytes received however finely a peer splits its frames (``copied`` counts those bytes).
     """
 
     def __init__(self, max_payload: int) -> None:
         self._max_payload = max_payload
-        self._buf = b""
+        self._partial = bytearray()  # the start of a frame that has not completed yet
+        self._need = HEADER_SIZE  # bytes ``_partial`` must hold before parsing can move on
+        self.copied = 0  # bytes copied while reassembling split frames (linear in bytes received)
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._partial)
 
-    def feed(self, data: bytes) -> list[Frame]:
-        if self._buf:
-            data = self._buf + data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self._partial:
+            self._partial += data
+            self.copied += len(data)
+            if len(self._partial) >= HEADER_SIZE and self._need == HEADER_SIZE:
+                self._need = HEADER_SIZE + self._header_length(self._partial, 0)
+            if len(self._partial) < self._need:
+                return []
+            data = bytes(self._partial)
+            self.copied += len(data)
+            self._partial = bytearray()
+            self._need = HEADER_SIZE
+        return self._parse(data)
+
+    def _parse(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         view = memoryview(data)
         frames: list[Frame] = []
         pos = 0
-        end = len(data)
+        end = len(view)
         while end - pos >= HEADER_SIZE:
-            version, ftype, flags, _rsvd, stream_id, length = HEADER.unpack_from(data, pos)
-            _check_header(version, ftype, length, self._max_payload)
+            length = self._header_length(view, pos)
             start = pos + HEADER_SIZE
             if end - start < length:
+                self._need = HEADER_SIZE + length
                 break
-            payload = view[start:start + length] if ftype == FrameType.DATA else data[start:start + length]
+            _version, ftype, flags, _rsvd, stream_id, _length = HEADER.unpack_from(view, pos)
+            payload = view[start:start + length] if ftype == FrameType.DATA else bytes(view[start:start + length])
             frames.append(Frame(FrameType(ftype), stream_id, payload, flags))
             pos = start + length
-        self._buf = bytes(view[pos:]) if pos < end else b""
+        if pos < end:
+            self._partial = bytearray(view[pos:])
+            self.copied += end - pos
         return frames
+
+    def _header_length(self, buf: bytes | bytearray | memoryview, pos: int) -> int:
+        """The payload length of the header at ``pos``, checked before any of the payload is buffered."""
+        version, ftype, _flags, _rsvd, _sid, length = HEADER.unpack_from(buf, pos)
+        _check_header(version, ftype, length, self._max_payload)
+        return length
 
 
 def _check_header(version: int, ftype: int, length: int, max_payload: int) -> None:
