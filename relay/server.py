@@ -42,7 +42,7 @@ from tunnel_core.health import (
 )
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
-from tunnel_link.aio import cancel_and_wait
+from tunnel_link.aio import cancel_and_wait, wait_for_events
 from tunnel_link.associations import (
     Association,
     AssociationTracker,
@@ -54,7 +54,7 @@ from tunnel_link.errors import LinkError
 from tunnel_link.innertls import InnerTlsError, inner_tls_server
 from tunnel_link.pipe import Pipe, PipeServer
 from tunnel_link.procstats import process_stats
-from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
+from tunnel_link.session import CLOSE_TIMEOUT, MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.sockets import tune
 from tunnel_link.tls import server_context
 
@@ -170,9 +170,11 @@ class Relay:
         self._stopping.set()
 
     async def _close_sessions(self) -> None:
-        for site in self.sites.values():
-            if site.session is not None:
-                await site.session.close(ErrorCode.GOING_AWAY, "relay shutting down")
+        """Every live tunnel at once, each bounded by ``CLOSE_TIMEOUT``: one stalled site cannot hold up
+        the shutdown of the others."""
+        closes = [site.session.close(ErrorCode.GOING_AWAY, "relay shutting down")
+                  for site in self.sites.values() if site.session is not None]
+        await asyncio.gather(*closes)
 
     async def _serve_listener(self, stack: AsyncExitStack, listener) -> tuple[str, int]:
         limits = IngressLimits(listener.artim_timeout, listener.max_associate_rq)
@@ -288,7 +290,9 @@ class Relay:
         site.connects += 1
         log.info("tunnel=%s connected from %s", site.name, peer, extra={"tunnel": site.name, "peer": peer})
         if previous is not None:
-            await previous.close(ErrorCode.GOING_AWAY, "replaced by a newer connection from the site")
+            # Not awaited: the old connection may be a peer that stopped reading, and the site's new
+            # tunnel is served from this moment whatever state the old one is in.
+            previous.close_nowait(ErrorCode.GOING_AWAY, "replaced by a newer connection from the site")
         try:
             await session.run()
         finally:
@@ -371,22 +375,33 @@ class Relay:
         if site is not None and site.session is not None and site.serial == identity.serial:
             site.serial, site.not_after = serial, not_after
 
-    async def enforce_revocations(self, now: float | None = None, *, sync_wireguard: bool = True) -> list[str]:
+    async def enforce_revocations(self, now: float | None = None, *, sync_wireguard: bool = True,
+                                  wait: bool = True) -> list[str]:
         """Close every live tunnel whose certificate is revoked, whose site is revoked, or that expired; and
-        (``sync_wireguard``) bring the WireGuard peers in line with the registry first."""
+        (``sync_wireguard``) bring the WireGuard peers in line with the registry first.
+
+        Closing sends GOAWAY ``REVOKED`` and never waits on the peer (``MuxSession.close_nowait``), so one
+        stalled site cannot delay this for the others. Only WireGuard removals wait, all together and for
+        at most ``CLOSE_TIMEOUT``, so that the GOAWAY leaves through the tunnel before its peer goes.
+        With ``wait`` (the admin API: the tunnel is gone when the command returns) it then waits, again
+        for all together and bounded, until the closed sessions have ended; the sweep does not wait."""
         now = time.time() if now is None else now
         closed = []
         if self.wireguard is not None:
-            # Close first, then remove peers: the GOAWAY still reaches the agent through its tunnel.
             allowed = {site for site, _key, _address in self.registry.wg_peers()}
+            closes = []
             for site in self.sites.values():
-                if site.session is not None and site.transport == "wireguard" and site.name not in allowed:
+                if (site.session is not None and not site.session.closing and site.transport == "wireguard"
+                        and site.name not in allowed):
                     log.warning("tunnel=%s closing: WireGuard peer removed", site.name, extra={"tunnel": site.name})
-                    await site.session.close(ErrorCode.GOING_AWAY, "WireGuard peer removed (site revoked)")
+                    closes.append(site.session.close(ErrorCode.REVOKED, "WireGuard peer removed (site revoked)"))
                     closed.append(site.name)
+            await asyncio.gather(*closes)
             if sync_wireguard or closed:
                 await self.wireguard.sync()
-        live = {s.serial: s for s in self.sites.values() if s.session is not None and s.serial is not None}
+        ending: list[MuxSession] = []
+        live = {s.serial: s for s in self.sites.values()
+                if s.session is not None and not s.session.closing and s.serial is not None}
         refused = self.registry.refused_among(live)
         for serial, site in live.items():
             if serial in refused:
@@ -398,8 +413,11 @@ class Relay:
             session = site.session
             assert session is not None
             log.warning("tunnel=%s closing: %s", site.name, reason, extra={"tunnel": site.name, "reason": reason})
-            await session.close(ErrorCode.GOING_AWAY, reason)
+            session.close_nowait(ErrorCode.REVOKED, reason)
+            ending.append(session)
             closed.append(site.name)
+        if wait and ending:
+            await wait_for_events([s.ended for s in ending], 2 * CLOSE_TIMEOUT)
         return closed
 
     async def _sweep_forever(self) -> None:
@@ -409,7 +427,7 @@ class Relay:
                 changed = self.registry.data_version() != self._routing_version  # another process wrote
                 if changed:
                     self.reload_routing()
-                await self.enforce_revocations(sync_wireguard=changed)
+                await self.enforce_revocations(sync_wireguard=changed, wait=False)
                 if self.wireguard is not None:
                     await self.wireguard.refresh()
             except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry

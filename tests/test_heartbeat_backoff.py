@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel_core.backoff import Backoff
-from tunnel_core.heartbeat import Heartbeat, PeerDead, SendPing
+from tunnel_core.heartbeat import Heartbeat, PeerDead, PeerNotReading, SendPing
 
 
 def seq(n: int) -> bytes:
@@ -121,6 +121,67 @@ def test_polling_at_next_deadline_always_makes_progress(start: float, interval: 
             return
         assert hb.next_deadline() > now, "poll at the deadline did nothing; the timer would spin"
     raise AssertionError("the silent peer was never declared dead")
+
+
+# --- a peer that stops reading (issue 10) ---------------------------------------------------------------
+
+
+def test_a_send_buffer_full_for_three_intervals_is_a_dead_peer_even_while_it_still_sends() -> None:
+    hb = Heartbeat(interval=10.0, now=0.0)
+    hb.on_send_blocked(5.0)
+    hb.on_send_blocked(9.0)  # later writes that find it full do not move the clock
+    for t in (10.0, 20.0, 30.0):
+        hb.on_activity(t)  # the peer keeps sending; it just never reads what we send
+    assert hb.next_deadline() == 10.0  # the first ping
+    hb.poll(10.0)
+    assert hb.next_deadline() == 20.0
+    hb.poll(20.0)
+    assert hb.next_deadline() == 30.0
+    hb.poll(30.0)
+    assert hb.next_deadline() == 35.0
+    assert hb.poll(34.999) is None
+    assert hb.poll(35.0) == PeerNotReading(30.0)
+    assert PeerNotReading(30.0).describe() == "peer stopped reading: send buffer full for 30.0s"
+
+
+def test_a_drained_buffer_stops_the_clock_and_the_next_block_starts_it_afresh() -> None:
+    hb = Heartbeat(interval=10.0, now=0.0)
+    hb.on_send_blocked(1.0)
+    hb.on_activity(28.0)
+    hb.on_send_drained()
+    hb.on_send_blocked(29.0)
+    hb.on_activity(40.0)
+    assert not isinstance(hb.poll(35.0), PeerNotReading)
+    assert hb.poll(59.0) == PeerNotReading(30.0)
+
+
+def test_silence_wins_when_both_verdicts_are_due() -> None:
+    hb = Heartbeat(interval=1.0, now=0.0)
+    hb.on_send_blocked(0.0)
+    assert hb.poll(3.0) == PeerDead(3.0)
+    assert PeerDead(3.0).describe() == "peer silent for 3.0s"
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.floats(0.0, 1e6), interval=st.floats(0.01, 60.0), misses=st.integers(1, 5),
+       blocked_after=st.floats(0.0, 100.0))
+def test_polling_at_next_deadline_declares_a_reader_that_stopped_dead(start: float, interval: float, misses: int,
+                                                                     blocked_after: float) -> None:
+    """The peer keeps sending (so it is never silent) but never drains our buffer: the adapter that only
+    sleeps until next_deadline() and polls still reaches the verdict, on time, without spinning."""
+    hb = Heartbeat(interval, now=start, misses=misses)
+    blocked_at = start + blocked_after
+    hb.on_send_blocked(blocked_at)
+    for _ in range(int(blocked_after / interval) + misses + 3):
+        now = hb.next_deadline()
+        hb.on_activity(now)  # something arrived just now: never silent
+        action = hb.poll(now)
+        if isinstance(action, PeerNotReading):
+            assert now == blocked_at + interval * misses
+            return
+        assert not isinstance(action, PeerDead)
+        assert hb.next_deadline() > now, "poll at the deadline did nothing; the timer would spin"
+    raise AssertionError("the peer that stopped reading was never declared dead")
 
 
 # --- backoff --------------------------------------------------------------------------------------------

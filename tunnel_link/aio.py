@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "wait_for_events"]
 
 
 async def cancel_and_wait(task: asyncio.Task) -> None:
@@ -14,3 +14,14 @@ async def cancel_and_wait(task: asyncio.Task) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+async def wait_for_events(events: list[asyncio.Event], timeout: float) -> bool:
+    """Wait until every event is set, for at most ``timeout`` seconds; True if they all were."""
+    try:
+        async with asyncio.timeout(timeout):
+            for event in events:
+                await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -45,6 +45,7 @@ import aiohttp
 from cryptography import x509
 
 from tunnel_link.errors import LinkError
+from tunnel_link.wswrite import abort_websocket
 
 __all__ = [
     "READY",
@@ -253,6 +254,11 @@ class InnerTlsWebSocket:
             if not self._send_lock.locked():  # else the writer holding it sends close_notify after its data
                 await self._flush_bounded(CLOSE_NOTIFY_TIMEOUT)
         return await self._ws.close(code=code, message=message)
+
+    def abort(self) -> None:
+        """Drop the outer connection at once, with no close_notify and no close handshake."""
+        self._closing = True
+        abort_websocket(self._ws)
 
     # --- internals -------------------------------------------------------------------------------------
 

@@ -5,6 +5,14 @@ heartbeat timer, and one handler task per remotely opened stream, all owned by t
 Writers send inline (aiohttp writes a WebSocket message to the transport synchronously and only then
 waits for drain), so frames leave in the order the core queued them and a small frame is never parked
 behind a deep application queue.
+
+Nothing here waits on the peer without a deadline. The heartbeat timer never awaits a write: it queues
+its PING and moves on, so it keeps judging the peer while our send buffer is full. Every wait for that
+buffer to drain starts the heartbeat's stall clock (``Heartbeat.on_send_blocked``); a peer that neither
+sends for three intervals nor drains our buffer for three intervals is dead, and the timer aborts the
+transport, which ends every pending write and read at once. Closing sends GOAWAY if the buffer has room,
+then gives the WebSocket close handshake a short, fixed time before aborting: a peer that stopped reading
+can never hold a close (or whoever asked for it) hostage.
 """
 
 from __future__ import annotations
@@ -22,14 +30,16 @@ from tunnel_core import mux as m
 from tunnel_core.codes import ErrorCode
 from tunnel_core.errors import ProtocolError
 from tunnel_core.frames import OpenPayload
-from tunnel_core.heartbeat import Heartbeat, PeerDead, SendPing
+from tunnel_core.heartbeat import Heartbeat, PeerDead, PeerNotReading, SendPing
 from tunnel_link.errors import LinkError, StreamResetError
-from tunnel_link.wswrite import FastBinaryWriter
+from tunnel_link.wswrite import FastBinaryWriter, abort_websocket
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 2 * 1024 * 1024  # bytes per WebSocket message we send (whole frames)
 MAX_MESSAGE_IN = 4 * 1024 * 1024  # aiohttp's receive limit; above our own send size
+CLOSE_TIMEOUT = 1.0  # seconds the WebSocket close handshake may take before the transport is aborted
+READ_BURST = 64  # messages the read loop handles before it lets other connections run
 
 
 class WebSocketLike(Protocol):
@@ -163,6 +173,8 @@ class MuxSession:
         self._closing = False
         self.connected_at = time.time()
         self.close_reason = ""
+        self.goaway_code: ErrorCode | None = None  # the code of the peer's GOAWAY, once one arrived
+        self.ended = asyncio.Event()  # set when run() has returned (or raised)
         self._drain_callbacks: list[Callable[[], None]] = []
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -173,6 +185,11 @@ class MuxSession:
     @property
     def active_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def closing(self) -> bool:
+        """``close``/``close_nowait`` was called, or the connection failed: it is ending."""
+        return self._closing
 
     @property
     def draining(self) -> bool:
@@ -195,7 +212,10 @@ class MuxSession:
         finally:
             self._tasks = None
             self._abort_streams()
-            await self._close_ws()
+            try:
+                await self._close_ws()
+            finally:
+                self.ended.set()
 
     async def open_stream(self, open_payload: OpenPayload) -> TunnelStream:
         """Open a stream; its OPEN frame goes out with the next write (``write``/``flush``)."""
@@ -209,16 +229,31 @@ class MuxSession:
         return stream
 
     async def flush(self) -> None:
+        """Send what the core queued, waiting while the send buffer is full. Raises ``LinkError`` once the
+        connection is gone (including when the heartbeat gave up on a peer that stopped reading)."""
         while self.mux.has_data_to_send():
             data = self.mux.data_to_send(MAX_MESSAGE)
             try:
                 if self._fast is not None:
-                    await self._fast.send(data)
+                    self._fast.write(data)
+                    if self._fast.congested:
+                        await self._wait_writable()
                 else:
-                    await self.ws.send_bytes(bytes(data))
+                    self._heartbeat.on_send_blocked(time.monotonic())
+                    try:
+                        await self.ws.send_bytes(bytes(data))
+                    finally:
+                        self._heartbeat.on_send_drained()
             except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
                 self._closing = True
                 raise LinkError(f"tunnel write failed: {exc!r}") from exc
+
+    async def _wait_writable(self) -> None:
+        """Wait for the fast writer's buffer to drain, with the heartbeat's stall clock running."""
+        assert self._fast is not None
+        self._heartbeat.on_send_blocked(time.monotonic())
+        await self._fast.drained()
+        self._heartbeat.on_send_drained()
 
     def flush_nowait(self) -> None:
         """Send what the core queued without waiting: for callbacks. See ``congested`` for backpressure."""
@@ -254,7 +289,7 @@ class MuxSession:
     async def _wait_drained(self) -> None:
         try:
             if self._fast is not None:
-                await self._fast.drained()
+                await self._wait_writable()
         except ConnectionError:
             pass
         finally:
@@ -268,23 +303,38 @@ class MuxSession:
         self.mux.send_report(payload)
         self.flush_nowait()
 
-    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
-        """Send GOAWAY and close the WebSocket; ``run()`` returns soon after."""
+    def close_nowait(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
+        """Start closing and return at once: GOAWAY is written if the send buffer has room, then the
+        WebSocket is closed within ``CLOSE_TIMEOUT`` or its transport aborted; ``run()`` returns soon after.
+        For sweeps and callbacks, which must never wait on one peer."""
         if self._closing:
             return
         self._closing = True
         self.close_reason = self.close_reason or reason
         self.mux.go_away(code)
-        try:
-            await self.flush()
-        except LinkError:
-            pass
+        if not self.congested:
+            self.flush_nowait()
+        if self._tasks is not None:
+            self._tasks.create_task(self._close_ws())
+        elif not abort_websocket(self.ws):
+            log.info("tunnel=%s closed before it ran; nothing to abort", self.label)
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
+        """``close_nowait``, then wait until the WebSocket is closed (at most ``CLOSE_TIMEOUT``)."""
+        self.close_nowait(code, reason)
         await self._close_ws()
 
     # --- internals ----------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        burst = 0
         while True:
+            burst += 1
+            if burst >= READ_BURST:
+                # aiohttp returns queued messages without suspending: a peer that sends tiny messages
+                # would otherwise hold the event loop for a whole socket read's worth of them.
+                burst = 0
+                await asyncio.sleep(0)
             msg = await self.ws.receive()
             if msg.type is aiohttp.WSMsgType.BINARY:
                 self._heartbeat.on_activity(time.monotonic())
@@ -334,6 +384,7 @@ class MuxSession:
             case m.PongReceived(opaque):
                 self._heartbeat.on_pong(opaque, time.monotonic())
             case m.GoAwayReceived(_, code):
+                self.goaway_code = code
                 log.info("tunnel=%s peer is going away (%s)", self.label, code.name)
             case m.PingReceived():
                 pass
@@ -371,6 +422,7 @@ class MuxSession:
             callback()
 
     async def _beat(self) -> None:
+        """The heartbeat's timer. It never awaits a write, so a full send buffer cannot blind it."""
         loop = asyncio.get_running_loop()
         while True:
             delay = self._heartbeat.next_deadline() - time.monotonic()
@@ -378,17 +430,24 @@ class MuxSession:
             action = self._heartbeat.poll(time.monotonic())
             if isinstance(action, SendPing):
                 self.mux.ping(action.opaque)
-                await self.flush()
-            elif isinstance(action, PeerDead):
-                self.close_reason = f"peer silent for {action.silent_for:.1f}s"
+                self.flush_nowait()
+            elif isinstance(action, (PeerDead, PeerNotReading)):
+                self.close_reason = action.describe()
+                self._closing = True
                 log.warning("tunnel=%s %s; closing", self.label, self.close_reason)
                 loop.call_soon(self._abort_streams)
-                await self._close_ws()
+                if not abort_websocket(self.ws):  # nothing more is sent to a dead peer
+                    await self._close_ws()
                 return
 
     async def _close_ws(self) -> None:
+        """Close the WebSocket within ``CLOSE_TIMEOUT``; abort its transport if the handshake does not
+        finish by then, or at once when the send buffer is full (a close frame would wait behind it)."""
         self._closing = True
+        if self.congested:
+            abort_websocket(self.ws)
+            return
         try:
-            await asyncio.wait_for(self.ws.close(), timeout=2)
+            await asyncio.wait_for(self.ws.close(), timeout=CLOSE_TIMEOUT)
         except (TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
-            pass
+            abort_websocket(self.ws)

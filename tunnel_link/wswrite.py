@@ -41,6 +41,23 @@ def frame_header(length: int, mask_key: bytes | None) -> bytes:
     return header + mask_key if mask_key is not None else header
 
 
+def abort_websocket(ws: Any) -> bool:
+    """Drop the connection under ``ws`` at once, without a close handshake; False if it cannot be reached.
+
+    A WebSocket wrapper (the inner-TLS session) offers ``abort()``; an aiohttp WebSocket is reached through
+    its writer's transport, as ``FastBinaryWriter.attach`` does.
+    """
+    abort = getattr(ws, "abort", None)
+    if callable(abort):
+        abort()
+        return True
+    transport = getattr(getattr(ws, "_writer", None), "transport", None)
+    if transport is None:
+        return False
+    transport.abort()
+    return True
+
+
 class FastBinaryWriter:
     def __init__(self, transport: asyncio.WriteTransport, protocol: Any, mask: bool) -> None:
         self._transport = transport
@@ -70,12 +87,10 @@ class FastBinaryWriter:
     def congested(self) -> bool:
         return self._transport.get_write_buffer_size() > _HIGH_WATER
 
+    def abort(self) -> None:
+        """Drop the connection now: nothing buffered is sent, pending drains end with ConnectionError."""
+        self._transport.abort()
+
     async def drained(self) -> None:
         """Return once the transport accepts more (immediately if it does)."""
         await self._protocol._drain_helper()
-
-    async def send(self, message: bytearray) -> None:
-        """``write``, then wait while the transport is over its high-water mark."""
-        self.write(message)
-        if self.congested:
-            await self.drained()
