@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from relay.pki import CA_CERT, RELAY_CERT, RELAY_KEY
+from tunnel_core.ratelimit import RateLimits
 from tunnel_link.config_common import (
     AETitle,
     CallingAEList,
@@ -37,6 +38,9 @@ __all__ = [
     "AdminConfig",
     "DestinationConfig",
     "EnrollmentConfig",
+    "EnrollmentRateLimit",
+    "LoginRateLimit",
+    "RateLimitConfig",
     "WireGuardConfig",
     "ListenerConfig",
     "ListenerRoute",
@@ -84,11 +88,47 @@ class TunnelConfig(StrictModel):
         return self.ca_file or state_dir / CA_CERT
 
 
+class RateLimitConfig(StrictModel):
+    """A token bucket per source (IPv4 address, IPv6 /64) and one shared by all sources; see
+    ``tunnel_core.ratelimit``. Attempts beyond it are answered 429 without being processed."""
+
+    per_source_burst: Annotated[int, Field(ge=1, le=100_000)]
+    per_source_per_minute: Annotated[float, Field(gt=0, le=600_000)]
+    total_burst: Annotated[int, Field(ge=1, le=1_000_000)]
+    total_per_minute: Annotated[float, Field(gt=0, le=6_000_000)]
+    max_sources: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # tracked at once; the oldest is forgotten
+    report_interval: Seconds = 60.0  # at most one log line per throttled source per interval
+
+    def to_limits(self) -> RateLimits:
+        return RateLimits(per_source_burst=self.per_source_burst, per_source_rate=self.per_source_per_minute / 60,
+                          total_burst=self.total_burst, total_rate=self.total_per_minute / 60,
+                          max_sources=self.max_sources, report_interval=self.report_interval)
+
+
+class EnrollmentRateLimit(RateLimitConfig):
+    """``[enrollment.rate_limit]``: every request to /enroll/v1/certificate, /renew, /wireguard and /inner counts."""
+
+    per_source_burst: Annotated[int, Field(ge=1, le=100_000)] = 20
+    per_source_per_minute: Annotated[float, Field(gt=0, le=600_000)] = 6.0
+    total_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 200
+    total_per_minute: Annotated[float, Field(gt=0, le=6_000_000)] = 120.0
+
+
+class LoginRateLimit(RateLimitConfig):
+    """``[admin.login_rate_limit]``: wrong admin tokens (dashboard login, API bearer); a right one never counts."""
+
+    per_source_burst: Annotated[int, Field(ge=1, le=100_000)] = 10
+    per_source_per_minute: Annotated[float, Field(gt=0, le=600_000)] = 2.0
+    total_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+    total_per_minute: Annotated[float, Field(gt=0, le=6_000_000)] = 10.0
+
+
 class EnrollmentConfig(StrictModel):
     """``[enrollment]``: one-line site enrollment (``tunnel-relay site add``) and certificate renewal."""
 
     token_ttl: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0  # seconds a token stays redeemable
     certificate_days: Annotated[int, Field(ge=1, le=30)] = 30  # lifetime of each issued site certificate
+    rate_limit: EnrollmentRateLimit = Field(default_factory=EnrollmentRateLimit)
 
 
 class WireGuardConfig(StrictModel):
@@ -118,10 +158,23 @@ class WireGuardConfig(StrictModel):
         return str(ipaddress.ip_interface(self.address).ip)
 
 
+HostName = Annotated[str, Field(pattern=r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$",
+                                 max_length=253)]
+
+
 class AdminConfig(EndpointConfig):
-    """``[admin]``: the JSON status API (plain HTTP, loopback by default)."""
+    """``[admin]``: the JSON status API and dashboard (plain HTTP, loopback by default).
+
+    The port answers only to ``localhost``, IP literals, ``host`` and ``allowed_hosts`` (a DNS-rebinding
+    defence, ``relay.guard``): add the names browsers and scrapers use to reach it."""
 
     port: Port = 8081
+    allowed_hosts: list[HostName] = Field(default_factory=list)
+    login_rate_limit: LoginRateLimit = Field(default_factory=LoginRateLimit)
+
+    def host_names(self) -> list[str]:
+        """The names the admin port answers to besides localhost and IP literals."""
+        return [*self.allowed_hosts, *([] if self.host in ("0.0.0.0", "::", "") else [self.host])]
 
 
 class ListenerRoute(StrictModel):

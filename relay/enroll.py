@@ -12,6 +12,11 @@
 
 Answers are JSON. Refusals say little to the caller (``403 {"error": "token refused"}``) and the reason to
 the relay's log and audit trail, so the endpoint does not help anyone probe tokens.
+
+Every request to the four endpoints above (not ``/ca``) first counts against ``[enrollment.rate_limit]``
+(``relay.guard``): beyond it, a source is answered ``429`` with ``Retry-After`` before anything is read,
+recorded or logged, and its throttled count is logged once an interval. The CSR is checked (PEM, signature,
+key type and size) before a token is redeemed, so a request with a bad CSR leaves the token usable.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
-from relay import pki
+from relay import guard, pki
 from relay.registry import RegistryError, TokenRefused, serial_hex
 from tunnel_link.errors import LinkError
 from tunnel_link.innertls import InnerTlsError, inner_tls_server, read_line
@@ -46,23 +53,38 @@ class Refused(Exception):
 
 
 def add_routes(app: web.Application, relay: Relay) -> None:
-    def bound(handler):
+    """Route the enrollment endpoints on the tunnel app; every one but ``/ca`` is throttled per source.
+
+    Also strips aiohttp's ``Server`` version header from every response of ``app`` (the whole tunnel port:
+    these routes and the tunnel's WebSocket upgrades alike)."""
+    limiter = guard.guards_of(relay).enroll
+    app.on_response_prepare.append(guard.strip_server_header)
+
+    def bound(handler, *, throttled: bool = True):
         async def handle(request: web.Request) -> web.StreamResponse:
+            if throttled:
+                verdict = guard.attempt(limiter, request)
+                if not verdict.allowed:  # before the body is read: no registry row, no log line
+                    return guard.throttled_response(verdict, "enrollment attempts")
             return await handler(relay, request)
         return handle
 
-    app.router.add_get("/enroll/v1/ca", bound(_ca))
+    app.router.add_get("/enroll/v1/ca", bound(_ca, throttled=False))
     app.router.add_post("/enroll/v1/certificate", bound(_enroll_http))
     app.router.add_post("/enroll/v1/renew", bound(_renew_http))
     app.router.add_get("/enroll/v1/inner", bound(_inner))
     app.router.add_post("/enroll/v1/wireguard", bound(_wireguard_http))
+    app.cleanup_ctx.append(guard.report_throttles(limiter, log, "enrollment attempts"))
 
 
 # --- the two operations, whatever carries them --------------------------------------------------------
 
 
 def enroll_with_token(relay: Relay, body: dict, remote: str | None) -> dict[str, object]:
+    """Redeem ``body["token"]`` and sign ``body["csr"]`` for its site. The CSR is checked first: a request
+    whose CSR would be refused raises :class:`Refused` (400) and leaves the token unredeemed."""
     _require_strings(body, ("token", "csr"))
+    check_csr(body["csr"])
     try:
         site = relay.registry.redeem_token(body["token"], time.time())
     except TokenRefused as exc:
@@ -78,6 +100,7 @@ def renew_as(relay: Relay, identity: Identity | None, body: dict) -> dict[str, o
     if identity is None:
         raise Refused(403, "a valid site certificate is required to renew")
     _require_strings(body, ("csr",))
+    check_csr(body["csr"])
     issued = _sign(relay, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
     relay.certificate_renewed(identity, serial_hex(issued.serial), issued.not_after.timestamp())
     log.info("site=%s renewed certificate %s -> %s, valid until %s", identity.site, identity.serial,
@@ -173,6 +196,23 @@ async def _inner(relay: Relay, request: web.Request) -> web.StreamResponse:
 
 
 # --- shared -------------------------------------------------------------------------------------------
+
+
+def check_csr(csr_pem: str) -> None:
+    """Raise :class:`Refused` (400) for a CSR that ``pki.sign_site_csr`` would refuse: not PEM, a signature
+    that does not verify, a key type or size it does not accept (``pki.check_public_key``)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise Refused(400, "not a usable PEM certificate signing request") from None
+    if not valid:
+        raise Refused(400, "the certificate signing request's signature does not verify")
+    try:
+        pki.check_public_key(key, pki.PkiError)
+    except pki.PkiError as exc:
+        raise Refused(400, str(exc)) from None
 
 
 def _sign(relay: Relay, csr: str, site: str, *, kind: str, actor: str) -> pki.IssuedCertificate:

@@ -7,6 +7,10 @@ destinations behind them and their host metrics. Report-derived series exist onl
 connected: a stale "echo ok" of a site that is gone would mislead; ``dicom_tunnel_site_up`` says it is
 gone.
 
+With the relay's guards (``relay.guard``), ``dicom_tunnel_throttled_total{endpoint="enroll"|"login"}`` counts
+requests refused by a rate limit (429, not processed) and ``dicom_tunnel_admin_misdirected_total`` requests
+to the admin port refused for their Host header.
+
 ``/metrics`` needs no admin token, like ``/healthz``: the admin port listens on loopback by default
 (expose it only to the scraper), and what it shows is counts, times and names of sites, routes,
 directions and outcomes — no patient data, no secrets, nothing that changes the relay. The admin
@@ -34,26 +38,29 @@ from tunnel_link.metrics import (
 )
 
 if TYPE_CHECKING:
+    from relay.guard import RelayGuards
     from relay.server import Relay
 
 __all__ = ["RelayCollector", "handler", "registry_for"]
 
 
-def registry_for(relay: Relay) -> CollectorRegistry:
+def registry_for(relay: Relay, guards: RelayGuards | None = None) -> CollectorRegistry:
     """A registry of the relay's own metrics and the process's ``process_*`` metrics."""
-    return new_registry(RelayCollector(relay))
+    return new_registry(RelayCollector(relay, guards))
 
 
-def handler(relay: Relay):
+def handler(relay: Relay, guards: RelayGuards | None = None):
     """The aiohttp handler for ``GET /metrics`` (``relay.admin`` routes it)."""
-    return metrics_handler(registry_for(relay))
+    return metrics_handler(registry_for(relay, guards))
 
 
 class RelayCollector(Collector):
-    """Collect at scrape time; call only on the relay's event loop (aiohttp handlers are)."""
+    """Collect at scrape time; call only on the relay's event loop (aiohttp handlers are). Without
+    ``guards`` the throttle and Host-refusal counters are left out."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, guards: RelayGuards | None = None) -> None:
         self.relay = relay
+        self.guards = guards
 
     def collect(self) -> Iterator[Metric]:
         status = self.relay.status()
@@ -68,6 +75,8 @@ class RelayCollector(Collector):
         yield from host_families((([s["name"]], s["health"]["host"]) for s in reporting), ["site"])
         yield from _report_families(reporting)
         yield from _wireguard_families(sites)
+        if self.guards is not None:
+            yield from _guard_families(self.guards)
         yield tasks_family(status["process"]["tasks"])
 
     def _active_by_site(self) -> dict[str, int]:
@@ -123,6 +132,16 @@ def _wireguard_families(sites: list[dict[str, Any]]) -> Iterator[Metric]:
         transfer.add_metric([s["name"], "rx"], wg["rx_bytes"])
         transfer.add_metric([s["name"], "tx"], wg["tx_bytes"])
     yield from (handshake, transfer)
+
+
+def _guard_families(guards: RelayGuards) -> Iterator[Metric]:
+    throttled = CounterMetricFamily(f"{PREFIX}_throttled", "Requests refused by a per-source or total rate "
+                                    "limit (HTTP 429), without being processed", labels=["endpoint"])
+    throttled.add_metric(["enroll"], guards.enroll.throttled)
+    throttled.add_metric(["login"], guards.login.throttled)
+    yield throttled
+    yield CounterMetricFamily(f"{PREFIX}_admin_misdirected", "Requests to the admin port refused (421) because "
+                              "their Host header is not allowed", value=guards.misdirected)
 
 
 def _report_families(reporting: list[dict[str, Any]]) -> Iterator[Metric]:

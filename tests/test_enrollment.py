@@ -288,3 +288,128 @@ def test_key_files_are_private_whatever_the_umask(one_site):
     finally:
         os.umask(old)
     assert _mode(agent.root / "state" / "agent.key") == 0o600
+
+
+# --- throttling and the CSR check (issue 10) -------------------------------------------------------------
+
+BAD_TOKENS = 1000
+ENROLL_BURST, ENROLL_PER_MINUTE = 20, 6.0  # the [enrollment.rate_limit] defaults this relay runs with
+
+
+def _csr_pem(key=None) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whoever")]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _tampered_csr_pem() -> str:
+    """A well-formed CSR whose subject was changed after signing: it parses, its signature does not verify."""
+    import base64
+
+    der = bytearray(base64.b64decode("".join(_csr_pem().splitlines()[1:-1])))
+    der[der.index(b"whoever")] ^= 0x01
+    body = base64.encodebytes(bytes(der)).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
+def _pinned(relay):
+    import ssl
+
+    return ssl.create_default_context(cafile=str(relay.state_dir / "ca.crt"))
+
+
+def _enroll_client(relay, source: str) -> aiohttp.ClientSession:
+    """HTTPS to the relay's tunnel port from ``source`` (a 127.0.0.0/8 address), trusting only the relay CA."""
+    connector = aiohttp.TCPConnector(ssl=_pinned(relay), local_addr=(source, 0))
+    return aiohttp.ClientSession(f"https://127.0.0.1:{relay.tunnel_port}", connector=connector,
+                                 timeout=aiohttp.ClientTimeout(total=10))
+
+
+def _audit_count(relay, action: str) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{relay.state_dir / 'registry.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM audit WHERE action = ?", (action,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def _metric(relay, name: str, **labels: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics:\n{text}")
+
+
+async def test_a_thousand_bad_tokens_from_one_source_are_throttled_and_another_source_still_enrolls(one_site):
+    relay, agent = one_site
+    csr = _csr_pem()
+    statuses: list[int] = []
+    started = time.monotonic()
+    async with asyncio.timeout(180), _enroll_client(relay, "127.0.0.2") as http:
+        for i in range(BAD_TOKENS):
+            async with http.post("/enroll/v1/certificate", json={"token": f"guess-{i}", "csr": csr}) as r:
+                await r.read()
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert int(r.headers["Retry-After"]) >= 1
+        elapsed = time.monotonic() - started
+        # The same source is throttled at every enrollment endpoint, before anything is done for it.
+        async with http.post("/enroll/v1/renew", json={"csr": csr}) as r:
+            assert r.status == 429
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect("/enroll/v1/inner")
+        assert refused.value.status == 429
+        async with http.get("/enroll/v1/ca") as r:  # public and cheap: never throttled
+            assert r.status == 200
+    answered = statuses.count(403)
+    throttled = statuses.count(429)
+    assert set(statuses) == {403, 429}
+    # At least the burst was answered, at most the burst plus what refilled while the loop ran.
+    assert ENROLL_BURST <= answered <= ENROLL_BURST + ENROLL_PER_MINUTE / 60 * elapsed + 1
+    assert throttled == BAD_TOKENS - answered
+    # Throttled attempts leave no audit row and no log line of their own; they are counted in metrics.
+    assert _audit_count(relay, "token_refused") == answered
+    log = relay.proc.log_text()
+    assert log.count("enrollment from 127.0.0.2 refused") == answered
+    assert _metric(relay, "dicom_tunnel_throttled_total", endpoint="enroll") == throttled + 2
+    wait_until(lambda: "enrollment attempts from 127.0.0.2" in relay.proc.log_text(), 10,
+               message="the relay logs one summary line for the throttled source")
+    summaries = [line for line in relay.proc.log_text().splitlines() if "throttled" in line and "127.0.0.2" in line]
+    assert 1 <= len(summaries) <= 2, summaries  # once an interval, whatever the number of attempts
+    # A good token from another source (the agent's enroll dials from 127.0.0.1) still enrolls.
+    result = enroll(agent, site_add(relay, agent.site))
+    assert result.returncode == 0, result.stderr
+    assert _audit_count(relay, "token_redeemed") == 1
+
+
+async def test_a_bad_csr_leaves_the_token_usable(one_site):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    relay, agent = one_site
+    token = site_add(relay, agent.site)
+    secret = EnrollmentToken.decode(token).secret
+    tampered = _tampered_csr_pem()
+    weak = _csr_pem(rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    async with asyncio.timeout(60), _enroll_client(relay, "127.0.0.1") as http:
+        for csr in ("garbage", "", tampered, weak, "-----BEGIN CERTIFICATE REQUEST-----\n\ud800\n"):
+            async with http.post("/enroll/v1/certificate", json={"token": secret, "csr": csr}) as r:
+                answer = await r.json()
+                assert r.status == 400, (csr[:40], answer)
+    assert _audit_count(relay, "token_redeemed") == 0
+    result = enroll(agent, token)  # the same token, now with the agent's own good CSR
+    assert result.returncode == 0, result.stderr
+    assert _audit_count(relay, "token_redeemed") == 1
