@@ -24,6 +24,11 @@ Routing changes apply to the next association at once; they persist in the regis
 
 The ops dashboard (``relay.dashboard``: ``/``, ``/sites/{name}``, ``/login``) shares this port; its data API
 ``/api/dashboard*`` also accepts the session cookie its login hands out. Every other ``/api/`` path needs the token.
+
+Before any handler (``relay.guard``): a request whose ``Host`` is not ``localhost``, an IP literal or one of
+``[admin] allowed_hosts`` is answered 421 (DNS rebinding); a *wrong* bearer token or dashboard login counts
+against ``[admin.login_rate_limit]`` per source and, beyond it, is answered 429 with ``Retry-After``. The right
+token is compared first, in constant time, and always let in. No response carries a ``Server`` version.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from typing import TYPE_CHECKING
 import pydantic
 from aiohttp import web
 
-from relay import dashboard, metrics, pki
+from relay import dashboard, guard, metrics, pki
 from relay.config import DestinationConfig, ListenerRoute
 from relay.registry import DestinationRecord, RegistryError, RouteRecord
+from tunnel_core.ratelimit import RateLimiter
 from tunnel_core.token import EnrollmentToken
 from tunnel_link.config_common import NAME_PATTERN
 
@@ -70,16 +76,20 @@ def admin_token(state_dir: Path) -> str:
 
 
 def build_app(relay: Relay) -> web.Application:
+    """The admin port's app: Host allow-list, then the token check, then the API, metrics and dashboard."""
     expected = admin_token(relay.settings.state_dir)
-    board = dashboard.Dashboard(relay, expected)
+    guards = guard.guards_of(relay)
+    board = dashboard.Dashboard(relay, expected, guards.login)
+
+    def misdirected() -> None:
+        guards.misdirected += 1
 
     @web.middleware
     async def require_token(request: web.Request, handler):
         if request.path.startswith("/api/") and not board.session_allows(request):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-                return _json({"error": "missing or wrong admin token (see admin.token in the state directory)"},
-                             status=401, headers={"WWW-Authenticate": 'Bearer realm="tunnel-relay"'})
+            given = request.headers.get("Authorization")
+            if given is None or not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+                return _refuse_token(guards.login, request, presented=given is not None)
         return await handler(request)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -107,10 +117,12 @@ def build_app(relay: Relay) -> web.Application:
             return await handler(relay, request)
         return handle
 
-    app = web.Application(middlewares=[require_token], client_max_size=MAX_BODY)
+    host_check = guard.host_allowlist(relay.settings.admin.host_names(), on_refused=misdirected)
+    app = web.Application(middlewares=[host_check, require_token], client_max_size=MAX_BODY)
+    app.on_response_prepare.append(guard.strip_server_header)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics.handler(relay))  # no token, like /healthz: see relay.metrics
+    app.router.add_get("/metrics", metrics.handler(relay, guards))  # no token, like /healthz: see relay.metrics
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/sites", sites)
     app.router.add_post("/api/sites", bound(_add_site))
@@ -125,6 +137,18 @@ def build_app(relay: Relay) -> web.Application:
     app.router.add_delete("/api/sites/{name}/destinations/{called_ae}", bound(_remove_destination))
     dashboard.add_routes(app, board)
     return app
+
+
+def _refuse_token(limiter: RateLimiter, request: web.Request, *, presented: bool) -> web.Response:
+    """401 for a missing or wrong bearer token; a wrong one counts against the login limit (429 beyond it).
+    A missing token is no guess (e.g. a dashboard page polling after its session ended) and counts nothing."""
+    if presented:
+        verdict = guard.attempt(limiter, request)
+        if not verdict.allowed:
+            return _json({"error": "too many wrong admin tokens from this address; retry later"}, status=429,
+                         headers=guard.retry_after_header(verdict))
+    return _json({"error": "missing or wrong admin token (see admin.token in the state directory)"},
+                 status=401, headers={"WWW-Authenticate": 'Bearer realm="tunnel-relay"'})
 
 
 async def _add_site(relay: Relay, request: web.Request) -> web.Response:

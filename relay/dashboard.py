@@ -8,9 +8,11 @@ Content-Security-Policy allows nothing but this origin (no inline script, no CDN
 Who may look: whoever knows the admin token (``{state_dir}/admin.token``, the same secret as the admin
 API's bearer token). ``POST /login`` checks it once and hands out a session cookie (random, HttpOnly,
 SameSite=Strict); the session table lives here, in memory, bounded, each entry expiring after
-``SESSION_TTL``. Wrong tokens are answered slowly and one at a time, and after ``LOGIN_MAX_FAILURES``
-within ``LOGIN_WINDOW`` the login refuses for the rest of that window. ``POST /logout`` needs the
-session's CSRF token, which the data API hands to the page's script.
+``SESSION_TTL``. The given token is compared with the right one first, in constant time: the right token
+always logs in, whatever came before. Only a wrong one counts, against the source's bucket in the login
+limiter (``[admin.login_rate_limit]``, ``relay.guard``); beyond it that source's wrong tokens are answered
+429 with ``Retry-After``, and other sources are not affected. ``POST /logout`` needs the session's CSRF
+token, which the data API hands to the page's script.
 
 What it shows comes from the relay's own state (``Relay.status()``: the site condition decided by
 ``tunnel_core.health.site_condition``, the agent's health report, the association tracker) plus two
@@ -43,7 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from relay import guard
 from tunnel_core.health import site_condition
+from tunnel_core.ratelimit import RateLimiter, RateLimits
 from tunnel_link.aio import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -54,7 +58,6 @@ log = logging.getLogger("relay.dashboard")
 
 __all__ = [
     "Dashboard",
-    "LoginGuard",
     "OutcomeHistory",
     "SessionStore",
     "TrafficMeter",
@@ -66,9 +69,6 @@ __all__ = [
 SESSION_COOKIE = "relay_session"
 SESSION_TTL = 12 * 3600.0
 MAX_SESSIONS = 64  # a full table drops its oldest session; memory stays bounded whoever logs in
-LOGIN_FAIL_DELAY = 1.0  # seconds a wrong token waits, holding the login lock: at most one guess a second
-LOGIN_MAX_FAILURES = 10
-LOGIN_WINDOW = 300.0
 SAMPLE_INTERVAL = 0.25  # short associations between two samples are missed; keep the gap small
 HISTORY_INTERVAL = 10.0
 HISTORY_BUCKETS = 180  # 30 minutes of 10 s buckets
@@ -93,7 +93,7 @@ def is_data_path(path: str) -> bool:
     return path == DATA_PATH or path.startswith(DATA_PATH + "/")
 
 
-# --- sessions and login throttling (pure: the clock is a parameter) --------------------------------------
+# --- sessions (pure: the clock is a parameter) -----------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,26 +145,6 @@ class SessionStore:
 
 def _digest(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
-
-
-class LoginGuard:
-    """Counts wrong tokens: ``max_failures`` within ``window`` seconds close the login until the window passes."""
-
-    def __init__(self, max_failures: int = LOGIN_MAX_FAILURES, window: float = LOGIN_WINDOW) -> None:
-        self.window = window
-        self._failures: deque[float] = deque(maxlen=max_failures)
-
-    def retry_after(self, now: float) -> float:
-        """Seconds until a login may be tried again (0: now)."""
-        if len(self._failures) < (self._failures.maxlen or 0):
-            return 0.0
-        return max(0.0, self._failures[0] + self.window - now)
-
-    def failed(self, now: float) -> None:
-        self._failures.append(now)
-
-    def succeeded(self) -> None:
-        self._failures.clear()
 
 
 # --- what the dashboard keeps: outcome history and bytes per site (pure) ---------------------------------
@@ -288,19 +268,20 @@ class TrafficMeter:
 
 
 class Dashboard:
-    """The dashboard's state for one relay: sessions, login throttling, sampled history. Build in ``build_app``."""
+    """The dashboard's state for one relay: sessions, sampled history, and the limiter its wrong logins count
+    against (shared with the admin API's bearer token; ``relay.guard``). Build in ``build_app``."""
 
-    def __init__(self, relay: Relay, admin_token: str) -> None:
+    def __init__(self, relay: Relay, admin_token: str, login_limiter: RateLimiter | None = None) -> None:
         self.relay = relay
         self._token = admin_token.encode()
         self.sessions = SessionStore()
-        self.guard = LoginGuard()
-        self.login_lock = asyncio.Lock()
+        self.login_limiter = RateLimiter(RateLimits(), time.time()) if login_limiter is None else login_limiter
         self.history = OutcomeHistory()
         self.traffic = TrafficMeter()
         relay.tracker.finish_listeners.append(lambda assoc: self.traffic.ended(assoc, time.time()))
 
     def token_matches(self, given: str) -> bool:
+        """Constant-time comparison with the admin token (surrounding whitespace ignored)."""
         return hmac.compare_digest(given.strip().encode(), self._token)
 
     def session_of(self, request: web.Request) -> Session | None:
@@ -442,6 +423,7 @@ def add_routes(app: web.Application, board: Dashboard) -> None:
         await cancel_and_wait(task)
 
     app.cleanup_ctx.append(sampler)
+    app.cleanup_ctx.append(guard.report_throttles(board.login_limiter, log, "wrong admin tokens"))
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -464,20 +446,17 @@ async def _login_submit(board: Dashboard, request: web.Request) -> web.StreamRes
         return _login_form("This login form must be sent from the dashboard's own page.", status=403)
     form = await request.post()
     given = form.get("token")
-    async with board.login_lock:  # one guess at a time, each wrong one slowed down
-        wait = board.guard.retry_after(time.time())
-        if wait > 0:
-            return _login_form(f"Too many wrong tokens. Try again in {wait:.0f} s.", status=429,
-                               headers={"Retry-After": str(int(wait) + 1)})
-        if isinstance(given, str) and board.token_matches(given):
-            board.guard.succeeded()
-            session_id, session = board.sessions.create(time.time())
-            response = _see_other("/")
-            response.set_cookie(SESSION_COOKIE, session_id, max_age=int(board.sessions.ttl), path="/",
-                                httponly=True, samesite="Strict", secure=request.secure)
-            return response
-        board.guard.failed(time.time())
-        await asyncio.sleep(LOGIN_FAIL_DELAY)
+    if isinstance(given, str) and board.token_matches(given):  # first: the right token is never throttled
+        session_id, _session = board.sessions.create(time.time())
+        response = _see_other("/")
+        response.set_cookie(SESSION_COOKIE, session_id, max_age=int(board.sessions.ttl), path="/",
+                            httponly=True, samesite="Strict", secure=request.secure)
+        return response
+    verdict = guard.attempt(board.login_limiter, request)
+    if not verdict.allowed:
+        headers = guard.retry_after_header(verdict)
+        return _login_form(f"Too many wrong tokens from this address. Try again in {headers['Retry-After']} s.",
+                           status=429, headers=headers)
     return _login_form("Wrong admin token.", status=401)
 
 

@@ -26,7 +26,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay import dashboard
 from relay.dashboard import (
     SESSION_COOKIE,
-    LoginGuard,
     OutcomeHistory,
     SessionStore,
     TrafficMeter,
@@ -47,6 +46,7 @@ from tests.support.stack import (
     start_relay,
 )
 from tunnel_core.dicom import AssociateRequest
+from tunnel_core.ratelimit import RateLimiter, RateLimits
 from tunnel_demo.dataset import PHI_PATIENT_ID, PHI_PATIENT_NAME
 from tunnel_link.associations import AssociationTracker
 
@@ -79,23 +79,6 @@ def test_session_ids_and_csrf_tokens_are_random_and_distinct():
     made = [store.create(0.0) for _ in range(50)]
     values = {sid for sid, _ in made} | {s.csrf for _, s in made}
     assert len(values) == 100 and all(len(v) >= 40 for v in values)
-
-
-def test_login_guard_closes_after_too_many_failures_for_its_window():
-    guard = LoginGuard(max_failures=3, window=60.0)
-    for t in (0.0, 1.0):
-        guard.failed(t)
-    assert guard.retry_after(2.0) == 0.0
-    guard.failed(2.0)
-    assert guard.retry_after(2.0) == pytest.approx(58.0)
-    assert guard.retry_after(59.9) > 0
-    assert guard.retry_after(60.0) == 0.0  # the oldest failure left the window
-    guard.failed(61.0)  # the failures at 2 and 61 are within a minute, the one at 1 is not
-    assert guard.retry_after(61.0) == 0.0
-    guard.failed(61.5)
-    assert guard.retry_after(61.5) == pytest.approx(0.5)
-    guard.succeeded()
-    assert guard.retry_after(61.5) == 0.0
 
 
 def test_outcomes_are_classified():
@@ -155,23 +138,26 @@ def test_traffic_meter_counts_ended_associations_per_site_and_direction():
     assert meter.rate("a") == (0.0, 0.0)  # nothing moved in the last window
 
 
-async def test_too_many_wrong_tokens_close_the_login(monkeypatch):
-    """The login handler with the guard wired in, in process (a stand-in relay: the login reads no relay state)."""
-    monkeypatch.setattr(dashboard, "LOGIN_FAIL_DELAY", 0.0)
-    board = dashboard.Dashboard(SimpleNamespace(tracker=AssociationTracker("t"), sites={}), "right-token")
-    board.guard = LoginGuard(max_failures=2, window=300.0)
+async def test_wrong_tokens_throttle_their_source_but_the_right_token_always_logs_in():
+    """The login handler with its limiter wired in, in process (a stand-in relay: the login reads no relay
+    state); one source on 127.0.0.1, another on 127.0.0.2. The real relay process: test_admin_hardening.py."""
+    limiter = RateLimiter(RateLimits(per_source_burst=2, per_source_rate=1e-6, total_burst=1000))
+    board = dashboard.Dashboard(SimpleNamespace(tracker=AssociationTracker("t"), sites={}), "right-token", limiter)
     app = web.Application()
     dashboard.add_routes(app, board)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client, \
+            TestClient(client.server, connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
         for _ in range(2):
             response = await client.post("/login", data={"token": "wrong"}, allow_redirects=False)
             assert response.status == 401
-        response = await client.post("/login", data={"token": "right-token"}, allow_redirects=False)
-        assert response.status == 429 and 0 < int(response.headers["Retry-After"]) <= 301
+        response = await client.post("/login", data={"token": "wrong"}, allow_redirects=False)
+        assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
         assert "Set-Cookie" not in response.headers and "Too many wrong tokens" in await response.text()
-        board.guard = LoginGuard(max_failures=2, window=300.0)  # the window passed
+        response = await other.post("/login", data={"token": "wrong"}, allow_redirects=False)
+        assert response.status == 401  # another source: its own bucket
         response = await client.post("/login", data={"token": "right-token"}, allow_redirects=False)
-        assert response.status == 303 and SESSION_COOKIE in response.cookies
+        assert response.status == 303 and SESSION_COOKIE in response.cookies  # throttled, yet let in
+        assert limiter.throttled == 1
 
 
 def test_only_the_dashboard_data_api_is_a_data_path():
