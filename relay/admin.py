@@ -78,7 +78,7 @@ def admin_token(state_dir: Path) -> str:
 def build_app(relay: Relay) -> web.Application:
     """The admin port's app: Host allow-list, then the token check, then the API, metrics and dashboard."""
     expected = admin_token(relay.settings.state_dir)
-    guards = guard.guards_of(relay)
+    guards = relay.guards
     board = dashboard.Dashboard(relay, expected, guards.login)
 
     def misdirected() -> None:

@@ -2,7 +2,7 @@
 
 Theory of operation:
 
-- **Throttles.** Each relay has two :class:`tunnel_core.ratelimit.RateLimiter` (``guards_of(relay)``):
+- **Throttles.** Each relay has two :class:`tunnel_core.ratelimit.RateLimiter` (``Relay.guards``):
   ``enroll`` counts every attempt at the enrollment endpoints of the tunnel port (``relay.enroll``), and
   ``login`` counts every *wrong* admin token presented to the admin port (dashboard login, bearer token;
   a right token is checked first and never counted, so it is never locked out). A throttled request is
@@ -26,7 +26,6 @@ import ipaddress
 import logging
 import math
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,11 +36,11 @@ from tunnel_core.ratelimit import RateLimiter, ThrottleReport, Verdict, source_k
 from tunnel_link.aio import cancel_and_wait
 
 if TYPE_CHECKING:
-    from relay.server import Relay
+    from relay.config import RelaySettings
 
 __all__ = [
     "RelayGuards",
-    "guards_of",
+    "make_guards",
     "host_allowed",
     "host_allowlist",
     "parse_host",
@@ -58,28 +57,17 @@ MISDIRECTED_BODY = ("misdirected request: this port answers only to localhost, I
 
 @dataclass
 class RelayGuards:
-    """One relay's throttles and refusal counts; read by ``relay.metrics``. Make with :func:`guards_of`."""
+    """One relay's throttles and refusal counts; read by ``relay.metrics``. Make with :func:`make_guards`."""
 
     enroll: RateLimiter
     login: RateLimiter
     misdirected: int = 0  # admin-port requests refused for their Host header
 
 
-_GUARDS: weakref.WeakKeyDictionary[Relay, RelayGuards] = weakref.WeakKeyDictionary()
-
-
-def guards_of(relay: Relay) -> RelayGuards:
-    """The relay's guards, made from its settings on first use; the same object for the relay's lifetime.
-
-    Keyed by the relay (weakly), so the tunnel port's enrollment handlers and the admin port's metrics see
-    the same counters although they are built in different modules."""
-    found = _GUARDS.get(relay)
-    if found is None:
-        s = relay.settings
-        found = _GUARDS[relay] = RelayGuards(
-            enroll=RateLimiter(s.enrollment.rate_limit.to_limits(), now=time.time()),
-            login=RateLimiter(s.admin.login_rate_limit.to_limits(), now=time.time()))
-    return found
+def make_guards(settings: RelaySettings, now: float) -> RelayGuards:
+    """Fresh guards from the relay's settings (``[enrollment.rate_limit]``, ``[admin.login_rate_limit]``)."""
+    return RelayGuards(enroll=RateLimiter(settings.enrollment.rate_limit.to_limits(), now=now),
+                       login=RateLimiter(settings.admin.login_rate_limit.to_limits(), now=now))
 
 
 # --- throttles ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from relay import admin, enroll, pki
+from relay import admin, enroll, guard, pki
 from relay.config import RelaySettings
 from relay.pki import PkiError, site_from_certificate
 from relay.registry import CertificateVerdict, DestinationRecord, Registry, RouteRecord, serial_hex
@@ -111,6 +111,7 @@ class Relay:
         self._registry: Registry | None = None
         self.serving = False
         self.wireguard = RelayWireGuard(self) if settings.wireguard.enabled else None
+        self.guards = guard.make_guards(settings, time.time())  # throttles shared by the tunnel and admin ports
 
     def readiness(self) -> Readiness:
         try:
