@@ -123,9 +123,12 @@ def relay_readiness(*, started: bool, registry_ok: bool) -> Readiness:
 
 
 def agent_readiness(*, state: str, last_error: str) -> Readiness:
-    """The agent is ready when its tunnel to the relay is up."""
+    """The agent is ready when its tunnel to the relay is up. Refused by the relay (state "revoked" or
+    "refused"), the reason is ``last_error`` as it stands: it already says so ("revoked by the relay: ...")."""
     if state == "connected":
         return Readiness(True, "ready")
+    if state in ("revoked", "refused") and last_error:
+        return Readiness(False, last_error)
     return Readiness(False, f"tunnel {state}" + (f": {last_error}" if last_error else ""))
 
 
