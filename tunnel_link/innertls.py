@@ -16,7 +16,9 @@ Handshake: the agent calls :func:`inner_tls_client`, the relay :func:`inner_tls_
 a timeout. Once the relay has completed its handshake (and so has accepted the agent's certificate) it
 sends ``READY`` as the first plaintext bytes, and the agent's handshake waits for them: under TLS 1.3 the
 client finishes its handshake before the server has checked the client certificate, and a refusal would
-otherwise show up only at the first read. A failed handshake raises :class:`InnerTlsError` saying what
+otherwise show up only at the first read. The relay's own check of the certificate (its registry) runs
+before READY too (``admit``); a refusal there closes the WebSocket with code 1008 and a reason, which the
+agent's error carries as ``close_message``. A failed handshake raises :class:`InnerTlsError` saying what
 failed (for a rejected certificate: the verification error and the subject and issuer it presented),
 after the TLS alert was sent to the peer and the WebSocket closed.
 
@@ -38,6 +40,7 @@ import asyncio
 import contextlib
 import enum
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,7 +81,8 @@ class InnerTlsFailure(enum.Enum):
 
     TIMEOUT = "timeout"  # the handshake did not finish in time
     PEER_CERTIFICATE_REJECTED = "peer-certificate-rejected"  # we refused the peer's certificate
-    REFUSED_BY_PEER = "refused-by-peer"  # the peer sent a TLS alert (for example: it refused ours)
+    REFUSED_BY_PEER = "refused-by-peer"  # a TLS alert (it refused ours), or a policy close (1008) saying why
+    NOT_ADMITTED = "not-admitted"  # server: our ``admit`` refused the peer after the handshake
     CONNECTION_LOST = "connection-lost"  # the WebSocket closed or failed under the TLS session
     PROTOCOL = "protocol"  # the peer broke this module's rules (no READY, oversized handshake)
     TLS = "tls"  # any other TLS error (bad record MAC, decode error)
@@ -99,14 +103,16 @@ class PresentedCertificate:
 
 class InnerTlsError(LinkError):
     """The inner TLS handshake or session failed. ``failure`` says how; ``presented`` is the peer's
-    certificate when we rejected it (None if it could not be captured)."""
+    certificate when we rejected it (None if it could not be captured); ``close_message`` is the reason
+    of a policy close (1008) that refused the session: the peer's (REFUSED_BY_PEER) or ours (NOT_ADMITTED)."""
 
     def __init__(self, failure: InnerTlsFailure, message: str, *, verify_message: str | None = None,
-                 presented: PresentedCertificate | None = None) -> None:
+                 presented: PresentedCertificate | None = None, close_message: str | None = None) -> None:
         super().__init__(message)
         self.failure = failure
         self.verify_message = verify_message
         self.presented = presented
+        self.close_message = close_message
 
 
 class OuterWebSocket(Protocol):
@@ -134,17 +140,21 @@ async def inner_tls_client(ws: OuterWebSocket, ssl_ctx: ssl.SSLContext, server_h
 
 
 async def inner_tls_server(ws: OuterWebSocket, ssl_ctx: ssl.SSLContext, timeout: float,
-                           *, max_message: int = DEFAULT_MAX_MESSAGE,
-                           max_receive: int = DEFAULT_MAX_RECEIVE) -> InnerTlsWebSocket:
+                           *, max_message: int = DEFAULT_MAX_MESSAGE, max_receive: int = DEFAULT_MAX_RECEIVE,
+                           admit: Callable[[InnerTlsWebSocket], bytes | None] | None = None) -> InnerTlsWebSocket:
     """The relay's side: run the inner handshake over the prepared ``ws``, then send READY.
 
     ``ssl_ctx`` is the relay's context (``tunnel_link.tls.server_context``, which requires a client
-    certificate). Afterwards identify the site with
-    ``relay.pki.site_from_certificate(conn.getpeercert(binary_form=True))``. Raises :class:`InnerTlsError`
-    (the WebSocket is then closed).
+    certificate). Identify the site with
+    ``relay.pki.site_from_certificate(conn.getpeercert(binary_form=True))``: in ``admit``, which runs after
+    the handshake and before READY, so that a peer that is not accepted never gets READY. ``admit`` returns
+    None to accept, or the reason to refuse, sent as the WebSocket close message (code 1008, at most 123
+    bytes; no close_notify, so the peer reads it as the end of its handshake). Raises
+    :class:`InnerTlsError` (``NOT_ADMITTED`` for such a refusal; the WebSocket is then closed).
     """
     conn = InnerTlsWebSocket(ws, ssl_ctx, server_side=True, server_hostname=None,
                              max_message=max_message, max_receive=max_receive)
+    conn._admit = admit
     await conn._establish(timeout)
     return conn
 
@@ -185,6 +195,7 @@ class InnerTlsWebSocket:
         self._received = 0  # ciphertext bytes received, for the handshake limit and error messages
         self._closing = False
         self._error: InnerTlsError | None = None
+        self._admit: Callable[[InnerTlsWebSocket], bytes | None] | None = None  # server: see inner_tls_server
         self.peer_closed = False  # the peer sent TLS close_notify
 
     # --- the inner TLS session -----------------------------------------------------------------------
@@ -267,6 +278,7 @@ class InnerTlsWebSocket:
             async with asyncio.timeout(timeout):
                 await self._handshake()
                 if self._server_side:
+                    self._check_admitted()
                     self._encrypt(memoryview(READY))
                     await self._flush()
                 else:
@@ -279,8 +291,16 @@ class InnerTlsWebSocket:
             setattr(self._tls, _CAPTURE_ATTR, None)
             _capture_end(self._ctx, self._capturing)
             self._capturing = False
-        await self._abort()
+        await self._abort(error.close_message.encode() if error.failure is InnerTlsFailure.NOT_ADMITTED
+                          and error.close_message else b"inner TLS handshake failed")
         raise error from cause
+
+    def _check_admitted(self) -> None:
+        refusal = self._admit(self) if self._admit is not None else None
+        if refusal is not None:
+            text = refusal.decode(errors="replace")
+            raise InnerTlsError(InnerTlsFailure.NOT_ADMITTED, f"inner TLS: the agent was not admitted: {text}",
+                                close_message=text)
 
     async def _handshake(self) -> None:
         while True:
@@ -389,13 +409,14 @@ class InnerTlsWebSocket:
         except (TimeoutError, *_TRANSPORT_ERRORS):
             pass  # the WebSocket close that follows ends the connection anyway
 
-    async def _abort(self) -> None:
-        """After a failed handshake: send the alert OpenSSL queued (so the peer learns why), close the WebSocket."""
+    async def _abort(self, message: bytes) -> None:
+        """After a failed handshake: send the alert OpenSSL queued (so the peer learns why), close the
+        WebSocket with ``message``."""
         self._closing = True
         await self._flush_bounded(CLOSE_TIMEOUT)
         try:
             await asyncio.wait_for(self._ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION,
-                                                  message=b"inner TLS handshake failed"), CLOSE_TIMEOUT)
+                                                  message=message), CLOSE_TIMEOUT)
         except (TimeoutError, *_TRANSPORT_ERRORS):
             pass
 
@@ -425,6 +446,10 @@ class InnerTlsWebSocket:
                              f"inner TLS: the WebSocket to the {self._peer} failed during the handshake: {exc!r}")
 
     def _ended_during_handshake(self, msg: aiohttp.WSMessage) -> InnerTlsError:
+        if msg.type is aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.POLICY_VIOLATION and msg.extra:
+            reason = _printable(str(msg.extra), 123)
+            return InnerTlsError(InnerTlsFailure.REFUSED_BY_PEER,
+                                 f"inner TLS: the {self._peer} refused the session: {reason}", close_message=reason)
         if msg.type is aiohttp.WSMsgType.ERROR:
             detail = f"failed ({self._ws.exception()!r})"
         elif msg.type is aiohttp.WSMsgType.CLOSE:
