@@ -491,3 +491,60 @@ def test_agent_without_relay_url_needs_an_enrollment(tmp_path: Path) -> None:
         {"relay_url": "wss://relay.example.org:8443/tunnel", "site": "a", "ca_fingerprint": "0" * 64,
          "not_after": 0}))
     assert with_enrollment(settings).relay_url == "wss://relay.example.org:8443/tunnel"
+
+
+# --- the relay URL: the enrollment token's, unless the operator sets one (issue 10) -------------------------
+
+ENROLLED_URL = "wss://relay.hospital-cloud.test:8443/tunnel"
+
+
+def _enrolled_state(tmp_path: Path) -> Path:
+    state = tmp_path / "st"
+    state.mkdir()
+    (state / "enrollment.json").write_text(json.dumps(
+        {"relay_url": ENROLLED_URL, "site": "a", "ca_fingerprint": "0" * 64, "not_after": 0}))
+    return state
+
+
+def test_the_tokens_relay_url_wins_over_an_unset_one(tmp_path: Path) -> None:
+    from tunnel_agent.enroll import relay_url_mismatch, with_enrollment
+
+    state = _enrolled_state(tmp_path)
+    settings = with_enrollment(load_agent_settings(_write(tmp_path, f'state_dir = "{state}"\n')))
+    assert settings.relay_url == ENROLLED_URL and settings.relay_host == "relay.hospital-cloud.test"
+    assert relay_url_mismatch(settings) is None
+    assert with_enrollment(settings) == settings  # applied twice (the CLI, then the agent): the same
+
+
+def test_an_explicit_relay_url_wins_over_the_token_and_the_mismatch_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunnel_agent.enroll import relay_url_mismatch, with_enrollment
+
+    state = _enrolled_state(tmp_path)
+    moved = "wss://relay-2.hospital-cloud.test:8443/tunnel"
+    in_file = with_enrollment(load_agent_settings(_write(tmp_path, f'state_dir = "{state}"\nrelay_url = "{moved}"\n')))
+    assert in_file.relay_url == moved
+    mismatch = relay_url_mismatch(in_file)
+    assert mismatch is not None and moved in mismatch and ENROLLED_URL in mismatch and "Remove relay_url" in mismatch
+    same_toml = _write(tmp_path, f'state_dir = "{state}"\nrelay_url = "{ENROLLED_URL}"\n', "same.toml")
+    same = with_enrollment(load_agent_settings(same_toml))
+    assert same.relay_url == ENROLLED_URL and relay_url_mismatch(same) is None
+    monkeypatch.setenv("TUNNEL_AGENT_RELAY_URL", moved)
+    from_env = with_enrollment(load_agent_settings(_write(tmp_path, f'state_dir = "{state}"\n', "env.toml")))
+    assert from_env.relay_url == moved
+
+
+def test_the_example_agent_config_dials_no_placeholder_and_shows_state_dir() -> None:
+    settings = load_agent_settings(DEPLOY / "agent.example.toml")
+    assert settings.relay_url is None  # the enrollment token's URL is used
+    assert "state_dir" in settings.model_fields_set
+    text = (DEPLOY / "agent.example.toml").read_text()
+    assert "\nrelay_url" not in text and "\n# relay_url" in text
+
+
+def test_refusal_retries_default_long(tmp_path: Path) -> None:
+    settings = load_agent_settings(_write(tmp_path, 'relay_url = "wss://relay.example.org/tunnel"\n'))
+    assert (settings.revoked_retry, settings.refused_retry) == (3600.0, 300.0)
+    assert settings.revoked_retry > settings.backoff_max
+    text = (DEPLOY / "agent.example.toml").read_text()
+    assert "revoked_retry = 3600.0" in text and "refused_retry = 300.0" in text

@@ -115,7 +115,8 @@ class AgentSettings(TomlSettings):
 
     # Where enrollment writes the key, certificates and enrollment.json; the defaults of the paths below.
     state_dir: Path = DEFAULT_STATE_DIR
-    # Empty: the URL recorded by `tunnel-agent enroll` (state_dir/enrollment.json).
+    # Unset: the URL from the enrollment token, recorded by `tunnel-agent enroll` (state_dir/enrollment.json).
+    # Set (in the file or TUNNEL_AGENT_RELAY_URL), it wins over the enrollment's: only for a relay that moved.
     relay_url: RelayUrl | None = None
     cert_file: Path = Path()  # empty: {state_dir}/agent.crt
     key_file: Path = Path()  # empty: {state_dir}/agent.key (0600, made on this host, never sent)
@@ -132,6 +133,12 @@ class AgentSettings(TomlSettings):
     backoff_initial: Seconds = 0.5
     backoff_max: Seconds = 30.0
     connect_timeout: Seconds = 10.0
+    # Seconds before asking again once the relay refused this site (docs/protocol.md §1, §10); not the
+    # backoff, since asking sooner gets the same answer. revoked_retry: the site or its certificate was
+    # revoked (a new certificate in place, from `tunnel-agent enroll --force`, is tried at once).
+    # refused_retry: any other refusal (certificate unknown to the relay's registry, another site's, none).
+    revoked_retry: Seconds = 3600.0
+    refused_retry: Seconds = 300.0
     mux: MuxConfig = Field(default_factory=MuxConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     listener: AgentListenerConfig = Field(default_factory=AgentListenerConfig)

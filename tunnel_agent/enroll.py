@@ -49,8 +49,8 @@ from tunnel_link.tls import TLS12_CIPHERS, client_context
 if TYPE_CHECKING:
     from tunnel_agent.config import AgentSettings
 
-__all__ = ["ENROLLMENT_FILE", "EnrollError", "Enrollment", "enroll", "load_enrollment", "renew", "renewal_due",
-           "with_enrollment"]
+__all__ = ["ENROLLMENT_FILE", "EnrollError", "Enrollment", "enroll", "load_enrollment", "relay_url_mismatch",
+           "renew", "renewal_due", "with_enrollment"]
 
 ENROLLMENT_FILE = "enrollment.json"
 RENEW_AT = 2 / 3  # fraction of a certificate's lifetime after which the agent renews it
@@ -112,14 +112,31 @@ async def renew(settings: AgentSettings, *, environ: Mapping[str, str] | None = 
 
 
 def with_enrollment(settings: AgentSettings) -> AgentSettings:
-    """``settings`` with ``relay_url`` filled in from ``enrollment.json`` when the config leaves it empty."""
-    if settings.relay_url:
+    """``settings`` with ``relay_url`` from ``enrollment.json`` (the token's URL), unless the operator set
+    ``relay_url`` explicitly, in the config file or the environment (pydantic's ``model_fields_set``):
+    that one wins, and :func:`relay_url_mismatch` says whether it differs from the enrolled relay.
+    Raises :class:`EnrollError` when neither is there. Idempotent: the result counts as set."""
+    if "relay_url" in settings.model_fields_set and settings.relay_url:
         return settings
     enrollment = load_enrollment(settings.state_dir)
     if enrollment is None:
         raise EnrollError(f"not enrolled: no relay_url in the config and no {settings.state_dir / ENROLLMENT_FILE}; "
                           "run `tunnel-agent enroll` with the token from `tunnel-relay site add`")
     return settings.model_copy(update={"relay_url": enrollment.relay_url})
+
+
+def relay_url_mismatch(settings: AgentSettings) -> str | None:
+    """One line when ``settings.relay_url`` (set explicitly) is not the relay this host enrolled with,
+    which is how a placeholder copied from an example config shows itself; else None."""
+    try:
+        enrollment = load_enrollment(settings.state_dir)
+    except EnrollError:
+        return None
+    if enrollment is None or not settings.relay_url or settings.relay_url == enrollment.relay_url:
+        return None
+    return (f"relay_url {settings.relay_url} (set in the config or TUNNEL_AGENT_RELAY_URL) is not the relay this "
+            f"host enrolled with ({enrollment.relay_url}); the agent dials the former. Remove relay_url to use "
+            "the enrolled relay")
 
 
 def renewal_due(cert_pem: bytes) -> float:
