@@ -386,14 +386,64 @@ async def test_an_intercepting_tls_server_is_named_by_its_issuer(tmp_path, parts
     assert steps["TCP"].outcome is OK and handshakes == 1  # only the look at the certificate got through
 
 
-async def test_revoked_site_fails_authentication_with_the_403_hint(site):
+async def test_revoked_site_fails_authentication_naming_the_revocation(site):
     relay, agent, _pacs = site
     relay.admin("POST", f"/api/sites/{SITE}/revoke", {})
     steps = by_name(await diagnose(agent))
     assert steps["TLS"].outcome is OK
+    # The relay's Tunnel-Refused header names why; the hint names the commands for this very site.
+    assert (steps["auth"].outcome, steps["auth"].detail) == (FAIL, "revoked by the relay: this site is revoked "
+                                                                   "(site-revoked)")
+    assert steps["auth"].hint.startswith("ask the relay operator; to rejoin, re-enroll with a new token: "
+                                         f"`tunnel-relay site add {SITE}` on the relay")
+    assert (steps["relay"].outcome, steps["relay"].detail) == (SKIP, "because auth failed")
+
+
+async def test_a_revoked_certificate_is_named_as_such(site):
+    relay, agent, _pacs = site
+    serial = relay.admin("GET", f"/api/certificates?site={SITE}")["certificates"][0]["serial"]
+    relay.admin("POST", f"/api/certificates/{serial}/revoke", {})
+    steps = by_name(await diagnose(agent))
+    assert (steps["auth"].outcome, steps["auth"].detail) == (FAIL, "revoked by the relay: this site's certificate "
+                                                                   "is revoked (certificate-revoked)")
+
+
+async def test_a_403_without_a_reason_keeps_the_generic_hint(tmp_path):
+    """An older relay (or anything else) answering 403 without Tunnel-Refused: no claim of revocation."""
+    from aiohttp import web
+
+    from relay import pki as relay_pki
+    from tunnel_link.tls import server_context
+
+    state = tmp_path / "relay-state"
+    relay_pki.init_ca(state)
+    relay_pki.issue_server_cert(state, ["127.0.0.1", "localhost"])
+    certs = tmp_path / "certs"
+    relay_pki.issue_site_cert(state, SITE, certs)
+
+    async def forbidden(_request: web.Request) -> web.Response:
+        raise web.HTTPForbidden(text="no\n")
+
+    app = web.Application()
+    app.router.add_get("/tunnel", forbidden)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context(
+        state / "relay.crt", state / "relay.key", state / "ca.crt", client_cert_optional=True)).start()
+    try:
+        agent_toml = tmp_path / "agent.toml"
+        agent_toml.write_text("\n".join([
+            f'relay_url = "wss://127.0.0.1:{port}/tunnel"', f'state_dir = "{tmp_path / "agent-state"}"',
+            f'cert_file = "{certs / "agent.crt"}"', f'key_file = "{certs / "agent.key"}"',
+            f'ca_file = "{certs / "ca.crt"}"', "connect_timeout = 5.0",
+            "[status]", 'host = "127.0.0.1"', f"port = {free_port()}"]) + "\n")
+        async with asyncio.timeout(DIAGNOSIS_TIMEOUT):
+            steps = by_name(await run_diagnosis(load_agent_settings(agent_toml), NO_ENV_PROXY))
+    finally:
+        await runner.cleanup()
     assert (steps["auth"].outcome, steps["auth"].detail) == (FAIL, "the relay refused this certificate (403)")
     assert steps["auth"].hint.startswith("the relay refused this certificate (revoked? unknown?)")
-    assert (steps["relay"].outcome, steps["relay"].detail) == (SKIP, "because auth failed")
 
 
 async def test_expired_certificate_fails_cert_and_skips_authentication(site):

@@ -138,8 +138,9 @@ def test_site_revoke_closes_the_live_tunnel_and_refuses_reconnects(procs, one_si
     # The CLI returns after the relay closed the tunnel: no waiting needed.
     assert not relay.site_connected("st-marys")
     assert not echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok
-    wait_until(lambda: agent.status()["connects"] == 1 and agent.status()["state"] != "connected"
-               and "403" in agent.status()["last_error"], 15, message="agent refused on reconnect")
+    # The agent is told why (GOAWAY REVOKED) and does not come back to be refused (tests/test_revocation_agent.py).
+    wait_until(lambda: agent.status()["connects"] == 1 and agent.status()["state"] == "revoked", 15,
+               message=lambda: f"agent told it was revoked: {agent.status()}")
     assert not relay.site_connected("st-marys")
     log = relay.proc.log_tail(10_000)
     assert "site_revoked" in log and '"actor": "admin-api"' in log
@@ -154,7 +155,7 @@ def test_certificate_revoke_closes_the_tunnel_using_it(procs, one_site):
     serial = relay.admin("GET", "/api/certificates?site=st-marys")["certificates"][0]["serial"]
     _cli(RELAY, "cert", "revoke", serial, "--config", str(relay.config))
     assert not relay.site_connected("st-marys")
-    wait_until(lambda: "403" in agent.status()["last_error"], 15, message="agent refused on reconnect")
+    wait_until(lambda: agent.status()["state"] == "revoked", 15, message=lambda: f"agent told: {agent.status()}")
 
 
 def test_revoked_site_can_be_reinstated_with_a_new_token(procs, one_site):
@@ -413,3 +414,34 @@ async def test_a_bad_csr_leaves_the_token_usable(one_site):
     result = enroll(agent, token)  # the same token, now with the agent's own good CSR
     assert result.returncode == 0, result.stderr
     assert _audit_count(relay, "token_redeemed") == 1
+
+
+# --- whose relay URL is dialled (issue 10) ----------------------------------------------------------------
+
+
+def test_the_tokens_relay_url_is_dialled_unless_the_config_sets_one(procs, one_site):
+    import subprocess
+
+    from tests.support.stack import AGENT
+
+    relay, agent = one_site
+    enroll_agent(relay, agent)
+    enrolled = f"wss://127.0.0.1:{relay.tunnel_port}/tunnel"
+    assert not any(line.startswith("relay_url") for line in agent.config.read_text().splitlines())
+    start_agent(procs, agent, relay)  # relay_url unset: the token's URL
+    assert agent.status()["relay_url"] == enrolled
+    agent.proc.stop()
+    # Set explicitly (a relay that moved; here nothing listens there), it wins, and the mismatch is named.
+    elsewhere = f"wss://127.0.0.1:{free_port()}/tunnel"
+    agent.config.write_text(f'relay_url = "{elsewhere}"\n' + agent.config.read_text())
+    start_agent(procs, agent, wait_connected=False)
+    wait_until(lambda: agent.status()["state"] == "backoff" and agent.status()["connects"] == 0, 15,
+               message=lambda: f"agent dials {elsewhere}: {agent.status()}")
+    assert agent.status()["relay_url"] == elsewhere
+    assert f"is not the relay this host enrolled with ({enrolled})" in agent.proc.log_text()
+    result = subprocess.run([AGENT, "diagnose", "--config", str(agent.config), "--json"], capture_output=True,
+                            text=True, timeout=90, env={**os.environ, "HTTPS_PROXY": "", "https_proxy": ""})
+    config = json.loads(result.stdout)["steps"][0]
+    assert (config["name"], config["outcome"]) == ("config", "warn"), config
+    assert config["detail"].startswith(f"relay {elsewhere} (set in the config)")
+    assert "Remove relay_url" in config["hint"]

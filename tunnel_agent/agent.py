@@ -3,6 +3,10 @@
 - The connection loop never gives up on a transient failure: each attempt re-resolves DNS and rebuilds
   the TLS context (so renewed certificates are used), and failures wait a full-jitter exponential backoff.
   A dead relay is noticed within three heartbeat intervals of silence.
+- A refusal by the relay is not transient (``tunnel_core.refusal``): revoked (a 403 saying so, or GOAWAY
+  REVOKED ending the live tunnel), the state becomes "revoked", ``last_error`` says so and what to do, and
+  the next attempt waits ``revoked_retry`` (other refusals: "refused", ``refused_retry``), or until a new
+  certificate is in place (a re-enrollment), whichever comes first.
 - A stream the relay opens names a route; the route maps to a destination in *this* config and nothing
   else can be dialed, whatever the relay asks.
 - The local DICOM listener carries associations from modalities and the PACS out to the relay, routed
@@ -16,15 +20,17 @@ import logging
 import random
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from tunnel_agent import metrics
 from tunnel_agent.config import AgentSettings
-from tunnel_agent.connect import explain_untrusted_relay
-from tunnel_agent.enroll import EnrollError, renew, renewal_due, with_enrollment
+from tunnel_agent.connect import explain_untrusted_relay, refusal_token
+from tunnel_agent.enroll import EnrollError, relay_url_mismatch, renew, renewal_due, with_enrollment
 from tunnel_agent.health import HealthMonitor
 from tunnel_agent.wgtransport import WireGuardTransport
 from tunnel_core.backoff import Backoff
@@ -33,6 +39,7 @@ from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
 from tunnel_core.health import agent_readiness
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
+from tunnel_core.refusal import Refusal, refusal_from_goaway, refusal_from_token, retry_delay
 from tunnel_core.routing import Destination, decide_destination
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import (
@@ -54,6 +61,8 @@ __version__ = "0.1.0"
 
 RENEW_RECHECK = 3600.0  # seconds between looks at the certificate while renewal is not due
 RENEW_RETRY = 60.0  # seconds between attempts once it is due
+CERTIFICATE_WATCH = 2.0  # seconds between looks at cert_file while refused: a re-enrollment is tried at once
+WAITING_STATES = ("backoff", "revoked", "refused")  # states with a next_attempt
 
 
 class Agent:
@@ -120,6 +129,8 @@ class Agent:
             stack.push_async_callback(server.close)
         log.info("agent up: %s; relay %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()),
                  s.relay_url)
+        if (mismatch := relay_url_mismatch(s)) is not None:
+            log.warning("%s", mismatch)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -127,10 +138,13 @@ class Agent:
     # --- the tunnel -------------------------------------------------------------------------------------
 
     async def connect_forever(self) -> None:
+        """Connect, serve and reconnect until ``stop()``: after a failure the backoff, after a refusal by
+        the relay (see the module doc) ``revoked_retry`` / ``refused_retry``."""
         while not self._stopping.is_set():
             self.state = "connecting"
+            refusal: Refusal | None = None
             try:
-                await self._connect_once()
+                refusal = await self._connect_once()
             except asyncio.CancelledError:
                 raise
             except aiohttp.ClientConnectorCertificateError as exc:
@@ -138,18 +152,43 @@ class Agent:
                 self.last_error = await explain_untrusted_relay(self.settings, exc)
                 log.error("tunnel to relay refused: %s", self.last_error)
             except Exception as exc:  # the supervisor must survive anything transient; say what it was
-                self.last_error = _describe(exc)
-                log.warning("tunnel to relay failed: %s", self.last_error)
-            delay = self.backoff.next_delay()
-            self.state = "backoff"
+                token = refusal_token(exc, inner=self.settings.tls_mode == "inner")
+                refusal = refusal_from_token(token, site=self._site_name())
+                if refusal is None:
+                    self.last_error = _describe(exc)
+                    log.warning("tunnel to relay failed: %s", self.last_error)
+            if refusal is None:
+                delay = self.backoff.next_delay()
+                self.state = "backoff"
+                log.info("reconnecting in %.2fs (attempt %d)", delay, self.backoff.attempt)
+            else:
+                delay = retry_delay(refusal, revoked_retry=self.settings.revoked_retry,
+                                    refused_retry=self.settings.refused_retry)
+                self.state, self.last_error = refusal.kind.value, refusal.describe()
+                log.error("%s; next attempt in %.0fs, or as soon as a new certificate is in place",
+                          self.last_error, delay)
             self.next_attempt = time.time() + delay
-            log.info("reconnecting in %.2fs (attempt %d)", delay, self.backoff.attempt)
+            await self._wait(delay, watch_certificate=refusal is not None)
+
+    async def _wait(self, delay: float, *, watch_certificate: bool) -> None:
+        """Wait ``delay`` seconds, or until ``stop()``; with ``watch_certificate`` also until ``cert_file``
+        is replaced (``tunnel-agent enroll --force`` after the site was reinstated)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        stamp = _file_stamp(self.settings.cert_file)
+        while (left := deadline - loop.time()) > 0:
             try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                await asyncio.wait_for(self._stopping.wait(),
+                                       timeout=min(left, CERTIFICATE_WATCH) if watch_certificate else left)
+                return
             except TimeoutError:
                 pass
+            if watch_certificate and _file_stamp(self.settings.cert_file) != stamp:
+                log.info("a new certificate is in place (%s): connecting now", self.settings.cert_file)
+                return
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self) -> Refusal | None:
+        """One tunnel, served until it ends. Returns the refusal its end carried (GOAWAY REVOKED), if any."""
         s = self.settings
         ssl_ctx = client_context(s.cert_file, s.key_file, s.ca_file)
         from tunnel_agent.connect import open_tunnel
@@ -172,6 +211,7 @@ class Agent:
                 self.state = "disconnected"
                 self.last_error = session.close_reason or "closed"
                 log.info("tunnel to relay closed: %s", self.last_error)
+        return refusal_from_goaway(session.goaway_code, site=self._site_name())
 
     async def _relay_stream(self, stream: TunnelStream) -> None:
         """The relay opened a stream: it may only name one of our routes."""
@@ -211,12 +251,21 @@ class Agent:
             log.info("certificate renewed; valid until %s",
                      time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after)))
 
-    def certificate_not_after(self) -> float | None:
+    def _certificate(self) -> x509.Certificate | None:
         try:
-            cert = x509.load_pem_x509_certificate(self.settings.cert_file.read_bytes())
+            return x509.load_pem_x509_certificate(self.settings.cert_file.read_bytes())
         except (OSError, ValueError):
             return None
-        return cert.not_valid_after_utc.timestamp()
+
+    def certificate_not_after(self) -> float | None:
+        cert = self._certificate()
+        return cert.not_valid_after_utc.timestamp() if cert is not None else None
+
+    def _site_name(self) -> str:
+        """This site's name (the certificate's CN), for the commands in a refusal's hint."""
+        cert = self._certificate()
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert is not None else []
+        return str(names[0].value) if names else "NAME"
 
     # --- the local DICOM listener ---------------------------------------------------------------------
 
@@ -249,7 +298,7 @@ class Agent:
             "connects": self.connects,
             "reconnects": max(0, self.connects - 1),
             "last_error": self.last_error,
-            "next_attempt": self.next_attempt if self.state == "backoff" else None,
+            "next_attempt": self.next_attempt if self.state in WAITING_STATES else None,
             "certificate_not_after": self.certificate_not_after(),
             "renewals": self.renewals,
             "renewal_error": self.renewal_error,
@@ -272,6 +321,15 @@ class Agent:
         """Ready while the tunnel to the relay is up (``tunnel_core.health.agent_readiness``)."""
         ready = agent_readiness(state=self.state, last_error=self.last_error)
         return web.json_response({"ready": ready.ready, "reason": ready.reason}, status=200 if ready.ready else 503)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (enrollment renames a new one into place)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _describe(exc: BaseException) -> str:

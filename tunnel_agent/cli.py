@@ -142,8 +142,18 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if status.get("state") == "connected" else 3
 
 
+# What a state means for the on-call person, when the state's name alone does not say it.
+_STATE_NOTES = {
+    "revoked": "the relay revoked this site (or its certificate): it refuses the tunnel; see last error for "
+               "what to do",
+    "refused": "the relay refuses this site's certificate; see last error for what to do",
+}
+
+
 def _human(status: dict) -> str:
-    lines = [f"state:        {status['state']}", f"relay:        {status['relay_url']}"]
+    state = status["state"]
+    note = f" ({_STATE_NOTES[state]})" if state in _STATE_NOTES else ""
+    lines = [f"state:        {state}{note}", f"relay:        {status['relay_url']}"]
     if status.get("connected_since"):
         lines.append(f"connected:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status['connected_since']))}")
     if status.get("rtt_ms") is not None:
@@ -151,6 +161,8 @@ def _human(status: dict) -> str:
     lines.append(f"reconnects:   {status['reconnects']}")
     if status.get("last_error"):
         lines.append(f"last error:   {status['last_error']}")
+    if status.get("next_attempt"):
+        lines.append(f"next attempt: {_next_attempt(status['next_attempt'], time.time(), state in _STATE_NOTES)}")
     lines.append(f"routes:       {', '.join(status['routes']) or '-'}")
     lines.append(f"listener:     {status.get('listener') or 'disabled'}")
     lines.append(f"associations: {len(status['associations'])} active")
@@ -159,6 +171,14 @@ def _human(status: dict) -> str:
                      f"in={a['bytes_from_caller']} out={a['bytes_to_caller']}")
     lines += _health_lines(status.get("health"))
     return "\n".join(lines)
+
+
+def _next_attempt(at: float, now: float, refused: bool) -> str:
+    """``14:03:12 (in 59 min)``; after a refusal, also that a re-enrollment is tried at once."""
+    left = max(0.0, at - now)
+    wait = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+    when = f"{time.strftime('%H:%M:%S', time.localtime(at))} (in {wait})"
+    return f"{when}, or as soon as a new certificate is in place (`tunnel-agent enroll --force`)" if refused else when
 
 
 def _health_lines(health: dict | None) -> list[str]:

@@ -26,14 +26,15 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
-from tunnel_link.innertls import inner_tls_client
+from tunnel_core.refusal import REFUSED_HEADER, token_of_close_message
+from tunnel_link.innertls import InnerTlsError, InnerTlsFailure, inner_tls_client
 from tunnel_link.session import MAX_MESSAGE_IN
 from tunnel_link.sockets import tune_socket
 
 if TYPE_CHECKING:
     from tunnel_agent.config import AgentSettings
 
-__all__ = ["ProxyError", "open_tunnel", "proxy_failure"]
+__all__ = ["ProxyError", "open_tunnel", "proxy_failure", "refusal_token"]
 
 log = logging.getLogger("agent")
 
@@ -76,6 +77,20 @@ async def open_tunnel(
             yield await inner_tls_client(ws, ssl_ctx, settings.relay_host, settings.connect_timeout)
         else:
             yield ws
+
+
+def refusal_token(exc: BaseException, *, inner: bool) -> str | None:
+    """The relay's reason for refusing this tunnel, as it said it on the wire (``docs/protocol.md`` §1): the
+    ``Tunnel-Refused`` header of a 403 to the tunnel request, or, in inner-TLS mode (``inner``), the token
+    of the relay's policy close after the inner handshake. None for every other failure, including a 403
+    without the header (an older relay). In inner-TLS mode the relay never answers 403 (it checks the
+    certificate inside), so a 403 there is the inspecting proxy's, whatever its headers say.
+    Turn the token into words with ``tunnel_core.refusal.refusal_from_token``."""
+    if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status == HTTPStatus.FORBIDDEN and not inner:
+        return exc.headers.get(REFUSED_HEADER) if exc.headers is not None else None
+    if isinstance(exc, InnerTlsError) and exc.failure is InnerTlsFailure.REFUSED_BY_PEER and inner:
+        return token_of_close_message(exc.close_message)
+    return None
 
 
 def outer_context(settings: AgentSettings) -> ssl.SSLContext:

@@ -47,13 +47,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from tunnel_agent.connect import _status_hint, open_tunnel, outer_context, target_of
-from tunnel_agent.enroll import RENEW_AT, EnrollError, with_enrollment
+from tunnel_agent.connect import _status_hint, open_tunnel, outer_context, refusal_token, target_of
+from tunnel_agent.enroll import RENEW_AT, EnrollError, relay_url_mismatch, with_enrollment
 from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
 from tunnel_core.codes import ErrorCode
 from tunnel_core.errors import ProtocolError
 from tunnel_core.mux import Mux, PongReceived, Role, StreamOpened
+from tunnel_core.refusal import refusal_from_token
 from tunnel_link.errors import LinkError
 from tunnel_link.tls import TlsConfigError, client_context
 
@@ -380,7 +381,8 @@ class _Diagnosis:
     # --- config and certificate -------------------------------------------------------------------------
 
     def _config(self) -> Step:
-        origin = "" if self.settings.relay_url else " (from the enrollment)"
+        explicit = "relay_url" in self.settings.model_fields_set and self.settings.relay_url
+        origin = " (set in the config)" if explicit else " (from the enrollment)"
         try:
             self.settings = settings = with_enrollment(self.settings)
         except EnrollError as exc:
@@ -406,7 +408,10 @@ class _Diagnosis:
         except ProxyError as exc:
             return Step("config", Outcome.FAIL, str(exc), "fix HTTPS_PROXY, or set [proxy] url")
         via = f"; through proxy {self.proxy.address} (from {self.proxy.source})" if self.proxy else "; direct"
-        return Step("config", Outcome.OK, f"relay {settings.relay_url}{origin}{via}; {files}")
+        detail = f"relay {settings.relay_url}{origin}{via}; {files}"
+        if (mismatch := relay_url_mismatch(settings)) is not None:  # a placeholder copied from an example?
+            return Step("config", Outcome.WARN, detail, mismatch)
+        return Step("config", Outcome.OK, detail)
 
     def _cert(self) -> Step:
         assert self.cert is not None
@@ -596,10 +601,12 @@ class _Diagnosis:
                                                 f"({_ms(time.monotonic() - began)}){note}")
                 relay = await self._ping(ws)
         except aiohttp.WSServerHandshakeError as exc:
-            auth = _refused(exc, self.settings.relay_url or "")
+            auth = self._refusal_step(exc) or _refused(exc, self.settings.relay_url or "")
             auth = replace(auth, detail=auth.detail + note)
         except (ProxyError, aiohttp.ClientError, OSError, TimeoutError, LinkError) as exc:
-            if auth is None:  # else closing the tunnel after the checks failed: nothing to report
+            if auth is None and (refused := self._refusal_step(exc)) is not None:  # inner TLS: the relay's close
+                auth = replace(refused, detail=refused.detail + note)
+            elif auth is None:  # else closing the tunnel after the checks failed: nothing to report
                 auth = Step("auth", Outcome.FAIL, f"the tunnel to {self.settings.relay_url} failed: "
                                                   f"{_reason(exc)}{note}",
                             "the relay ended the connection: it may refuse this certificate in the TLS handshake "
@@ -607,6 +614,16 @@ class _Diagnosis:
         assert auth is not None
         self._add(auth)
         self._add(relay or skip_for("relay", self.steps, ("auth",)) or Step("relay", Outcome.SKIP, ""))
+
+    def _refusal_step(self, exc: BaseException) -> Step | None:
+        """The auth step when the relay refused this site and said why (``tunnel_core.refusal``), else None."""
+        token = refusal_token(exc, inner=self.settings.tls_mode == "inner")
+        site = _common_name(self.cert) if self.cert is not None else "NAME"
+        refusal = refusal_from_token(token, site=site)
+        if refusal is None:
+            return None
+        return Step("auth", Outcome.FAIL, f"{refusal.kind.value} by the relay: {refusal.reason} ({refusal.code})",
+                    refusal.hint)
 
     async def _ping(self, ws: aiohttp.ClientWebSocketResponse) -> Step:
         """One mux PING and its PONG; streams the relay opens meanwhile are refused (no agent serves them)."""

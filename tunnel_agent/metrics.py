@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AgentCollector", "STATES", "handler", "registry_for"]
 
-# The states of ``Agent.state``; each gets a 0/1 sample so a dashboard can stack them.
-STATES = ("starting", "connecting", "connected", "disconnected", "backoff")
+# The states of ``Agent.state``; each gets a 0/1 sample so a dashboard can stack them. "revoked" and
+# "refused": the relay refused this site (tunnel_core.refusal); the agent waits long before asking again.
+STATES = ("starting", "connecting", "connected", "disconnected", "backoff", "revoked", "refused")
 
 
 def registry_for(agent: Agent) -> CollectorRegistry:
