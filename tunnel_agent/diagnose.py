@@ -12,6 +12,8 @@ network team. The steps follow the tunnel's own layers, so the first failure is 
    checked; on failure the certificate actually presented is fetched (:mod:`tunnel_agent.peek`) and its
    issuer named, which is how a TLS-inspecting proxy shows itself.
 5. ``auth`` and ``relay``: the real tunnel (:func:`tunnel_agent.connect.open_tunnel`) and one mux PING.
+   A refusal names the relay's reason (``Tunnel-Refused``: revoked site or certificate, unknown, ...)
+   and the commands to rejoin (``tunnel_core.refusal``).
    The relay keeps one session per site and a new one replaces the old, so when the local agent's
    status endpoint says it is connected, its word is taken and no second tunnel is opened.
 6. ``C-ECHO <route>``: one DICOM verification per ``[[routes]]`` entry, from this host.
