@@ -21,7 +21,6 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from relay import admin, enroll, guard, pki
@@ -41,6 +40,7 @@ from tunnel_core.health import (
     site_condition,
 )
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
+from tunnel_core.refusal import REFUSED_HEADER, RefusalToken, close_message
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
 from tunnel_link.aio import cancel_and_wait, wait_for_events
 from tunnel_link.associations import (
@@ -51,7 +51,9 @@ from tunnel_link.associations import (
     serve_stream,
 )
 from tunnel_link.errors import LinkError
-from tunnel_link.innertls import InnerTlsError, inner_tls_server
+from tunnel_link.gate import GatedTlsServer
+from tunnel_link.httpserver import app_runner, serve_tcp
+from tunnel_link.innertls import InnerTlsError, InnerTlsFailure, InnerTlsWebSocket, inner_tls_server
 from tunnel_link.pipe import Pipe, PipeServer
 from tunnel_link.procstats import process_stats
 from tunnel_link.session import CLOSE_TIMEOUT, MAX_MESSAGE_IN, MuxSession, TunnelStream
@@ -63,6 +65,13 @@ log = logging.getLogger("relay")
 CONNECT_TIMEOUT = 5.0
 INNER_HANDSHAKE_TIMEOUT = 10.0
 SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the registry and the clock
+# The registry's verdict as the agent is told it (Tunnel-Refused, docs/protocol.md §1).
+_REFUSAL_TOKENS = {
+    CertificateVerdict.UNKNOWN: RefusalToken.UNKNOWN_CERTIFICATE,
+    CertificateVerdict.REVOKED: RefusalToken.CERTIFICATE_REVOKED,
+    CertificateVerdict.SITE_REVOKED: RefusalToken.SITE_REVOKED,
+    CertificateVerdict.SITE_MISMATCH: RefusalToken.SITE_MISMATCH,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,7 @@ class Relay:
         self.serving = False
         self.wireguard = RelayWireGuard(self) if settings.wireguard.enabled else None
         self.guards = guard.make_guards(settings, time.time())  # throttles shared by the tunnel and admin ports
+        self.gate: GatedTlsServer | None = None  # the tunnel port's listener, once started
 
     def readiness(self) -> Readiness:
         try:
@@ -145,6 +155,7 @@ class Relay:
             self._registry.ensure_site(site.name, time.time())
         self._registry.sync_config_routing(_config_routes(s), _config_destinations(s), time.time())
         self.reload_routing()
+        t = s.tunnel
         tunnel_app = web.Application(client_max_size=enroll.MAX_BODY)
         tunnel_app.router.add_get(s.tunnel.path, self._tunnel_ws)
         tunnel_app.router.add_get(s.tunnel.inner_path, self._tunnel_inner_ws)
@@ -153,11 +164,19 @@ class Relay:
         self.enroll_inner_context = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path,
                                                    client_cert_optional=True)
         enroll.add_routes(tunnel_app, self)
-        self.bound["tunnel"] = await _serve_app(stack, tunnel_app, s.tunnel.host, s.tunnel.port, ssl_ctx)
-        self.bound["admin"] = await _serve_app(stack, admin.build_app(self), s.admin.host, s.admin.port, None)
+        # Connections to the tunnel port are gated until they authenticate (tunnel_link.gate).
+        tunnel_runner = app_runner(tunnel_app, request_timeout=t.request_deadline, logger_name="relay.http")
+        await tunnel_runner.setup()
+        stack.push_async_callback(tunnel_runner.cleanup)
+        self.gate = GatedTlsServer(tunnel_runner, ssl_ctx, limits=t.admission_limits(),
+                                   handshake_timeout=t.handshake_deadline)
+        self.bound["tunnel"] = await self.gate.start(t.host, t.port)
+        stack.push_async_callback(self.gate.close)
+        self.bound["admin"] = await serve_tcp(stack, admin.build_app(self), s.admin.host, s.admin.port,
+                                              request_timeout=t.request_deadline, logger_name="relay.http")
         if self.wireguard is not None:
             wg_app = web.Application()
-            wg_app.router.add_get(s.tunnel.path, self._tunnel_wg_ws)
+            wg_app.router.add_get(t.path, self._tunnel_wg_ws)
             self.bound["wireguard"] = await self.wireguard.start(stack, wg_app)
         for listener in s.listeners:
             self.bound[f"listener:{listener.name}"] = await self._serve_listener(stack, listener)
@@ -225,9 +244,11 @@ class Relay:
     # --- the agent-facing WebSocket ---------------------------------------------------------------------
 
     async def _tunnel_ws(self, request: web.Request) -> web.StreamResponse:
-        identity = self.authenticate_request(request)
-        if identity is None:
-            raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n")
+        identity = self.admit_request(request)
+        if not isinstance(identity, Identity):  # the header tells the agent why (docs/protocol.md §1)
+            raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n",
+                                    headers={REFUSED_HEADER: identity.value})
+        self._authenticated(request)
         tune(request.transport)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
         await ws.prepare(request)
@@ -253,18 +274,31 @@ class Relay:
         tune(request.transport)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
         await ws.prepare(request)
+        admitted: list[Identity] = []
+
+        def admit(conn: InnerTlsWebSocket) -> bytes | None:
+            # Before READY (docs/protocol.md §1): a refused agent never sees a session, only the close
+            # (1008, "<token>: ...") that tells it why.
+            identity = self.admit_der(conn.getpeercert(binary_form=True), request.remote, request.path)
+            if isinstance(identity, Identity):
+                admitted.append(identity)
+                return None
+            return close_message(identity)
+
         try:
-            inner = await inner_tls_server(ws, self._inner_ctx, INNER_HANDSHAKE_TIMEOUT)
+            inner = await inner_tls_server(ws, self._inner_ctx, INNER_HANDSHAKE_TIMEOUT, admit=admit)
         except InnerTlsError as exc:
-            log.warning("refused inner-TLS tunnel from %s: %s", request.remote, exc)
+            if exc.failure is not InnerTlsFailure.NOT_ADMITTED:  # admit() logged that refusal
+                log.warning("refused inner-TLS tunnel from %s: %s", request.remote, exc)
             return ws
-        identity = self.authenticate_der(inner.getpeercert(binary_form=True), request.remote, request.path)
-        if identity is None:
-            await inner.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION,
-                              message=b"a valid, unrevoked site certificate is required")
-            return ws
-        await self._serve_session(identity, inner, f"{request.remote} (inner TLS)", "websocket, inner TLS")
+        self._authenticated(request)
+        await self._serve_session(admitted[0], inner, f"{request.remote} (inner TLS)", "websocket, inner TLS")
         return ws
+
+    def _authenticated(self, request: web.Request) -> None:
+        """The request's connection proved its identity: it no longer counts as unauthenticated."""
+        if self.gate is not None:
+            self.gate.authenticated(request.transport)
 
     async def _serve_session(self, identity: Identity, ws, peer: str, transport: str) -> None:
         site = self._site_state(identity.site)
@@ -306,26 +340,37 @@ class Relay:
 
     def authenticate_request(self, request: web.Request) -> Identity | None:
         """The site behind this request's verified client certificate, if the registry lets it in."""
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        return self.authenticate_der(der, request.remote, request.path)
+        identity = self.admit_request(request)
+        return identity if isinstance(identity, Identity) else None
 
     def authenticate_der(self, der: bytes | None, remote: str | None, path: str) -> Identity | None:
         """The site of a certificate the TLS layer already verified (outer or inner), if the registry agrees."""
+        identity = self.admit_der(der, remote, path)
+        return identity if isinstance(identity, Identity) else None
+
+    def admit_request(self, request: web.Request) -> Identity | RefusalToken:
+        """:meth:`admit_der` for the client certificate of this request's TLS connection."""
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        return self.admit_der(der, request.remote, request.path)
+
+    def admit_der(self, der: bytes | None, remote: str | None, path: str) -> Identity | RefusalToken:
+        """The site of a certificate the TLS layer already verified (outer or inner) if the registry agrees,
+        else the ``Tunnel-Refused`` token that tells the agent why (logged here, once)."""
         if not der:
             log.warning("refused %s from %s: no client certificate", path, remote)
-            return None
+            return RefusalToken.NO_CERTIFICATE
         try:
             name = site_from_certificate(der)
             serial = serial_hex(pki.certificate_serial(der))
         except PkiError as exc:
             log.warning("refused %s from %s: %s", path, remote, exc)
-            return None
+            return RefusalToken.UNKNOWN_CERTIFICATE
         verdict = self.registry.check_certificate(serial, name)
         if verdict is not CertificateVerdict.OK:
             log.warning("refused %s from %s: site=%s certificate %s: %s", path, remote, name, serial,
                         verdict.value)
-            return None
+            return _REFUSAL_TOKENS[verdict]
         not_after = pki.certificate_not_after(der).timestamp()
         return Identity(name, serial, not_after)
 
@@ -488,15 +533,4 @@ def _config_routes(settings: RelaySettings) -> list[RouteRecord]:
 def _config_destinations(settings: RelaySettings) -> list[DestinationRecord]:
     return [DestinationRecord(site.name, d.called_ae, d.host, d.port, tuple(d.allowed_calling_aes), "config")
             for site in settings.sites for d in site.destinations]
-
-
-async def _serve_app(stack: AsyncExitStack, app: web.Application, host: str, port: int,
-                     ssl_ctx) -> tuple[str, int]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
-    await site.start()
-    sock = site._server.sockets[0]  # aiohttp exposes no public accessor for the bound address
-    return sock.getsockname()[:2]
 
