@@ -119,7 +119,6 @@ def build_app(relay: Relay) -> web.Application:
 
     host_check = guard.host_allowlist(relay.settings.admin.host_names(), on_refused=misdirected)
     app = web.Application(middlewares=[host_check, require_token], client_max_size=MAX_BODY)
-    app.on_response_prepare.append(guard.strip_server_header)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handler(relay, guards))  # no token, like /healthz: see relay.metrics

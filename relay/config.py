@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from relay.pki import CA_CERT, RELAY_CERT, RELAY_KEY
+from tunnel_core.admission import AdmissionLimits
 from tunnel_core.ratelimit import RateLimits
 from tunnel_link.config_common import (
     AETitle,
@@ -70,8 +71,27 @@ class TunnelConfig(StrictModel):
     key_file: OptionalPath = None
     ca_file: OptionalPath = None
     heartbeat_interval: Seconds = 10.0
+    # Connections that have not authenticated (tunnel_link.gate): the TLS handshake, and the wait for a
+    # (first or next) HTTP request, each within a deadline (default: one heartbeat interval); at most so
+    # many of them per source address and in all.
+    handshake_timeout: Annotated[Seconds | None, BeforeValidator(_empty_is_none)] = None
+    request_timeout: Annotated[Seconds | None, BeforeValidator(_empty_is_none)] = None
+    max_unauthenticated: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    max_unauthenticated_per_source: Annotated[int, Field(ge=1, le=1_000_000)] = 128
     # What enrollment tokens tell agents to dial; empty: wss://<first name in relay.crt>:<port><path>.
     public_url: Annotated[PublicUrl | None, BeforeValidator(_empty_is_none)] = None
+
+    @property
+    def handshake_deadline(self) -> float:
+        return self.handshake_timeout if self.handshake_timeout is not None else self.heartbeat_interval
+
+    @property
+    def request_deadline(self) -> float:
+        return self.request_timeout if self.request_timeout is not None else self.heartbeat_interval
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(max_total=self.max_unauthenticated,
+                               max_per_source=min(self.max_unauthenticated_per_source, self.max_unauthenticated))
 
     @property
     def inner_path(self) -> str:

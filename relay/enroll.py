@@ -58,7 +58,6 @@ def add_routes(app: web.Application, relay: Relay) -> None:
     Also strips aiohttp's ``Server`` version header from every response of ``app`` (the whole tunnel port:
     these routes and the tunnel's WebSocket upgrades alike)."""
     limiter = relay.guards.enroll
-    app.on_response_prepare.append(guard.strip_server_header)
 
     def bound(handler, *, throttled: bool = True):
         async def handle(request: web.Request) -> web.StreamResponse:

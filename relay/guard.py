@@ -14,9 +14,8 @@ Theory of operation:
   under the attacker's *name*, so the admin port answers only to ``localhost``, IP literals (a browser
   cannot rebind those; probes and scrapers address by IP) and the names in ``[admin] allowed_hosts``.
   Anything else, or no Host at all, is 421 before any handler runs.
-- **No Server header**: :func:`strip_server_header` removes aiohttp's ``Server: Python/x aiohttp/y`` from
-  every response an app produces (install it with ``app.on_response_prepare.append``). aiohttp answers a
-  request it cannot parse (400) without running the app's signals; that answer still carries it.
+- **No Server header**: every app is served through ``tunnel_link.httpserver.app_runner``, which removes
+  aiohttp's version banner.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ __all__ = [
     "host_allowlist",
     "parse_host",
     "report_throttles",
-    "strip_server_header",
     "throttled_response",
 ]
 
@@ -166,11 +164,3 @@ def _is_ip(host: str, version: int | None = None) -> bool:
     except ValueError:
         return False
     return version is None or ip.version == version
-
-
-# --- no version in the Server header ---------------------------------------------------------------------
-
-
-async def strip_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook: the response goes out without aiohttp's ``Server`` version header."""
-    response.headers.popall("Server", None)

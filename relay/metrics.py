@@ -40,6 +40,7 @@ from tunnel_link.metrics import (
 if TYPE_CHECKING:
     from relay.guard import RelayGuards
     from relay.server import Relay
+    from tunnel_link.gate import GatedTlsServer
 
 __all__ = ["RelayCollector", "handler", "registry_for"]
 
@@ -77,6 +78,8 @@ class RelayCollector(Collector):
         yield from _wireguard_families(sites)
         if self.guards is not None:
             yield from _guard_families(self.guards)
+        if self.relay.gate is not None:
+            yield from _gate_families(self.relay.gate)
         yield tasks_family(status["process"]["tasks"])
 
     def _active_by_site(self) -> dict[str, int]:
@@ -142,6 +145,17 @@ def _guard_families(guards: RelayGuards) -> Iterator[Metric]:
     yield throttled
     yield CounterMetricFamily(f"{PREFIX}_admin_misdirected", "Requests to the admin port refused (421) because "
                               "their Host header is not allowed", value=guards.misdirected)
+
+
+def _gate_families(gate: GatedTlsServer) -> Iterator[Metric]:
+    yield GaugeMetricFamily(f"{PREFIX}_unauthenticated_connections", "Connections to the tunnel port that have "
+                            "not authenticated yet (TLS handshake, enrollment, or waiting for a request)",
+                            value=gate.unauthenticated)
+    yield CounterMetricFamily(f"{PREFIX}_unauthenticated_refused", "Connections to the tunnel port closed at "
+                              "accept: the per-source or total cap on unauthenticated connections was reached",
+                              value=gate.admission.refused)
+    yield CounterMetricFamily(f"{PREFIX}_tls_handshake_failures", "TLS handshakes on the tunnel port that failed "
+                              "or did not finish within [tunnel] handshake_timeout", value=gate.handshake_failures)
 
 
 def _report_families(reporting: list[dict[str, Any]]) -> Iterator[Metric]:

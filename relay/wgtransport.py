@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from relay import pki
+from tunnel_link.httpserver import serve_tcp
 from tunnel_link.wireguard import (
     WireGuardError,
     WireGuardInterface,
@@ -68,11 +69,8 @@ class RelayWireGuard:
         stack.push_async_callback(asyncio.to_thread, self.interface.down)
         await self.sync()
         await self.refresh()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, c.relay_ip, c.tunnel_port)
-        await site.start()
+        await serve_tcp(stack, app, c.relay_ip, c.tunnel_port,
+                        request_timeout=self.relay.settings.tunnel.request_deadline, logger_name="relay.http")
         log.info("wireguard up: interface %s (%s), udp %d, tunnel port %s:%d", c.interface,
                  self.interface.implementation, c.listen_port, c.relay_ip, c.tunnel_port)
         return c.relay_ip, c.tunnel_port

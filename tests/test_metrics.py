@@ -299,7 +299,7 @@ def test_relay_collector_reads_sites_and_health_reports():
     assoc.site = "hospital-a"
     sites = [_site("hospital-a", connected=True, condition="degraded", report=REPORT),
              _site("hospital-b", connected=False, condition="down", report=REPORT)]  # a stale report: not shown
-    relay = SimpleNamespace(tracker=tracker, readiness=lambda: SimpleNamespace(ready=True),
+    relay = SimpleNamespace(tracker=tracker, gate=None, readiness=lambda: SimpleNamespace(ready=True),
                             status=lambda: {"sites": sites, "process": {"tasks": 9}})
     s = Scrape(generate_latest(relay_registry(relay)).decode())
     assert s.value("dicom_tunnel_site_up", site="hospital-a") == 1

@@ -98,14 +98,15 @@ class AgentHandle:
 
 
 def make_relay(root: Path, *, listener_routes: list[ListenerRoute], sites: dict[str, list[SiteDest]],
-               heartbeat: float = 10.0, artim: float = 10.0) -> RelayHandle:
-    """Write the relay config and create its CA and server certificate with the product's CLI."""
+               heartbeat: float = 10.0, artim: float = 10.0, tunnel: list[str] | None = None) -> RelayHandle:
+    """Write the relay config and create its CA and server certificate with the product's CLI.
+    ``tunnel``: more lines for its ``[tunnel]`` section."""
     root.mkdir(parents=True, exist_ok=True)
     handle = RelayHandle(root, root / "relay.toml", *free_ports(3))
     lines = [
         f'state_dir = "{handle.state_dir}"',
         "[tunnel]", 'host = "127.0.0.1"', f"port = {handle.tunnel_port}",
-        f"heartbeat_interval = {heartbeat}",
+        f"heartbeat_interval = {heartbeat}", *(tunnel or []),
         "[admin]", 'host = "127.0.0.1"', f"port = {handle.admin_port}",
         "[[listeners]]", 'name = "cloud"', 'host = "127.0.0.1"', f"port = {handle.dicom_port}",
         f"artim_timeout = {artim}",
