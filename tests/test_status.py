@@ -87,3 +87,19 @@ def test_frozen_relay_is_declared_dead_within_three_heartbeats(stack):
     finally:
         relay.proc.kill(signal.SIGCONT)
     wait_until(lambda: agent.status()["state"] == "connected", 15, message="agent reconnects")
+
+
+def test_the_agent_status_port_names_no_server_software_and_drops_idle_connections(stack):
+    import socket
+    import urllib.request
+
+    _relay, agent = stack
+    for path in ("/api/status", "/healthz", "/readyz", "/metrics"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.status_port}{path}", timeout=5) as r:
+            assert "Server" not in r.headers, (path, dict(r.headers))
+    # A connection that never sends a request is closed after one heartbeat interval, not an hour.
+    with socket.create_connection(("127.0.0.1", agent.status_port), timeout=5) as idle:
+        idle.settimeout(HEARTBEAT + 5)
+        start = time.monotonic()
+        assert idle.recv(1) == b""
+        assert time.monotonic() - start < HEARTBEAT + 5

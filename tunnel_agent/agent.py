@@ -50,6 +50,7 @@ from tunnel_link.associations import (
     serve_stream,
 )
 from tunnel_link.errors import LinkError
+from tunnel_link.httpserver import serve_tcp
 from tunnel_link.pipe import Pipe, PipeServer
 from tunnel_link.procstats import process_stats
 from tunnel_link.session import MuxSession, TunnelStream
@@ -117,12 +118,8 @@ class Agent:
         app.router.add_get("/metrics", metrics.handler(self))  # Prometheus (tunnel_agent.metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, s.status.host, s.status.port)
-        await site.start()
-        self.bound["status"] = site._server.sockets[0].getsockname()[:2]
+        self.bound["status"] = await serve_tcp(stack, app, s.status.host, s.status.port,
+                                               request_timeout=s.heartbeat_interval, logger_name="agent.http")
         if s.listener.enabled:
             server = PipeServer(self._on_caller)
             self.bound["listener"] = await server.start(s.listener.host, s.listener.port)
