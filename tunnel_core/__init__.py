@@ -8,6 +8,12 @@ Modules:
 - ``mux``     — one tunnel connection: stream state machine, per-stream and per-connection flow control.
 - ``dicom``   — A-ASSOCIATE-RQ sniffer, A-ASSOCIATE-RJ / A-ABORT builders.
 - ``routing`` — pure routing decisions (called AE → site/route, route → destination).
-- ``heartbeat`` — keepalive deadlines and dead-peer detection, time passed in.
+- ``heartbeat`` — keepalive deadlines and dead-peer detection (silent, or not reading), time passed in.
 - ``backoff`` — full-jitter exponential backoff, randomness passed in.
+- ``refusal`` — why the relay refused or ended a tunnel (``Tunnel-Refused``, GOAWAY ``REVOKED``), as the
+  agent reports it and how long it waits.
+- ``admission`` — caps on connections that have not authenticated, per source and in total.
+- ``ratelimit`` — per-source token buckets with a shared total (enrollment, admin logins), time passed in.
+- ``health`` — the agent's REPORT and the site condition decided from it.
+- ``token`` — the one-line enrollment token.
 """
