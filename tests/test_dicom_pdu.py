@@ -16,7 +16,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotific
 from pynetdicom.presentation import build_context
 
 from tunnel_core import dicom
-from tunnel_core.errors import DicomError, MalformedPdu, NotAssociateRequest, PduTooLarge
+from tunnel_core.errors import DicomError, InvalidAeTitle, MalformedPdu, NotAssociateRequest, PduTooLarge
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -167,18 +167,100 @@ def test_length_of_exactly_the_fixed_fields_is_read() -> None:
     assert dicom.AssociateSniffer().feed(pdu) == dicom.AssociateRequest("PACS", "CT1", pdu)
 
 
-@pytest.mark.parametrize(("called", "calling"), [
-    pytest.param("PACSÉ".encode("latin-1").ljust(16), b"CT1".ljust(16), id="called-latin1"),
-    pytest.param(b"PACS".ljust(16), "CT1é".encode().ljust(16), id="calling-utf8"),
-    pytest.param(b"PA\x00CS".ljust(16), b"CT1".ljust(16), id="called-NUL"),
-    pytest.param(b"PACS".ljust(16), b"CT\x1b1".ljust(16), id="calling-ESC"),
-    pytest.param(b"PA\\CS".ljust(16), b"CT1".ljust(16), id="called-backslash"),
-    pytest.param(b" " * 16, b"CT1".ljust(16), id="called-blank"),
-    pytest.param(b"PACS".ljust(16), bytes(16), id="calling-all-NUL"),
+CALLED_RJ, CALLING_RJ = dicom.RejectReason.CALLED_AE_UNKNOWN, dicom.RejectReason.CALLING_AE_NOT_ALLOWED
+
+
+@pytest.mark.parametrize(("called", "calling", "reason", "shown"), [
+    pytest.param("PACSÉ".encode("latin-1").ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PACS\xc9", id="called-latin1"),
+    pytest.param("PACSÉ".encode().ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PACS\xc3\x89", id="called-utf8"),
+    pytest.param(b"PACS".ljust(16), "CT1é".encode().ljust(16), CALLING_RJ, r"CT1\xc3\xa9", id="calling-utf8"),
+    pytest.param(b"PA\x00CS".ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PA\x00CS", id="called-NUL"),
+    pytest.param(b"PACS".ljust(16), b"CT\x1b1".ljust(16), CALLING_RJ, r"CT\x1b1", id="calling-ESC"),
+    pytest.param(b"PACS\n".ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PACS\x0a", id="called-newline"),
+    pytest.param(b"PA\\CS".ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PA\x5cCS", id="called-backslash"),
+    pytest.param(b" " * 16, b"CT1".ljust(16), CALLED_RJ, "", id="called-blank"),
+    pytest.param(b"PACS".ljust(16), b" " * 16, CALLING_RJ, "", id="calling-blank"),
+    pytest.param(b"PACS".ljust(16), bytes(16), CALLING_RJ, r"\x00" * 16, id="calling-all-NUL"),
+    pytest.param(b"\xff" * 16, b"\x00" * 16, CALLED_RJ, r"\xff" * 16, id="both-bad-called-first"),
+    pytest.param(b"PACS\x7f".ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PACS\x7f", id="called-DEL"),
+    pytest.param(b"PACS\t".ljust(16), b"CT1".ljust(16), CALLED_RJ, r"PACS\x09", id="called-tab"),
 ])
-def test_bad_ae_titles_are_malformed(called: bytes, calling: bytes) -> None:
-    with pytest.raises(MalformedPdu):
-        dicom.AssociateSniffer().feed(minimal_rq(called, calling))
+def test_bad_ae_titles_carry_the_reject_to_answer(called: bytes, calling: bytes, reason: dicom.RejectReason,
+                                                  shown: str) -> None:
+    """PS3.5 §6.2 AE: printable ASCII but backslash, not all spaces. 1/1/7 for the called, 1/1/3 for the calling
+    title; the message shows the title escaped, so it is one short log-safe line."""
+    pdu = minimal_rq(called, calling)
+    with pytest.raises(InvalidAeTitle) as info:
+        dicom.AssociateSniffer().feed(pdu)
+    exc = info.value
+    assert isinstance(exc, MalformedPdu) and isinstance(exc, DicomError)
+    assert exc.reason is reason
+    assert exc.which == ("called" if reason is CALLED_RJ else "calling")
+    assert exc.title == (called if reason is CALLED_RJ else calling)
+    assert f"'{shown}'" in str(exc)
+    assert str(exc).isprintable() and len(str(exc)) < 120
+    assert dicom.associate_reject(exc.reason) == bytes([3, 0, 0, 0, 0, 4, 0, *reason.value])
+
+
+def test_bad_called_ae_is_known_only_once_the_whole_pdu_is_in() -> None:
+    """The titles sit in the fixed fields, but the verdict waits for the whole PDU (byte by byte: need more
+    until the last byte), like a good one: the PDU is framed, so it is a DICOM caller to answer."""
+    pdu = pynetdicom_rq()
+    pdu = pdu[:10] + b"\x00PACS".ljust(16) + pdu[26:]
+    sniffer = dicom.AssociateSniffer()
+    for byte in pdu[:-1]:
+        assert sniffer.feed(bytes([byte])) is None
+    with pytest.raises(InvalidAeTitle) as info:
+        sniffer.feed(pdu[-1:])
+    assert info.value.reason is CALLED_RJ
+
+
+_AE_FIELD = st.one_of(
+    st.binary(min_size=16, max_size=16),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=16).map(
+        lambda t: t.encode().ljust(16, b" ")),
+    st.text(max_size=16).map(lambda t: t.encode()[:16].ljust(16, b" ")),
+)
+
+
+def _valid_ae(field: bytes) -> str | None:
+    """An independent reading of PS3.5 §6.2 for a 16-byte AE field: the title, or None if it is not one."""
+    try:
+        text = field.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    title = text.strip(" ")
+    if not title or "\\" in title or not title.isprintable():
+        return None
+    return title
+
+
+@settings(max_examples=400, deadline=None)
+@given(called=_AE_FIELD, calling=_AE_FIELD, data=st.data())
+def test_any_ae_bytes_under_any_chunking(called: bytes, calling: bytes, data: st.DataObject) -> None:
+    """Any 16+16 bytes in the AE fields: a request with the trimmed titles, or InvalidAeTitle with the
+    called title's reject first, and nothing else; the same whatever the chunking."""
+    pdu = minimal_rq(called, calling)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(pdu)), max_size=6)))
+    chunks = [pdu[a:b] for a, b in zip([0, *cuts], [*cuts, len(pdu)], strict=True)]
+    sniffer = dicom.AssociateSniffer()
+    want_called, want_calling = _valid_ae(called), _valid_ae(calling)
+    try:
+        results = [sniffer.feed(chunk) for chunk in chunks]
+    except InvalidAeTitle as exc:
+        assert exc.reason is (CALLED_RJ if want_called is None else CALLING_RJ)
+        assert want_called is None or want_calling is None
+        assert str(exc).isprintable()
+        return
+    assert results[:-1] == [None] * (len(results) - 1)
+    assert results[-1] == dicom.AssociateRequest(want_called, want_calling, pdu)
+
+
+def test_escape_ae_shows_printable_ascii_and_escapes_the_rest() -> None:
+    assert dicom.escape_ae(b"CT 1".ljust(16)) == "CT 1"
+    assert dicom.escape_ae(b"  A\\B\x00\xc3\x89\n".ljust(16)) == r"  A\x5cB\x00\xc3\x89\x0a"
+    assert dicom.escape_ae(b" " * 16) == ""
+    assert all(dicom.escape_ae(bytes([b]) * 16).isprintable() for b in range(256))
 
 
 @settings(max_examples=300, deadline=None)

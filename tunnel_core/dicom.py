@@ -6,6 +6,14 @@ the 6-byte PDU header it checks the type (0x01) and the announced length against
 buffering the body, then waits for the whole PDU and returns an ``AssociateRequest`` holding the AE titles
 and the exact bytes consumed, so they can be forwarded untouched. Bytes after the PDU are kept in ``rest``.
 An HTTP request or a TLS ClientHello fails on the first byte.
+
+What the caller is told depends on how far the bytes got. Not a DICOM association at all (wrong first PDU
+type, a length above the cap or below the fixed fields): the caller is closed without a reply, because
+it does not speak DICOM. A whole, well-framed A-ASSOCIATE-RQ whose called or calling AE field is not an
+AE title (PS3.5 §6.2: a byte outside printable ASCII, a control character such as NUL, a backslash, or
+nothing but spaces) is a DICOM tool talking to us: ``InvalidAeTitle`` carries the ``RejectReason`` to
+answer with, 1/1/7 for the called title (checked first), 1/1/3 for the calling one. Any 16 bytes decode
+safely; an invalid title only ever reaches a message through ``escape_ae``.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-from tunnel_core.errors import MalformedPdu, NotAssociateRequest, PduTooLarge
+from tunnel_core.errors import InvalidAeTitle, MalformedPdu, NotAssociateRequest, PduTooLarge
 
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02
@@ -44,7 +52,10 @@ class AssociateSniffer:
     """Feed the caller's first bytes; ``feed`` returns None until the whole A-ASSOCIATE-RQ is in.
 
     Raises ``NotAssociateRequest``, ``PduTooLarge`` or ``MalformedPdu`` (all ``DicomError``) as soon as
-    the bytes show it. After a request is returned, ``rest`` holds any bytes that followed it.
+    the bytes show it: the caller should be closed without a reply. Once the whole PDU is in, a called or
+    calling AE field that is not an AE title raises ``InvalidAeTitle`` (a ``MalformedPdu``) instead: answer
+    the caller ``associate_reject(exc.reason)``. After a request is returned, ``rest`` holds any bytes that
+    followed it.
     """
 
     def __init__(self, max_pdu: int = DEFAULT_MAX_ASSOCIATE_RQ) -> None:
@@ -64,7 +75,9 @@ class AssociateSniffer:
         pdu = bytes(self._buf[:self._need])
         self.rest = bytes(self._buf[self._need:])
         self._buf.clear()
-        return AssociateRequest(_ae(pdu[_CALLED], "called"), _ae(pdu[_CALLING], "calling"), pdu)
+        called = _ae(pdu[_CALLED], "called", RejectReason.CALLED_AE_UNKNOWN)
+        calling = _ae(pdu[_CALLING], "calling", RejectReason.CALLING_AE_NOT_ALLOWED)
+        return AssociateRequest(called, calling, pdu)
 
     def _read_header(self) -> None:
         if self._buf and self._buf[0] != A_ASSOCIATE_RQ:
@@ -79,13 +92,19 @@ class AssociateSniffer:
         self._need = PDU_HEADER_SIZE + length
 
 
-def _ae(raw: bytes, which: str) -> str:
-    if not all(0x20 <= b < 0x7F and b != 0x5C for b in raw):
-        raise MalformedPdu(f"{which} AE title holds bytes outside printable ASCII")
-    title = raw.decode("ascii").strip(" ")
-    if not title:
-        raise MalformedPdu(f"{which} AE title is empty")
-    return title
+def _ae(raw: bytes, which: str, reason: RejectReason) -> str:
+    """The title of a 16-byte AE field, leading and trailing spaces dropped (they are not significant)."""
+    title = raw.strip(b" ")
+    if not title or not all(0x20 <= b < 0x7F and b != 0x5C for b in title):
+        raise InvalidAeTitle(f"{which} AE title '{escape_ae(raw)}' is not a valid AE title",
+                             which=which, title=raw, reason=reason)
+    return title.decode("ascii")
+
+
+def escape_ae(raw: bytes) -> str:
+    """An AE field as a short, log-safe string: trailing spaces dropped, printable ASCII as is, every other
+    byte and the backslash as ``\\xNN`` (so the result is unambiguous and never breaks a log line)."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw.rstrip(b" "))
 
 
 def rewrite_called_ae(pdu: bytes, called_ae: str) -> bytes:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tunnel_core.codes import ErrorCode
+
+if TYPE_CHECKING:
+    from tunnel_core.dicom import RejectReason
 
 
 class CoreError(Exception):
@@ -50,3 +55,18 @@ class PduTooLarge(DicomError):
 
 class MalformedPdu(DicomError):
     """An A-ASSOCIATE-RQ whose fixed fields cannot be read (short length, bad AE title)."""
+
+
+class InvalidAeTitle(MalformedPdu):
+    """A whole A-ASSOCIATE-RQ whose called or calling AE title is not an AE title (PS3.5 §6.2: non-ASCII,
+    a control character, a backslash, or nothing but spaces). Unlike the other ``DicomError``s the caller
+    is answered: ``reason`` is the A-ASSOCIATE-RJ to send, ``RejectReason.CALLED_AE_UNKNOWN`` (1/1/7) for
+    the called title, ``RejectReason.CALLING_AE_NOT_ALLOWED`` (1/1/3) for the calling one. ``which`` is
+    ``"called"`` or ``"calling"``; ``title`` is the field's 16 bytes as received (the message shows them
+    escaped, never raw)."""
+
+    def __init__(self, message: str, *, which: str, title: bytes, reason: RejectReason) -> None:
+        super().__init__(message)
+        self.which = which
+        self.title = title
+        self.reason = reason
