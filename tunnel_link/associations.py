@@ -9,6 +9,14 @@ A refusal that arrives as a stream RESET before the far end has answered anythin
 A-ASSOCIATE-RJ the caller's DICOM tool understands; after that it becomes an A-ABORT. Nothing here ever
 invents a DICOM success: every response the caller sees came from the real peer.
 
+First bytes that are not a DICOM association (``tunnel_core.dicom``: wrong PDU type, too big, too short)
+close the caller without a reply. A whole A-ASSOCIATE-RQ whose called or calling AE field is not an AE
+title (``InvalidAeTitle``) is answered, at the ingress with the A-ASSOCIATE-RJ the error carries (1/1/7,
+1/1/3), and on a stream with the RESET the far ingress turns into that same reject (``UNKNOWN_ROUTE``,
+``CALLING_AE_REFUSED``). Either way ``decide`` / ``choose`` never see it: routing only ever gets valid
+titles. Refusals before an association are logged with the caller's ``host:port`` (``Pipe.peer``), or
+with the tunnel and stream id, and the offending title only escaped.
+
 ``AssociationTracker`` is what the metrics, the status API and the association log line read. It keeps
 cumulative counts by (direction, outcome), byte totals and a fixed-bucket duration histogram per
 direction, all updated once, when an association ends (never per byte), and writes one log line per
@@ -32,7 +40,7 @@ from dataclasses import dataclass, field
 from tunnel_core import dicom
 from tunnel_core.codes import ErrorCode
 from tunnel_core.dicom import AssociateRequest, AssociateSniffer, RejectReason
-from tunnel_core.errors import DicomError
+from tunnel_core.errors import DicomError, InvalidAeTitle
 from tunnel_core.routing import Destination
 from tunnel_link.errors import StreamResetError
 from tunnel_link.pipe import Pipe, dial
@@ -168,6 +176,11 @@ def log_record(assoc: Association, duration: float) -> dict[str, object]:
     }
 
 
+# What a stream's receiver resets with when the RQ's AE field is invalid: the codes the ingress turns back
+# into the same reject (docs/protocol.md §10), so the caller hears 1/1/7 or 1/1/3 whichever side saw it.
+_RESET_FOR_INVALID_AE = {RejectReason.CALLED_AE_UNKNOWN: ErrorCode.UNKNOWN_ROUTE,
+                         RejectReason.CALLING_AE_NOT_ALLOWED: ErrorCode.CALLING_AE_REFUSED}
+
 Decision = TunnelStream | RejectReason
 Decide = Callable[[AssociateRequest, Association], Awaitable[Decision]]
 Choose = Callable[[AssociateRequest], Destination | ErrorCode]
@@ -176,7 +189,7 @@ Choose = Callable[[AssociateRequest], Destination | ErrorCode]
 async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tracker: AssociationTracker,
                        direction: str) -> None:
     """Handle one inbound DICOM connection to the end. Never raises for peer faults."""
-    peer = pipe.peername()
+    peer = pipe.peer
     try:
         first = await _sniff_caller(pipe, limits, tracker, peer, direction)
         if first is None:
@@ -187,9 +200,8 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
         try:
             decision = await decide(req, assoc)
             if isinstance(decision, RejectReason):
-                pipe.write(dicom.associate_reject(decision))
-                await pipe.drain()
                 outcome = f"rejected:{decision.name.lower()}"
+                await _answer_reject(pipe, decision, limits)
                 return
             assoc.bytes_from_caller = len(req.pdu) + len(rest)
             assoc.stream = decision.id
@@ -206,7 +218,7 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
 
 
 async def _sniff_caller(pipe: Pipe, limits: IngressLimits, tracker: AssociationTracker,
-                        peer: object, direction: str) -> tuple[AssociateRequest, bytes] | None:
+                        peer: str, direction: str) -> tuple[AssociateRequest, bytes] | None:
     sniffer = AssociateSniffer(limits.max_associate_rq)
     try:
         async with asyncio.timeout(limits.artim_timeout):
@@ -219,21 +231,38 @@ async def _sniff_caller(pipe: Pipe, limits: IngressLimits, tracker: AssociationT
                 if req is not None:
                     return req, sniffer.rest
     except TimeoutError:
-        log.info("peer=%s refused: silent past the ARTIM timeout of %.1fs", peer, limits.artim_timeout)
+        log.info("peer=%s refused: silent past the ARTIM timeout of %.1fs", peer, limits.artim_timeout,
+                 extra={"peer": peer})
         tracker.refused("artim-timeout", direction)
+    except InvalidAeTitle as exc:  # a DICOM tool with a bad title: it is told which, as DESIGN.md's table says
+        result, source, reason = exc.reason.value
+        log.info("peer=%s rejected %d/%d/%d: %s", peer, result, source, reason, exc, extra={"peer": peer})
+        tracker.refused(f"rejected:{exc.reason.name.lower()}", direction)
+        await _answer_reject(pipe, exc.reason, limits)
     except DicomError as exc:
-        log.info("peer=%s refused: %s", peer, exc)
+        log.info("peer=%s refused: %s", peer, exc, extra={"peer": peer})
         tracker.refused(f"bad-first-pdu:{type(exc).__name__}", direction)
     except ConnectionError:
         tracker.refused("closed-before-associate", direction)
     return None
 
 
+async def _answer_reject(pipe: Pipe, reason: RejectReason, limits: IngressLimits) -> None:
+    """Write the A-ASSOCIATE-RJ; the caller closes next. A caller that does not read is not waited for
+    longer than the ARTIM timeout (the close then drops what it did not take)."""
+    pipe.write(dicom.associate_reject(reason))
+    try:
+        async with asyncio.timeout(limits.artim_timeout):
+            await pipe.drain()
+    except TimeoutError:
+        pass
+
+
 async def serve_stream(stream: TunnelStream, *, limits: IngressLimits, choose: Choose,
                        connect_timeout: float, tracker: AssociationTracker, direction: str,
                        site: str = "") -> None:
     """Handle one stream the far side opened: decide, dial the chosen destination, splice."""
-    sniffed = await _sniff_stream(stream, limits)
+    sniffed = await _sniff_stream(stream, limits, tracker, direction)
     if sniffed is None:
         return
     req, rest, consumed = sniffed
@@ -268,8 +297,8 @@ async def serve_stream(stream: TunnelStream, *, limits: IngressLimits, choose: C
         tracker.finish(assoc, outcome)
 
 
-async def _sniff_stream(stream: TunnelStream, limits: IngressLimits
-                        ) -> tuple[AssociateRequest, bytes, int] | None:
+async def _sniff_stream(stream: TunnelStream, limits: IngressLimits, tracker: AssociationTracker,
+                        direction: str) -> tuple[AssociateRequest, bytes, int] | None:
     sniffer = AssociateSniffer(limits.max_associate_rq)
     consumed = 0
     try:
@@ -283,6 +312,12 @@ async def _sniff_stream(stream: TunnelStream, limits: IngressLimits
                 req = sniffer.feed(data)
                 if req is not None:
                     return req, sniffer.rest, consumed
+    except InvalidAeTitle as exc:  # the far ingress should have answered it; answer the same way anyway
+        code = _RESET_FOR_INVALID_AE[exc.reason]
+        log.info("tunnel=%s stream=%d refused (%s): %s", stream.session.label, stream.id, code.name, exc,
+                 extra={"tunnel": stream.session.label, "stream": stream.id})
+        tracker.refused(f"refused:{code.name.lower()}", direction)
+        await stream.reset(code)
     except DicomError:
         await stream.reset(ErrorCode.PROTOCOL_ERROR)
     except TimeoutError:

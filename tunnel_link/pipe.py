@@ -6,6 +6,10 @@ out one chunk per call. ``Pipe.read()`` returns everything that arrived since th
 object (usually the very object the socket produced), so a busy pipeline moves fewer, larger frames.
 The inbound queue is bounded: past ``high_water`` bytes the transport stops reading, and the peer's TCP
 window closes — that is how backpressure reaches the sending socket.
+
+``PipeServer`` starts a connection's handler from ``connection_made``, not from the protocol factory: a
+handler only ever sees a pipe that has its transport, so ``peer`` names the caller from the first line it
+logs (a task started by the factory ran before the transport existed and logged ``peer=None``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ HIGH_WATER = 512 * 1024
 
 
 class Pipe(asyncio.Protocol):
-    def __init__(self, high_water: int = HIGH_WATER) -> None:
+    """``on_connected`` is called with the pipe once its transport is in place (``PipeServer`` uses it to
+    start the connection's handler)."""
+
+    def __init__(self, high_water: int = HIGH_WATER, *,
+                 on_connected: Callable[[Pipe], None] | None = None) -> None:
         self._high = high_water
+        self._on_connected = on_connected
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._eof = False
@@ -34,12 +43,16 @@ class Pipe(asyncio.Protocol):
         self._writing_paused = False
         self._consumer: PipeConsumer | None = None
         self.transport: asyncio.Transport | None = None
+        self.peer = "-"  # the remote "host:port", once connected
 
     # --- protocol callbacks -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's class
+        self.peer = format_address(transport.get_extra_info("peername"))
         tune(transport)
+        if self._on_connected is not None:
+            self._on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         if self._consumer is not None:
@@ -177,6 +190,14 @@ class Pipe(asyncio.Protocol):
         return self.transport.get_extra_info("peername") if self.transport else None
 
 
+def format_address(address: object) -> str:
+    """A socket address as ops read it: ``127.0.0.1:5555``, ``[::1]:5555``; ``-`` when there is none."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address) if address else "-"
+
+
 class PipeConsumer(Protocol):
     def socket_data(self, data: bytes) -> None: ...
     def socket_eof(self) -> None: ...
@@ -193,6 +214,7 @@ class PipeServer:
     def __init__(self, handler: PipeHandler) -> None:
         self._handler = handler
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -201,11 +223,16 @@ class PipeServer:
         return self.server.sockets[0].getsockname()[:2]
 
     def _make_pipe(self) -> Pipe:
-        pipe = Pipe()
+        return Pipe(on_connected=self._start)
+
+    def _start(self, pipe: Pipe) -> None:
+        """From ``connection_made``: the pipe has its transport and its peer address."""
+        if self._closing:
+            pipe.close()
+            return
         task = asyncio.get_running_loop().create_task(self._serve(pipe))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return pipe
 
     async def _serve(self, pipe: Pipe) -> None:
         try:
@@ -214,6 +241,7 @@ class PipeServer:
             pipe.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self.server is not None:
             self.server.close()
         for task in list(self._tasks):
