@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tunnel_agent.config import AgentRoute, HealthConfig
 from tunnel_agent.health import (
@@ -25,6 +27,7 @@ from tunnel_agent.health import (
     echo_reason,
     host_metrics,
 )
+from tunnel_core import health as core_health
 from tunnel_core.health import (
     Condition,
     ReportError,
@@ -149,6 +152,101 @@ def test_parse_turns_nan_infinity_and_wrong_types_into_none():
 def test_parse_non_dict_destination_entries_become_empty_entries():
     (entry,) = _parse(_report(destinations=["pacs"]))["destinations"]
     assert entry["route"] == "" and entry["ok"] is None
+
+
+# --- parse_report against hostile bytes: ReportError and nothing else ------------------------------------
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(b"[" * 60_000, id="array-bomb"),
+    pytest.param(b"[" * 100_000, id="array-bomb-over-the-mux-limit"),
+    pytest.param(b'{"a":' * 13_000, id="object-bomb"),
+    pytest.param(b"[" * 30_000 + b"]" * 30_000, id="balanced-bomb"),
+    pytest.param(b'{"v": 1, "destinations": [], "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", id="nested-value"),
+    pytest.param(b'{"v": 1, "destinations": [[[[[[[[[]]]]]]]]]}', id="just-too-deep"),
+])
+def test_a_nesting_bomb_is_a_report_error(payload):
+    with pytest.raises(ReportError, match="nests deeper than 8 levels"):
+        parse_report(payload)
+
+
+def test_nesting_up_to_the_limit_is_read_and_brackets_in_strings_do_not_count():
+    eight = _report(extra=[[[[[[[]]]]]]])  # the report object, then seven arrays
+    assert _parse(eight) == _report()
+    assert _parse(_report(version="[[[[[[[[[[{{{{{{{{{{")) == _report(version="[[[[[[[[[[{{{{{{{{{{")
+    quoted = _report(version='"[[[[[[[[[[\\')  # an escaped quote and a trailing backslash inside the string
+    assert _parse(quoted)["version"] == quoted["version"]
+    # After a string that ends in an escaped backslash, brackets count again.
+    raw = '{"v": 1, "destinations": [], "a": "\\\\", "b": [[[[[[[[1]]]]]]]]}'
+    with pytest.raises(ReportError, match="nests deeper"):
+        parse_report(raw.encode())
+
+
+@pytest.mark.parametrize("where", ["sent_at", "report_interval", "port", "latency_ms", "cpu_percent", "not_after",
+                                   "unknown"])
+@pytest.mark.parametrize("digits", [21, 400, 4_301, 60_000])
+def test_a_huge_integer_anywhere_is_a_report_error(where, digits):
+    big = "9" * digits
+    text = json.dumps(_report(unknown=0)).replace(f'"{where}": ', f'"{where}": -{big}, "_": ', 1)
+    assert big in text
+    with pytest.raises(ReportError, match=f"integer of {digits} digits"):
+        parse_report(text.encode())
+
+
+def test_integers_up_to_twenty_digits_and_huge_floats_are_read():
+    assert _parse(_report(sent_at=10**19 * 9))["sent_at"] == 9e19
+    text = json.dumps(_report()).replace('"sent_at": 1800000000.0', '"sent_at": 1e400')
+    assert parse_report(text.encode())["sent_at"] is None  # inf: a number out of range is no number
+    text = json.dumps(_report()).replace('"sent_at": 1800000000.0', '"sent_at": ' + "9" * 400 + ".0")
+    assert parse_report(text.encode())["sent_at"] is None
+
+
+def test_number_helper_never_overflows():
+    assert core_health._number(10**400) is None
+    assert core_health._number(-(10**400)) is None
+    assert core_health._number(10**15) == 1e15
+
+
+@pytest.mark.parametrize("port", [1e300, -1, 65536, 10**19])
+def test_a_port_out_of_range_is_none(port):
+    assert _parse(_report(destinations=[_dest(port=port)]))["destinations"][0]["port"] is None
+
+
+def test_a_report_not_in_utf8_is_a_report_error():
+    with pytest.raises(ReportError, match="UTF-8"):
+        parse_report(json.dumps(_report()).encode("utf-16"))
+
+
+_JSONISH = st.text(st.sampled_from(list('[]{}",:\\-+.eE0123456789 \ntruefalsnulNaInfiy') + ["\u00e9"]),
+                   max_size=400)
+
+
+def _hostile_reports() -> st.SearchStrategy[bytes]:
+    """Reports of the right shape with hostile values: deep values, huge integers, odd types."""
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(), st.text(max_size=20))
+    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5),
+                                                                                          inner, max_size=3),
+                         max_leaves=30)
+    keys = st.sampled_from(["sent_at", "report_interval", "version", "destinations", "host", "tunnel",
+                            "certificate", "v", "extra"])
+    return st.dictionaries(keys, value, max_size=9).map(
+        lambda d: json.dumps({"v": 1, "destinations": [], **d}).encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=st.one_of(st.binary(max_size=600), _JSONISH.map(str.encode), _hostile_reports(),
+                         st.integers(1, 70_000).map(lambda n: b"[" * n), st.integers(1, 5_000).map(
+                             lambda n: b'{"v": 1, "destinations": [], "sent_at": ' + b"7" * n + b"}")))
+def test_any_bytes_give_a_bounded_report_or_a_report_error(payload):
+    """Only ReportError escapes (never RecursionError, OverflowError, TypeError...); what is accepted is the
+    documented shape with finite numbers, so the status API can always serialise it."""
+    try:
+        parsed = parse_report(payload)
+    except ReportError:
+        return
+    assert set(parsed) == set(_report())
+    text = json.dumps(parsed, allow_nan=False)
+    assert len(text) < 100_000
 
 
 # --- site_condition --------------------------------------------------------------------------------------

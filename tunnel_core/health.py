@@ -9,12 +9,17 @@ latest report, what does it say — with :func:`site_condition`; the dashboard, 
 
 The report is data from the network: :func:`parse_report` accepts only the documented shape, with
 bounded strings, so nothing the agent sends can grow the relay's memory or inject markup into a page.
+Its only failure is :class:`ReportError`, whatever the bytes (the mux has already capped them at 64 KiB):
+the UTF-8, the nesting depth and the length of every integer are checked before or while the JSON is
+decoded, so a nesting bomb (``[`` * 60000) cannot reach the decoder's recursion and a 400-digit number
+cannot overflow a float.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -36,6 +41,8 @@ REPORT_VERSION = 1
 CERT_WARNING_DAYS = 7  # a certificate this close to expiry, with renewal failing, degrades the site
 STALE_REPORTS = 2.5  # a report older than this many report intervals is stale
 _MAX_TEXT = 300
+MAX_REPORT_DEPTH = 8  # arrays and objects inside one another; the documented report nests 3 deep
+MAX_INT_DIGITS = 20  # an integer literal this long still converts to a finite float (< 1e20)
 _MAX_DESTINATIONS = 64
 _HOST_KEYS = ("cpu_percent", "memory_percent", "disk_free_bytes", "rss_bytes", "open_fds")
 
@@ -62,12 +69,13 @@ class ReportError(ValueError):
     """A REPORT payload is not a report of a version we understand."""
 
 
-def parse_report(payload: bytes) -> dict[str, Any]:
-    """The report as a plain dict with only known keys, bounded strings and finite numbers."""
-    try:
-        raw = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ReportError("report is not JSON") from exc
+def parse_report(payload: bytes, *, max_depth: int = MAX_REPORT_DEPTH,
+                 max_int_digits: int = MAX_INT_DIGITS) -> dict[str, Any]:
+    """The report as a plain dict with only known keys, bounded strings and finite numbers (NaN, infinities
+    and values of the wrong type read as None). Raises ``ReportError``, and nothing else, for anything else:
+    not UTF-8 JSON, arrays or objects nested deeper than ``max_depth``, an integer literal of more than
+    ``max_int_digits`` digits, not a version-1 object. Its cost is linear in ``len(payload)``."""
+    raw = _decode(payload, max_depth=max_depth, max_int_digits=max_int_digits)
     if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw["v"] != REPORT_VERSION:  # not True
         raise ReportError(f"report is not a version {REPORT_VERSION} object")
     destinations = raw.get("destinations")
@@ -134,6 +142,44 @@ def agent_readiness(*, state: str, last_error: str) -> Readiness:
 
 # --- validation helpers ----------------------------------------------------------------------------------
 
+# A JSON string (escapes included), and everything that is not a bracket: what _too_deep removes first.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _decode(payload: bytes, *, max_depth: int, max_int_digits: int) -> object:
+    """The JSON value of ``payload``, after the checks that keep the decoder's cost bounded."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReportError("report is not UTF-8") from exc
+    if _too_deep(text, max_depth):
+        raise ReportError(f"report nests deeper than {max_depth} levels")
+
+    def bounded_int(literal: str) -> int:
+        if len(literal.lstrip("-")) > max_int_digits:
+            raise ReportError(f"report holds an integer of {len(literal.lstrip('-'))} digits")
+        return int(literal)
+
+    try:
+        return json.loads(text, parse_int=bounded_int)
+    except ReportError:
+        raise
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise ReportError("report is not JSON") from exc
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep in JSON ``text`` (brackets inside strings do
+    not count). The count stops at the first bracket too deep, so a bomb costs ``limit`` steps after two
+    linear regex passes. Up to the first error in malformed text it counts what the decoder would reach."""
+    depth = 0
+    for bracket in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
 
 def _destination(raw: object) -> dict[str, Any]:
     d = _dict(raw)
@@ -142,7 +188,7 @@ def _destination(raw: object) -> dict[str, Any]:
     return {
         "route": _text(d.get("route")),
         "host": _text(d.get("host")),
-        "port": int(port) if port is not None else None,
+        "port": int(port) if port is not None and 0 <= port <= 65535 else None,  # never a 300-digit int
         "ok": ok if isinstance(ok, bool) else None,  # None: not checked yet
         "latency_ms": _number(d.get("latency_ms")),
         "last_success": _number(d.get("last_success")),
@@ -163,6 +209,10 @@ def _text(value: object) -> str:
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        number = float(value)  # an int too large for a float raises OverflowError (parse_report bounds them)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
