@@ -105,6 +105,8 @@ def _site_families(sites: list[dict[str, Any]], active: dict[str, int]) -> Itera
                                    "started", labels=["site"])
     expiry = GaugeMetricFamily(f"{PREFIX}_certificate_expiry_timestamp_seconds", "When the certificate of "
                                "the site's live tunnel expires (Unix time)", labels=["site"])
+    ignored = CounterMetricFamily(f"{PREFIX}_reports_ignored", "Health reports from the site's agent that did "
+                                  "not parse and were ignored", labels=["site"])
     for s in sites:
         name = s["name"]
         up.add_metric([name], 1.0 if s["connected"] else 0.0)
@@ -117,7 +119,8 @@ def _site_families(sites: list[dict[str, Any]], active: dict[str, int]) -> Itera
         connects.add_metric([name], s["connects"])
         if s["certificate_not_after"] is not None:
             expiry.add_metric([name], s["certificate_not_after"])
-    yield from (up, condition, rtt, associations, streams, connects, expiry)
+        ignored.add_metric([name], s["reports_ignored"])
+    yield from (up, condition, rtt, associations, streams, connects, expiry, ignored)
 
 
 def _wireguard_families(sites: list[dict[str, Any]]) -> Iterator[Metric]:

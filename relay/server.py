@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -40,6 +40,7 @@ from tunnel_core.health import (
     site_condition,
 )
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
+from tunnel_core.ratelimit import TokenBucket
 from tunnel_core.refusal import REFUSED_HEADER, RefusalToken, close_message
 from tunnel_core.routing import Accept, Destination, IngressRoute, decide_destination, decide_ingress
 from tunnel_link.aio import cancel_and_wait, wait_for_events
@@ -64,6 +65,7 @@ log = logging.getLogger("relay")
 
 CONNECT_TIMEOUT = 5.0
 INNER_HANDSHAKE_TIMEOUT = 10.0
+REPORT_LOG_BURST = 10  # ignored REPORTs logged one line each before the log is limited to one a minute
 SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the registry and the clock
 # The registry's verdict as the agent is told it (Tunnel-Refused, docs/protocol.md §1).
 _REFUSAL_TOKENS = {
@@ -98,6 +100,11 @@ class SiteState:
     report: dict | None = None  # the agent's latest health report (tunnel_core.health.parse_report)
     report_at: float | None = None
     transport: str = ""  # "websocket", "websocket, inner TLS" or "wireguard" while connected
+    reports_ignored: int = 0  # REPORTs that did not parse, since the relay started
+    # One log line per ignored REPORT, up to a burst, then one a minute naming how many went unlogged:
+    # an enrolled agent sending garbage cannot flood the relay's log.
+    report_log: TokenBucket = field(default_factory=lambda: TokenBucket(REPORT_LOG_BURST, 1 / 60, time.monotonic()))
+    reports_unlogged: int = 0
 
     def health(self, now: float) -> SiteHealth:
         return site_condition(connected=self.session is not None, disconnect_reason=self.last_disconnect_reason,
@@ -310,7 +317,13 @@ class Relay:
             try:
                 site.report = parse_report(payload)
             except ReportError as exc:
-                log.warning("tunnel=%s ignored a health report: %s", site.name, exc)
+                site.reports_ignored += 1
+                if not site.report_log.take(time.monotonic()):
+                    site.reports_unlogged += 1
+                    return
+                more = f" ({site.reports_unlogged} more since the last line)" if site.reports_unlogged else ""
+                site.reports_unlogged = 0
+                log.warning("tunnel=%s ignored a health report: %s%s", site.name, exc, more)
                 return
             site.report_at = time.time()
 
@@ -496,6 +509,7 @@ class Relay:
                 "wireguard": wg.get(site.name) if wg is not None else None,
                 "health": site.report,
                 "health_age_s": round(now - site.report_at, 1) if site.report_at else None,
+                "reports_ignored": site.reports_ignored,
                 "connected": session is not None,
                 "peer": site.peer if session else None,
                 "connected_since": session.connected_at if session else None,

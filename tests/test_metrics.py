@@ -274,7 +274,7 @@ def test_duration_histogram_buckets_are_upper_bounds():
 def _site(name: str, *, connected: bool, condition: str, report: dict | None = None) -> dict:
     return {"name": name, "condition": condition, "connected": connected, "rtt_ms": 2.5 if connected else None,
             "active_streams": 0, "connects": 3, "certificate_not_after": 1.9e9 if connected else None,
-            "health": report, "health_age_s": 4.0 if report else None}
+            "health": report, "health_age_s": 4.0 if report else None, "reports_ignored": 0}
 
 
 REPORT = {

@@ -99,3 +99,18 @@ async def test_hostile_reports_are_ignored_in_one_line_and_the_tunnel_stays_up(r
     for marker in ("Traceback", "ExceptionGroup", "RecursionError", "OverflowError", "protocol error"):
         assert marker not in log, log
     assert log.count(f"tunnel={SITE} connected") == 1  # never dropped and reconnected
+
+
+async def test_a_flood_of_bad_reports_cannot_flood_the_log(relay, tmp_path):
+    from relay.server import REPORT_LOG_BURST
+
+    flood = 200
+    async with raw_agent(relay.tunnel_port, tmp_path / "agent" / "certs") as raw:
+        for _ in range(flood):
+            raw.mux.send_report(b"[" * 64)
+        await _pong(raw, 1)
+        assert _site(relay)["connected"]
+        assert _site(relay)["reports_ignored"] == flood  # every one counted (status and metrics) ...
+    log = relay.proc.log_text()
+    assert log.count(IGNORED) == REPORT_LOG_BURST  # ... but only a burst of them logged
+    assert "Traceback" not in log
