@@ -1,8 +1,8 @@
-"""Wire codes of the mux protocol (see docs/protocol.md)."""
+"""Wire codes: the mux protocol's (see docs/protocol.md), and the A-ASSOCIATE-RJ rejects the tunnel sends."""
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class FrameType(IntEnum):
@@ -51,3 +51,12 @@ class ErrorCode(IntEnum):
             return cls(value)
         except ValueError:
             return cls.INTERNAL_ERROR
+
+
+class RejectReason(Enum):
+    """The rejects of DESIGN.md, as (result, source, reason) of PS3.8 §9.3.4."""
+
+    CALLED_AE_UNKNOWN = (1, 1, 7)
+    CALLING_AE_NOT_ALLOWED = (1, 1, 3)
+    SITE_OFFLINE = (2, 3, 1)
+    CAPACITY = (2, 3, 2)

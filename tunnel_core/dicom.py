@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import Enum
 
+from tunnel_core.codes import RejectReason
 from tunnel_core.errors import InvalidAeTitle, MalformedPdu, NotAssociateRequest, PduTooLarge
 
 A_ASSOCIATE_RQ = 0x01
@@ -113,15 +113,6 @@ def rewrite_called_ae(pdu: bytes, called_ae: str) -> bytes:
     if not 1 <= len(raw) <= 16:
         raise ValueError("AE title must be 1-16 ASCII characters")
     return pdu[:_CALLED.start] + raw.ljust(16, b" ") + pdu[_CALLED.stop:]
-
-
-class RejectReason(Enum):
-    """The rejects of DESIGN.md, as (result, source, reason) of PS3.8 §9.3.4."""
-
-    CALLED_AE_UNKNOWN = (1, 1, 7)
-    CALLING_AE_NOT_ALLOWED = (1, 1, 3)
-    SITE_OFFLINE = (2, 3, 1)
-    CAPACITY = (2, 3, 2)
 
 
 def associate_reject(reason: RejectReason) -> bytes:

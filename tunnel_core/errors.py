@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from tunnel_core.codes import ErrorCode
-
-if TYPE_CHECKING:
-    from tunnel_core.dicom import RejectReason
+from tunnel_core.codes import ErrorCode, RejectReason
 
 
 class CoreError(Exception):
