@@ -219,23 +219,26 @@ async def test_a_site_reconnecting_replaces_its_stalled_tunnel_at_once(procs, si
         await asyncio.gather(*pushers, return_exceptions=True)
 
 
-def _transfers(procs, study, port: int, called: str, calling: str) -> list:
-    return [procs.spawn([require_binary("storescu"), "-aet", calling, "-aec", called, "-to", "60", "-ta", "60",
+def _transfers_in_flight(procs, sites: Sites, tmp_path: Path, *, to_site: bool) -> list:
+    """Start the agent and 16 storescu transfers (cloud → site through the relay, or modality → cloud
+    through the agent); return once all 16 are associations in progress."""
+    relay, agent = sites.relay, sites.agent_a
+    start_agent(procs, agent, relay)
+    study = generate_study(tmp_path / "study", **STUDY)
+    port, called, calling, side = ((relay.dicom_port, "A_PACS", "CLOUDAI", relay) if to_site
+                                   else (agent.listener_port, "CLOUD", "MODALITY", agent))
+    scus = [procs.spawn([require_binary("storescu"), "-aet", calling, "-aec", called, "-to", "60", "-ta", "60",
                          "-td", "60", "127.0.0.1", str(port), *map(str, study.files)],
                         env={"TCP_NODELAY": "1"}, name=f"storescu-{i}") for i in range(STREAMS)]
-
-
-def _active(status: dict) -> int:
-    return len(status["associations"])
+    wait_until(lambda: len(side.status()["associations"]) >= STREAMS, 30,
+               message=f"{STREAMS} transfers in flight")
+    return scus
 
 
 def test_a_frozen_agent_with_transfers_in_flight_is_declared_dead_and_replaced(procs, sites: Sites,
                                                                               tmp_path: Path) -> None:
     relay, agent = sites.relay, sites.agent_a
-    start_agent(procs, agent, relay)
-    study = generate_study(tmp_path / "study", **STUDY)
-    scus = _transfers(procs, study, relay.dicom_port, "A_PACS", "CLOUDAI")
-    wait_until(lambda: _active(relay.status()) >= STREAMS, 30, message=f"{STREAMS} transfers in flight")
+    scus = _transfers_in_flight(procs, sites, tmp_path, to_site=True)
     agent.proc.kill(signal.SIGSTOP)
     try:
         stopped_at = time.monotonic()
@@ -252,10 +255,7 @@ def test_a_frozen_agent_with_transfers_in_flight_is_declared_dead_and_replaced(p
 
 def test_a_standby_agent_replaces_a_frozen_one_at_once(procs, sites: Sites, tmp_path: Path) -> None:
     relay, agent = sites.relay, sites.agent_a
-    start_agent(procs, agent, relay)
-    study = generate_study(tmp_path / "study", **STUDY)
-    scus = _transfers(procs, study, relay.dicom_port, "A_PACS", "CLOUDAI")
-    wait_until(lambda: _active(relay.status()) >= STREAMS, 30, message=f"{STREAMS} transfers in flight")
+    scus = _transfers_in_flight(procs, sites, tmp_path, to_site=True)
     agent.proc.kill(signal.SIGSTOP)
     try:
         standby = _standby(agent, tmp_path / "standby")
@@ -271,10 +271,7 @@ def test_a_standby_agent_replaces_a_frozen_one_at_once(procs, sites: Sites, tmp_
 def test_the_agent_declares_a_frozen_relay_dead_with_transfers_in_flight(procs, sites: Sites,
                                                                          tmp_path: Path) -> None:
     relay, agent = sites.relay, sites.agent_a
-    start_agent(procs, agent, relay)
-    study = generate_study(tmp_path / "study", **STUDY)
-    scus = _transfers(procs, study, agent.listener_port, "CLOUD", "MODALITY")
-    wait_until(lambda: _active(agent.status()) >= STREAMS, 30, message=f"{STREAMS} transfers in flight")
+    scus = _transfers_in_flight(procs, sites, tmp_path, to_site=False)
     relay.proc.kill(signal.SIGSTOP)
     try:
         stopped_at = time.monotonic()
