@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +42,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
+from pynetdicom.dul import DULServiceProvider
 
 from tunnel_demo.dataset import StudyInfo, generate_study
 from tunnel_demo.localhost import LOOPBACK, free_ports
@@ -423,6 +425,7 @@ class Demo:
         for peer in (self.pacs, self.store):
             if peer is not None:
                 peer.stop()
+        _end_stray_dicom_threads()
         return lines
 
     def _scu(self, ae_title: str, *sop_classes: str) -> AE:
@@ -761,6 +764,18 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return _conclude(console, results, interrupted, root if args.keep else None)
+
+
+def _end_stray_dicom_threads(timeout: float = 5.0) -> None:
+    """A Ctrl-C that lands inside pynetdicom's ``associate()`` can leave that association's upper-layer
+    thread (not a daemon) behind, unknown to its AE, and the interpreter would wait for it at exit: stop
+    every one still running and give each a bounded moment to end."""
+    strays = [t for t in threading.enumerate() if isinstance(t, DULServiceProvider) and t.is_alive()]
+    for thread in strays:
+        thread.kill_dul()
+    deadline = time.monotonic() + timeout
+    for thread in strays:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _clean_up(demo: Demo | None, root: Path, *, keep: bool, console: Console) -> None:
