@@ -10,7 +10,7 @@ agent only ever sends (UDP out, keepalive), so nothing inbound reaches the hospi
 the tunnel.
 
 Peers follow the registry: ``sync()`` adds missing peers and removes those of revoked sites or replaced
-keys, so revoking a site stops its traffic at once. Subprocess work (``tunnel_link.wireguard``) runs in a
+keys, so revoking a site stops its traffic at once. Subprocess work (``tunnel_wireguard.interface``) runs in a
 thread, off the event loop.
 """
 
@@ -28,13 +28,9 @@ from aiohttp import web
 
 from relay import pki
 from tunnel_link.httpserver import serve_tcp
-from tunnel_link.wireguard import (
-    WireGuardError,
-    WireGuardInterface,
-    generate_private_key,
-    public_key_of,
-    validate_key,
-)
+from tunnel_wireguard.errors import WireGuardError
+from tunnel_wireguard.interface import WireGuardInterface
+from tunnel_wireguard.keys import generate_private_key, public_key_of, validate_key
 
 if TYPE_CHECKING:
     from relay.server import Relay

@@ -24,7 +24,6 @@ from tunnel_agent.wgtransport import (
     TRANSPORT_FALLBACK,
     TRANSPORT_WIREGUARD,
     Registration,
-    TransportPlan,
     WireGuardPathError,
     WireGuardTransport,
     load_registration,
@@ -33,6 +32,7 @@ from tunnel_agent.wgtransport import (
 )
 from tunnel_core.codes import ErrorCode
 from tunnel_link.config_common import ConfigError
+from tunnel_wireguard.plan import TransportPlan
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RELAY_KEY = base64.b64encode(bytes(range(32))).decode()
@@ -335,7 +335,7 @@ def test_watcher_waits_for_associations_to_finish(tmp_path: Path) -> None:
 
 
 def test_status_shows_wireguard_health_from_the_dump(tmp_path: Path) -> None:
-    from tunnel_link.wireguard import parse_dump
+    from tunnel_wireguard.dump import parse_dump
 
     transport, _ = make_transport(tmp_path)
     reg = parse_registration(ANSWER)

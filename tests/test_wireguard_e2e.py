@@ -36,7 +36,8 @@ from tests.support.netns import HospitalFirewall, NetnsLab, SitePair, open_lab
 from tests.support.orthanc import orthanc_config
 from tests.support.procs import ManagedProcess, wait_until
 from tests.support.stack import AGENT, RELAY
-from tunnel_link.wireguard import parse_dump, public_key_of
+from tunnel_wireguard.dump import parse_dump
+from tunnel_wireguard.keys import public_key_of
 
 SITE = "hospital-a"
 RELAY_AE, ORTHANC_AE, CLOUD_AE, AI_AE = "HOSP_PACS", "ORTHANC", "CLOUD", "AI"
@@ -435,7 +436,7 @@ def test_nothing_inside_the_tunnel_can_open_a_connection_to_the_hospital(site: S
 
 
 def test_the_relay_forwards_nothing_between_site_peers(site: Site) -> None:
-    from tunnel_link.wireguard import guard_table_name
+    from tunnel_wireguard.interface import guard_table_name
 
     site.wait_transport("wireguard")
     table = guard_table_name(site.relay_if)

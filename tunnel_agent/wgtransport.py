@@ -26,7 +26,7 @@ Theory of operation
   port through the interface); when it answers and the fallback session carries no association, that
   session is closed and the agent's connection loop comes back over WireGuard.
 
-Every ``wg``/``ip`` command runs in a worker thread (``tunnel_link.wireguard`` blocks), one at a time.
+Every ``wg``/``ip`` command runs in a worker thread (``tunnel_wireguard.interface`` blocks), one at a time.
 """
 
 from __future__ import annotations
@@ -54,15 +54,11 @@ from tunnel_link.aio import cancel_and_wait
 from tunnel_link.session import MAX_MESSAGE_IN
 from tunnel_link.sockets import tune_socket
 from tunnel_link.tls import TlsConfigError, client_context
-from tunnel_link.wireguard import (
-    InvalidKeyError,
-    WgPeer,
-    WireGuardError,
-    WireGuardInterface,
-    generate_private_key,
-    public_key_of,
-    validate_key,
-)
+from tunnel_wireguard.dump import WgPeer
+from tunnel_wireguard.errors import InvalidKeyError, WireGuardError
+from tunnel_wireguard.interface import WireGuardInterface
+from tunnel_wireguard.keys import generate_private_key, public_key_of, validate_key
+from tunnel_wireguard.plan import TransportPlan
 
 if TYPE_CHECKING:
     from tunnel_agent.config import AgentSettings
@@ -72,7 +68,6 @@ __all__ = [
     "REGISTER_PATH",
     "REGISTRATION_FILE",
     "Registration",
-    "TransportPlan",
     "WireGuardPathError",
     "WireGuardTransport",
     "load_registration",
@@ -238,36 +233,6 @@ def save_registration(path: Path, registration: Registration, *, relay_url: str,
 
 
 # --- which transport the next attempt uses (pure) ------------------------------------------------------
-
-
-class TransportPlan:
-    """WireGuard first; after it failed, the fallback until ``retry_interval`` passed or a probe answered.
-
-    Times are the caller's clock (monotonic seconds). ``reason`` is why the fallback is in use ("" while
-    WireGuard is the choice); ``retry_at`` when WireGuard is next tried (None while it is the choice).
-    """
-
-    def __init__(self, retry_interval: float) -> None:
-        self.retry_interval = retry_interval
-        self.reason = ""
-        self.retry_at: float | None = None
-
-    def use_wireguard(self, now: float) -> bool:
-        """Should the attempt starting at ``now`` try WireGuard (before any fallback)?"""
-        return self.retry_at is None or now >= self.retry_at
-
-    def wireguard_failed(self, now: float, reason: str) -> None:
-        """The WireGuard path (an attempt or a probe) failed: fall back, try again in retry_interval."""
-        self.reason = reason
-        self.retry_at = now + self.retry_interval
-
-    def probe_answered(self, now: float) -> None:
-        """A probe reached the relay through WireGuard: the next attempt tries it."""
-        self.retry_at = now
-
-    def wireguard_up(self) -> None:
-        self.reason = ""
-        self.retry_at = None
 
 
 # --- the transport ------------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ class _Lab:
         return True
 
     def _raw_tunnel(self) -> None:
-        from tunnel_link.wireguard import WireGuardInterface, generate_private_key
+        from tunnel_wireguard.interface import WireGuardInterface
+        from tunnel_wireguard.keys import generate_private_key
 
         keys = self.root / "raw-keys"
         keys.mkdir(mode=0o700, exist_ok=True)

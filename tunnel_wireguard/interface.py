@@ -1,20 +1,13 @@
-"""WireGuard for the tunnel: X25519 key files, the `wg show <if> dump` parser, and one interface.
+"""One WireGuard interface, driven with ``ip`` and ``wg`` (the package's only subprocess use).
 
 Theory of operation
-- Keys are X25519 (``cryptography``), stored as one base64 line in a 0600 file. A new key file is
-  written under a temporary name opened with O_CREAT|O_EXCL and mode 0600, then published atomically:
-  by hard link (never replaces an existing key) or, with ``overwrite=True``, by rename. Key material
-  never reaches argv, logs or exception text: ``wg set <if> private-key <path>`` reads the file itself.
-- ``parse_dump`` is pure. It reads the tab-separated output of ``wg show <if> dump`` and drops the
-  private and preshared keys on the spot (only "is one set" survives), so a dump can be logged or shown.
-  Errors name the line and field, never the line's text (it would carry a key).
-- ``WireGuardInterface`` drives one interface with ``ip`` and ``wg`` (argv lists, a timeout on every
-  call, no shell). ``up`` tries the kernel (``ip link add <if> type wireguard``) and otherwise runs
-  ``wireguard-go`` in the foreground (WG_PROCESS_FOREGROUND=1) as our own child: we hold its PID through
-  the ``Popen`` object (no PID-reuse race, no pidfile), see it exit, and end it with SIGTERM, after which
-  it deletes its TUN device and its UAPI socket itself. A daemonized wireguard-go would be found again
-  only through its socket; the socket's peer credentials name the parent that created it and then
-  exited, so the daemon could not be signalled by PID reliably.
+- ``WireGuardInterface`` runs argv lists with a timeout on every call and no shell. ``up`` tries the
+  kernel (``ip link add <if> type wireguard``) and otherwise runs ``wireguard-go`` in the foreground
+  (WG_PROCESS_FOREGROUND=1) as our own child: we hold its PID through the ``Popen`` object (no PID-reuse
+  race, no pidfile), see it exit, and end it with SIGTERM, after which it deletes its TUN device and its
+  UAPI socket itself. A daemonized wireguard-go would be found again only through its socket; the
+  socket's peer credentials name the parent that created it and then exited, so the daemon could not be
+  signalled by PID reliably.
 - Crash recovery (``recover_stale``) needs no PID: deleting ``/var/run/wireguard/<if>.sock`` makes a
   surviving wireguard-go exit (it watches the file with inotify; wg-quick uses the same contract on the
   BSDs), and a kernel or TUN link of that name is then deleted. A link of another kind is never touched.
@@ -26,49 +19,23 @@ The methods block (subprocess); call them from asyncio through ``asyncio.to_thre
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 import errno
 import ipaddress
 import json
 import os
 import re
-import shlex
 import subprocess
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from tunnel_wireguard.dump import WgDump, parse_dump, parse_port
+from tunnel_wireguard.errors import WireGuardCommandError, WireGuardError
+from tunnel_wireguard.keys import load_private_key, validate_key
 
-from tunnel_link.errors import LinkError
-
-__all__ = [
-    "DumpParseError",
-    "InvalidKeyError",
-    "WgDump",
-    "WgEndpoint",
-    "WgPeer",
-    "WireGuardCommandError",
-    "WireGuardError",
-    "WireGuardInterface",
-    "generate_private_key",
-    "is_valid_key",
-    "load_private_key",
-    "parse_dump",
-    "parse_endpoint",
-    "public_key_of",
-    "validate_interface_name",
-    "validate_key",
-]
-
-KEY_BYTES = 32
-KEY_BASE64_LEN = 44
 UAPI_DIR = Path("/var/run/wireguard")
 COMMAND_TIMEOUT = 10.0
 START_TIMEOUT = 10.0
@@ -77,337 +44,11 @@ POLL_INTERVAL = 0.02
 LINK_POLL_INTERVAL = 0.1  # each poll runs `ip link show`
 STDERR_CHARS = 300
 COMMANDS_KEPT = 1000
-NONE = "(none)"
 # Linux IFNAMSIZ is 16 with the NUL; the characters are the ones wg-quick accepts, and no leading "-"
 # (wireguard-go would read "-h" as an interface name and create it).
 _IFNAME = re.compile(r"[A-Za-z0-9_=+.][A-Za-z0-9_=+.-]{0,14}")
 
 Implementation = Literal["kernel", "userspace"]
-
-
-class WireGuardError(LinkError):
-    """Root of the WireGuard errors."""
-
-
-class InvalidKeyError(WireGuardError, ValueError):
-    """A key is not base64 of 32 bytes, or a key file is unreadable or too open. Never holds the key."""
-
-
-class DumpParseError(WireGuardError, ValueError):
-    """``wg show <if> dump`` output did not have the documented shape. Names line and field only."""
-
-
-class WireGuardCommandError(WireGuardError):
-    """A command managing the interface failed; the message is one line: the argv and its stderr.
-
-    argv never holds key material, so the message is safe to log.
-    """
-
-    def __init__(self, argv: Sequence[str], detail: str, returncode: int | None = None) -> None:
-        self.argv = tuple(argv)
-        self.returncode = returncode
-        self.detail = detail
-        status = "" if returncode is None else f" (exit {returncode})"
-        super().__init__(f"`{shlex.join(self.argv)}` failed{status}: {detail}")
-
-
-# ---------------------------------------------------------------------------------------------- keys
-
-
-def validate_key(text: str) -> str:
-    """Return ``text`` stripped if it is canonical base64 of a 32-byte key, else raise InvalidKeyError."""
-    if not isinstance(text, str):
-        raise InvalidKeyError("a WireGuard key must be a base64 string")
-    value = text.strip()
-    if len(value) != KEY_BASE64_LEN or not value.endswith("="):
-        raise InvalidKeyError(f"a WireGuard key is {KEY_BASE64_LEN} base64 characters ending in '='")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidKeyError("a WireGuard key must be valid base64") from None
-    if len(raw) != KEY_BYTES or base64.b64encode(raw).decode("ascii") != value:
-        raise InvalidKeyError("a WireGuard key must be the canonical base64 of 32 bytes")
-    return value
-
-
-def is_valid_key(text: str) -> bool:
-    """True if ``text`` is a canonical base64 32-byte key (see validate_key)."""
-    try:
-        validate_key(text)
-    except InvalidKeyError:
-        return False
-    return True
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def generate_private_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
-    """Write a new X25519 private key to ``path`` (mode 0600) and return its public key in base64.
-
-    The file appears complete or not at all. Without ``overwrite`` an existing file is an error
-    (FileExistsError) and is left untouched. The directory should be private to the service user.
-    """
-    target = Path(path)
-    key = X25519PrivateKey.generate()
-    line = (_b64(key.private_bytes_raw()) + "\n").encode("ascii")
-    tmp = _write_private_temp(target.parent, line)
-    try:
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            os.link(tmp, target)  # atomic and, unlike rename, refuses to replace an existing key
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(target.parent)
-    return _b64(key.public_key().public_bytes_raw())
-
-
-def _write_private_temp(directory: Path, data: bytes) -> Path:
-    """A new file in ``directory`` holding ``data``, created 0600 with O_EXCL, flushed to disk."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(16):  # bounded: a name collision with O_EXCL just picks another name
-        tmp = directory / f".wgkey-{os.urandom(6).hex()}.tmp"
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            os.fchmod(fd, 0o600)  # the umask can only remove bits; be explicit anyway
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"could not create a temporary key file in {directory}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename/link is still atomic
-    finally:
-        os.close(fd)
-
-
-def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
-    """Read a key file written by generate_private_key (or ``wg genkey``); refuse one others can read."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise InvalidKeyError(f"cannot open private key file {os.fspath(path)}: {exc.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode & 0o777
-        if mode & 0o077:
-            raise InvalidKeyError(
-                f"private key file {os.fspath(path)} has mode {mode:04o}; it must be 0600 (chmod 600 it)"
-            )
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise InvalidKeyError(f"private key file {os.fspath(path)} is not base64 text") from None
-    try:
-        value = validate_key(text)
-    except InvalidKeyError as exc:
-        raise InvalidKeyError(f"private key file {os.fspath(path)}: {exc}") from None
-    return X25519PrivateKey.from_private_bytes(base64.b64decode(value))
-
-
-def public_key_of(private_key: X25519PrivateKey | os.PathLike[str]) -> str:
-    """The base64 public key of a private key object or of a key file (a Path)."""
-    if not isinstance(private_key, X25519PrivateKey):
-        private_key = load_private_key(private_key)
-    return _b64(private_key.public_key().public_bytes_raw())
-
-
-# ---------------------------------------------------------------------------------------- dump parse
-
-
-@dataclass(frozen=True)
-class WgEndpoint:
-    """A peer's UDP endpoint as wg prints it: ``1.2.3.4:51820`` or ``[fd00::1]:51820``."""
-
-    host: ipaddress.IPv4Address | ipaddress.IPv6Address
-    port: int
-
-    def __str__(self) -> str:
-        if self.host.version == 6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class WgPeer:
-    """One peer line of a dump, without its preshared key.
-
-    latest_handshake: Unix seconds of the last completed handshake, None if there never was one.
-    persistent_keepalive: seconds, None when off.
-    """
-
-    public_key: str
-    has_preshared_key: bool
-    endpoint: WgEndpoint | None
-    allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    latest_handshake: int | None
-    transfer_rx: int
-    transfer_tx: int
-    persistent_keepalive: int | None
-
-    def handshake_age(self, now: float) -> float | None:
-        """Seconds since the latest handshake at wall-clock time ``now``; None if never."""
-        if self.latest_handshake is None:
-            return None
-        return now - self.latest_handshake
-
-
-@dataclass(frozen=True)
-class WgDump:
-    """An interface and its peers as ``wg show <if> dump`` reports them, without private key material."""
-
-    public_key: str | None
-    has_private_key: bool
-    listen_port: int
-    fwmark: int | None
-    peers: tuple[WgPeer, ...]
-
-    def peer(self, public_key: str) -> WgPeer | None:
-        """The peer with this public key, or None."""
-        for peer in self.peers:
-            if peer.public_key == public_key:
-                return peer
-        return None
-
-
-def parse_endpoint(text: str) -> WgEndpoint:
-    """Parse ``host:port`` with a numeric IPv4 host or a bracketed IPv6 host (optionally ``%scope``)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError("an IPv6 endpoint is written [address]:port")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError("an endpoint is address:port (IPv6 in brackets)")
-    address = ipaddress.ip_address(host)  # ValueError if not numeric
-    return WgEndpoint(address, _port(port))
-
-
-def _port(text: str) -> int:
-    if not _is_decimal(text) or not 0 < int(text) <= 65535:
-        raise ValueError("a port is a number from 1 to 65535")
-    return int(text)
-
-
-def _is_decimal(text: str) -> bool:
-    return text.isascii() and text.isdigit()
-
-
-def _uint(text: str) -> int:
-    if not _is_decimal(text):
-        raise ValueError("expected an unsigned decimal number")
-    return int(text)
-
-
-def _has_key(text: str) -> bool:
-    """True when a key field holds a key, False for "(none)"; the key itself is not kept."""
-    if text == NONE:
-        return False
-    validate_key(text)
-    return True
-
-
-def _listen_port(text: str) -> int:
-    port = _uint(text)
-    if port > 65535:
-        raise ValueError("listen port out of range")
-    return port
-
-
-def _fwmark(text: str) -> int | None:
-    if text == "off":
-        return None
-    mark = int(text, 0)  # wg prints 0x%x
-    if not 0 < mark < 2**32:
-        raise ValueError("fwmark out of range")
-    return mark
-
-
-def _allowed_ips(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    if text == NONE:
-        return ()
-    return tuple(ipaddress.ip_network(item, strict=False) for item in text.split(","))
-
-
-# Each field of the two line kinds, in order, with the function that reads it (ValueError if bad).
-_INTERFACE_FIELDS: tuple[tuple[str, Callable[[str], object]], ...] = (
-    ("private-key", _has_key),
-    ("public-key", lambda v: None if v == NONE else validate_key(v)),
-    ("listen-port", _listen_port),
-    ("fwmark", _fwmark),
-)
-_PEER_FIELDS: tuple[tuple[str, Callable[[str], object]], ...] = (
-    ("public-key", validate_key),
-    ("preshared-key", _has_key),
-    ("endpoint", lambda v: None if v == NONE else parse_endpoint(v)),
-    ("allowed-ips", _allowed_ips),
-    ("latest-handshake", _uint),
-    ("transfer-rx", _uint),
-    ("transfer-tx", _uint),
-    ("persistent-keepalive", lambda v: None if v == "off" else _uint(v)),
-)
-
-
-def parse_dump(text: str) -> WgDump:
-    """Parse the output of ``wg show <if> dump`` (one interface; not ``wg show all dump``).
-
-    Line 1: private-key, public-key, listen-port, fwmark; then one line per peer: public-key,
-    preshared-key, endpoint, allowed-ips, latest-handshake, transfer-rx, transfer-tx,
-    persistent-keepalive; tab-separated. Raises DumpParseError naming the line and field, never
-    quoting the text (it may hold a key).
-    """
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise DumpParseError("empty dump: expected an interface line")
-    has_private, public_key, listen_port, fwmark = _read_line(lines[0], 1, _INTERFACE_FIELDS)
-    peers = []
-    for number, line in enumerate(lines[1:], start=2):
-        values = _read_line(line, number, _PEER_FIELDS)
-        handshake = values[4]
-        peers.append(WgPeer(*values[:4], handshake or None, *values[5:]))  # 0 means "never"
-    return WgDump(public_key, has_private, listen_port, fwmark, tuple(peers))
-
-
-def _read_line(line: str, number: int, fields: tuple[tuple[str, Callable[[str], object]], ...]) -> list:
-    values = line.rstrip("\r").split("\t")
-    if len(values) != len(fields):
-        hint = " (is this `wg show all dump`? parse one interface's dump)" if len(values) == len(fields) + 1 else ""
-        raise DumpParseError(f"line {number}: expected {len(fields)} tab-separated fields, got {len(values)}{hint}")
-    parsed = []
-    for (name, read), value in zip(fields, values, strict=True):
-        try:
-            parsed.append(read(value))
-        except ValueError:
-            raise DumpParseError(f"line {number}: malformed {name} field") from None
-    return parsed
-
-
-# ----------------------------------------------------------------------------------------- interface
 
 
 def guard_table_name(interface: str) -> str:
@@ -757,7 +398,7 @@ def _endpoint_argument(endpoint: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError("an endpoint is host:port")
-    _port(port)
+    parse_port(port)
     return text
 
 
