@@ -49,7 +49,7 @@ from relay.config import DestinationConfig, ListenerRoute
 from relay.registry import DestinationRecord, RegistryError, RouteRecord
 from tunnel_core.ratelimit import RateLimiter
 from tunnel_core.token import EnrollmentToken
-from tunnel_link.config_common import NAME_PATTERN
+from tunnel_runtime.settings import NAME_PATTERN
 
 if TYPE_CHECKING:
     from relay.server import Relay

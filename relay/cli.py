@@ -22,9 +22,9 @@ from relay import pki
 from relay.admin import admin_token
 from relay.config import RelaySettings, load_relay_settings
 from relay.registry import Registry, RegistryError, serial_hex
-from tunnel_link.cli_common import run_service, setup_logging
-from tunnel_link.config_common import ConfigError
 from tunnel_link.tls import TlsConfigError
+from tunnel_runtime.service import run_service, setup_logging
+from tunnel_runtime.settings import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

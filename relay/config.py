@@ -18,7 +18,7 @@ from pydantic_settings import SettingsConfigDict
 from relay.pki import CA_CERT, RELAY_CERT, RELAY_KEY
 from tunnel_core.admission import AdmissionLimits
 from tunnel_core.ratelimit import RateLimits
-from tunnel_link.config_common import (
+from tunnel_runtime.settings import (
     AETitle,
     CallingAEList,
     DicomIngressConfig,

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tunnel_link.config_common import NAME_PATTERN
+from tunnel_runtime.settings import NAME_PATTERN
 
 __all__ = [
     "CA_CERT",

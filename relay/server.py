@@ -56,10 +56,10 @@ from tunnel_link.gate import GatedTlsServer
 from tunnel_link.httpserver import app_runner, serve_tcp
 from tunnel_link.innertls import InnerTlsError, InnerTlsFailure, InnerTlsWebSocket, inner_tls_server
 from tunnel_link.pipe import Pipe, PipeServer
-from tunnel_link.procstats import process_stats
 from tunnel_link.session import CLOSE_TIMEOUT, MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.sockets import tune
 from tunnel_link.tls import server_context
+from tunnel_runtime.procstats import process_stats
 
 log = logging.getLogger("relay")
 

@@ -20,7 +20,7 @@ from relay.guard import host_allowed, parse_host
 from tests.support.procs import wait_until
 from tests.support.stack import ListenerRoute, make_relay, start_relay
 from tunnel_core.ratelimit import RateLimits
-from tunnel_link.config_common import ConfigError
+from tunnel_runtime.settings import ConfigError
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALLOWED_NAME = "relay-admin.test"

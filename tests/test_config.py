@@ -12,7 +12,7 @@ import pytest
 from relay.config import RelaySettings, load_relay_settings
 from tunnel_agent.config import AgentSettings, load_agent_settings
 from tunnel_core.limits import MuxLimits
-from tunnel_link.config_common import ConfigError, MuxConfig, validate_ae_title
+from tunnel_runtime.settings import ConfigError, MuxConfig, validate_ae_title
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -10,7 +10,7 @@ from tests.support.dcmtk import echoscu, start_storescp
 from tests.support.ports import free_port
 from tests.support.procs import wait_for_port, wait_until
 from tests.support.stack import RELAY, AgentRoute, ListenerRoute, make_agent, make_relay, start_agent
-from tunnel_link.cli_common import JsonFormatter
+from tunnel_runtime.service import JsonFormatter
 
 
 def test_json_formatter_keeps_the_message_and_the_extras() -> None:

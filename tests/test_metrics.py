@@ -35,7 +35,7 @@ from tunnel_agent.metrics import registry_for as agent_registry
 from tunnel_core.dicom import AssociateRequest
 from tunnel_demo.dataset import PHI_PATIENT_ID, PHI_PATIENT_NAME
 from tunnel_link.associations import DURATION_BUCKETS, AssociationTracker, DurationHistogram
-from tunnel_link.cli_common import JsonFormatter
+from tunnel_runtime.service import JsonFormatter
 
 ASSOCS = "dicom_tunnel_associations_total"
 BYTES = "dicom_tunnel_association_bytes_total"

@@ -40,7 +40,7 @@ from tests.support.stack import (
 from tunnel_agent.config import load_agent_settings
 from tunnel_agent.connect import proxy_failure
 from tunnel_agent.proxy import ProxyConfig, ProxyError, ProxyRoute, choose_proxy, no_proxy_matches
-from tunnel_link.config_common import ConfigError
+from tunnel_runtime.settings import ConfigError
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 USER = "tunnel-agent"

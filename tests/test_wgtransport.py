@@ -31,7 +31,7 @@ from tunnel_agent.wgtransport import (
     save_registration,
 )
 from tunnel_core.codes import ErrorCode
-from tunnel_link.config_common import ConfigError
+from tunnel_runtime.settings import ConfigError
 from tunnel_wireguard.plan import TransportPlan
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

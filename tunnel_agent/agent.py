@@ -52,9 +52,9 @@ from tunnel_link.associations import (
 from tunnel_link.errors import LinkError
 from tunnel_link.httpserver import serve_tcp
 from tunnel_link.pipe import Pipe, PipeServer
-from tunnel_link.procstats import process_stats
 from tunnel_link.session import MuxSession, TunnelStream
 from tunnel_link.tls import client_context
+from tunnel_runtime.procstats import process_stats
 
 log = logging.getLogger("agent")
 

@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 from tunnel_agent.config import load_agent_settings
-from tunnel_link.cli_common import run_service, setup_logging
-from tunnel_link.config_common import ConfigError
 from tunnel_link.tls import TlsConfigError, client_context
+from tunnel_runtime.service import run_service, setup_logging
+from tunnel_runtime.settings import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

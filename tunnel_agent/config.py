@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tunnel_agent.proxy import ProxyConfig
-from tunnel_link.config_common import (
+from tunnel_runtime.settings import (
     AETitle,
     DicomIngressConfig,
     EndpointConfig,

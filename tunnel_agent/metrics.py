@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tunnel_core.health import agent_readiness
-from tunnel_link.metrics import (
+from tunnel_runtime.metrics import (
     PREFIX,
     association_families,
     destination_families,

@@ -30,7 +30,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import AfterValidator, ConfigDict, Field, SecretStr, model_validator
 
-from tunnel_link.config_common import KeyProblem, StrictModel
+from tunnel_runtime.settings import KeyProblem, StrictModel
 
 __all__ = [
     "ENV_PROXY_NAMES",
