@@ -32,6 +32,7 @@ from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
 from tunnel_core.health import (
+    HealthReport,
     Readiness,
     ReportError,
     SiteHealth,
@@ -97,7 +98,7 @@ class SiteState:
     last_disconnect_reason: str = ""
     serial: str | None = None  # the certificate the live session stands on (updated by renewal)
     not_after: float | None = None
-    report: dict | None = None  # the agent's latest health report (tunnel_core.health.parse_report)
+    report: HealthReport | None = None  # the agent's latest health report (tunnel_core.health.parse_report)
     report_at: float | None = None
     transport: str = ""  # "websocket", "websocket, inner TLS" or "wireguard" while connected
     reports_ignored: int = 0  # REPORTs that did not parse, since the relay started
@@ -507,7 +508,7 @@ class Relay:
                 "reason": health.reason,
                 "transport": site.transport if session else None,
                 "wireguard": wg.get(site.name) if wg is not None else None,
-                "health": site.report,
+                "health": site.report.as_dict() if site.report else None,
                 "health_age_s": round(now - site.report_at, 1) if site.report_at else None,
                 "reports_ignored": site.reports_ignored,
                 "connected": session is not None,

@@ -39,7 +39,6 @@ from tests.support.stack import (
 from tunnel_agent.config import load_agent_settings
 from tunnel_agent.diagnose import (
     CALLING_AE,
-    EchoResult,
     Outcome,
     Step,
     check_certificate,
@@ -51,6 +50,7 @@ from tunnel_agent.diagnose import (
     steps_json,
     tls_failure_hint,
 )
+from tunnel_agent.echo import EchoAttempt
 
 SITE = "st-marys"
 USER = "tunnel-agent"
@@ -210,18 +210,18 @@ def test_tls_hint_for_the_relays_expired_certificate(tmp_path):
 
 
 def test_echo_steps():
-    ok = echo_step("pacs", "10.1.1.1:104", "PACS", EchoResult(True, True, True, 0, elapsed=0.004))
+    ok = echo_step("pacs", "10.1.1.1:104", "PACS", EchoAttempt(True, True, True, 0, latency=0.004))
     assert ok == Step("C-ECHO pacs", OK, f"10.1.1.1:104 (called AE PACS, calling AE {CALLING_AE}): success (4 ms)")
-    refused = echo_step("pacs", "10.1.1.1:104", "PACS", EchoResult(False, False, False, None,
-                                                                   error="Connection refused"))
+    refused = echo_step("pacs", "10.1.1.1:104", "PACS", EchoAttempt(False, False, False, None,
+                                                                    tcp_error="Connection refused"))
     assert (refused.outcome, refused.detail) == (FAIL, "cannot connect to 10.1.1.1:104: Connection refused")
     assert "10.1.1.1:104" in refused.hint and "[[routes]] 'pacs'" in refused.hint
-    rejected = echo_step("pacs", "10.1.1.1:104", "PACS", EchoResult(
+    rejected = echo_step("pacs", "10.1.1.1:104", "PACS", EchoAttempt(
         True, True, False, None, rejection="Rejected (Permanent), DUL service-user: Called AE title not recognised"))
     assert "association rejected (Rejected (Permanent)" in rejected.detail and "called_ae" in rejected.hint
-    aborted = echo_step("pacs", "10.1.1.1:104", "PACS", EchoResult(True, True, False, None))
+    aborted = echo_step("pacs", "10.1.1.1:104", "PACS", EchoAttempt(True, True, False, None))
     assert "aborted" in aborted.detail and "Verification" in aborted.hint
-    silent = echo_step("pacs", "10.1.1.1:104", "PACS", EchoResult(True, False, False, None))
+    silent = echo_step("pacs", "10.1.1.1:104", "PACS", EchoAttempt(True, False, False, None))
     assert "no answer" in silent.detail and "DICOM port" in silent.hint
 
 

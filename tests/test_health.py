@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -18,17 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel_agent.config import AgentRoute, HealthConfig
+from tunnel_agent.echo import EchoAttempt, c_echo
 from tunnel_agent.health import (
     DestinationHealth,
-    EchoAttempt,
     HealthMonitor,
     build_report,
-    c_echo,
     echo_reason,
     host_metrics,
 )
 from tunnel_core import health as core_health
 from tunnel_core.health import (
+    AgentState,
     Condition,
     ReportError,
     agent_readiness,
@@ -61,7 +62,7 @@ def _dest(**changes) -> dict:
 
 
 def _parse(obj: object) -> dict:
-    return parse_report(json.dumps(obj).encode())
+    return parse_report(json.dumps(obj).encode()).as_dict()
 
 
 # --- parse_report ---------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def test_parse_accepts_the_documented_schema():
 
 def test_parse_takes_the_version_1_shape_only_from_the_wire_bytes():
     # Compact and pretty-printed JSON are the same report.
-    assert parse_report(json.dumps(_report(), indent=2).encode()) == _report()
+    assert parse_report(json.dumps(_report(), indent=2).encode()).as_dict() == _report()
 
 
 @pytest.mark.parametrize("payload", [b"", b"not json", b"\xff\xfe\x00", b"{\"v\": 1,", b"[1, 2]", b"1", b"null"])
@@ -135,7 +136,7 @@ def test_parse_ignores_unknown_keys_everywhere():
 def test_parse_turns_nan_infinity_and_wrong_types_into_none():
     raw = json.dumps(_report()).replace('"cpu_percent": 3.0', '"cpu_percent": NaN') \
         .replace('"rtt_ms": 1.5', '"rtt_ms": Infinity').replace('"latency_ms": 3.2', '"latency_ms": -Infinity')
-    parsed = parse_report(raw.encode())
+    parsed = parse_report(raw.encode()).as_dict()
     assert parsed["host"]["cpu_percent"] is None
     assert parsed["tunnel"]["rtt_ms"] is None
     assert parsed["destinations"][0]["latency_ms"] is None
@@ -196,9 +197,9 @@ def test_a_huge_integer_anywhere_is_a_report_error(where, digits):
 def test_integers_up_to_twenty_digits_and_huge_floats_are_read():
     assert _parse(_report(sent_at=10**19 * 9))["sent_at"] == 9e19
     text = json.dumps(_report()).replace('"sent_at": 1800000000.0', '"sent_at": 1e400')
-    assert parse_report(text.encode())["sent_at"] is None  # inf: a number out of range is no number
+    assert parse_report(text.encode()).sent_at is None  # inf: a number out of range is no number
     text = json.dumps(_report()).replace('"sent_at": 1800000000.0', '"sent_at": ' + "9" * 400 + ".0")
-    assert parse_report(text.encode())["sent_at"] is None
+    assert parse_report(text.encode()).sent_at is None
 
 
 def test_number_helper_never_overflows():
@@ -241,7 +242,7 @@ def test_any_bytes_give_a_bounded_report_or_a_report_error(payload):
     """Only ReportError escapes (never RecursionError, OverflowError, TypeError...); what is accepted is the
     documented shape with finite numbers, so the status API can always serialise it."""
     try:
-        parsed = parse_report(payload)
+        parsed = parse_report(payload).as_dict()
     except ReportError:
         return
     assert set(parsed) == set(_report())
@@ -253,7 +254,7 @@ def test_any_bytes_give_a_bounded_report_or_a_report_error(payload):
 
 
 def _condition(report: dict | None = None, *, connected: bool = True, reason: str = "", age: float = 1.0):
-    parsed = _parse(report) if report is not None else None
+    parsed = parse_report(json.dumps(report).encode()) if report is not None else None
     return site_condition(connected=connected, disconnect_reason=reason, report=parsed,
                           report_at=None if report is None else NOW - age, now=NOW)
 
@@ -306,10 +307,10 @@ def test_readiness():
     assert not relay_readiness(started=False, registry_ok=True).ready
     assert relay_readiness(started=True, registry_ok=False).reason == "registry unavailable"
     assert relay_readiness(started=True, registry_ok=True).ready
-    assert agent_readiness(state="connected", last_error="").ready
-    waiting = agent_readiness(state="backoff", last_error="ConnectionRefusedError: x")
+    assert agent_readiness(state=AgentState.CONNECTED, last_error="").ready
+    waiting = agent_readiness(state=AgentState.BACKOFF, last_error="ConnectionRefusedError: x")
     assert not waiting.ready and waiting.reason == "tunnel backoff: ConnectionRefusedError: x"
-    assert agent_readiness(state="connecting", last_error="").reason == "tunnel connecting"
+    assert agent_readiness(state=AgentState.CONNECTING, last_error="").reason == "tunnel connecting"
 
 
 # --- the agent's side: reasons and the report ----------------------------------------------------------
@@ -351,13 +352,15 @@ def test_built_report_is_exactly_what_the_relay_parses():
     dests[0].record("", 0.0021, NOW)
     dests[1].record("no answer within 5 s", None, NOW)
     host = host_metrics(Path("/"), psutil.Process())
-    report = build_report(version="0.1.0", now=NOW, interval=30.0, destinations=dests, host=host,
-                          rtt_ms=1.25, reconnects=2, not_after=NOW + 86400, renewal_error="")
+    built = build_report(version="0.1.0", now=NOW, interval=30.0, destinations=dests, host=host,
+                         rtt_ms=1.25, reconnects=2, not_after=NOW + 86400, renewal_error="")
+    report = built.as_dict()
     assert set(report) == {"v", "version", "sent_at", "report_interval", "destinations", "host", "tunnel",
                            "certificate"}
-    parsed = parse_report(json.dumps(report).encode())
-    assert parsed == json.loads(json.dumps(report)) | {"host": {k: float(v) for k, v in host.items()},
-                                                      "tunnel": {"rtt_ms": 1.25, "reconnects": 2.0}}
+    assert built.encode() == json.dumps(report).encode()
+    parsed = parse_report(built.encode())
+    assert parsed.as_dict() == json.loads(json.dumps(report)) | {
+        "host": {k: float(v) for k, v in asdict(host).items()}, "tunnel": {"rtt_ms": 1.25, "reconnects": 2.0}}
     health = site_condition(connected=True, disconnect_reason="", report=parsed, report_at=NOW, now=NOW)
     assert health.reason == "C-ECHO archive (10.0.0.6:11112) failed: no answer within 5 s"
 
@@ -368,16 +371,16 @@ def test_the_largest_report_fits_a_report_frame():
     report = build_report(version="0.1.0", now=NOW, interval=30.0, destinations=[dest] * 100,
                           host=host_metrics(Path("/"), psutil.Process()), rtt_ms=None, reconnects=0,
                           not_after=None, renewal_error="y" * 10_000)
-    payload = json.dumps(report).encode()
+    payload = report.encode()
     assert len(payload) <= MAX_REPORT
-    assert len(parse_report(payload)["destinations"]) == 64
+    assert len(parse_report(payload).destinations) == 64
 
 
 def test_host_metrics_use_the_nearest_existing_directory(tmp_path):
     metrics = host_metrics(tmp_path / "not" / "yet", psutil.Process())
-    assert set(metrics) == {"cpu_percent", "memory_percent", "disk_free_bytes", "rss_bytes", "open_fds"}
-    assert metrics["disk_free_bytes"] == pytest.approx(psutil.disk_usage(str(tmp_path)).free, rel=0.05)
-    assert metrics["rss_bytes"] > 0 and metrics["open_fds"] > 0 and 0 <= metrics["memory_percent"] <= 100
+    assert set(asdict(metrics)) == {"cpu_percent", "memory_percent", "disk_free_bytes", "rss_bytes", "open_fds"}
+    assert metrics.disk_free_bytes == pytest.approx(psutil.disk_usage(str(tmp_path)).free, rel=0.05)
+    assert metrics.rss_bytes > 0 and metrics.open_fds > 0 and 0 <= metrics.memory_percent <= 100
 
 
 # --- C-ECHO against real peers on 127.0.0.1 ----------------------------------------------------------------
@@ -463,7 +466,7 @@ class FakeSession:
         self.reports: list[dict] = []
 
     def send_report(self, payload: bytes) -> None:
-        self.reports.append(parse_report(payload))
+        self.reports.append(parse_report(payload).as_dict())
 
 
 class FakeAgent:
@@ -481,15 +484,15 @@ async def test_monitor_echoes_all_routes_and_reports_to_each_new_tunnel(tmp_path
     with verification_scp() as pacs:
         routes = [AgentRoute(name="pacs", host="127.0.0.1", port=pacs, called_ae="PACS"),
                   AgentRoute(name="archive", host="127.0.0.1", port=_closed_port())]
-        monitor = HealthMonitor(agent, HealthConfig(echo_interval=60.0, echo_timeout=2.0), routes,
+        monitor = HealthMonitor(agent, agent, HealthConfig(echo_interval=60.0, echo_timeout=2.0), routes,
                                 state_dir=tmp_path, version="9.9")
         async with asyncio.timeout(30):
             task = asyncio.create_task(monitor.run())
             try:
                 while monitor.rounds < 1:
                     await asyncio.sleep(0.05)
-                assert monitor.latest is not None and monitor.latest["version"] == "9.9"
-                ok = {d["route"]: d["ok"] for d in monitor.latest["destinations"]}
+                assert monitor.latest is not None and monitor.latest.version == "9.9"
+                ok = {d.route: d.ok for d in monitor.latest.destinations}
                 assert ok == {"pacs": True, "archive": False}
                 # A tunnel comes up between rounds (60 s apart): it gets the report at once.
                 agent.session, agent.connects = FakeSession(), 1

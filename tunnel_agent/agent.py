@@ -37,7 +37,7 @@ from tunnel_core.backoff import Backoff
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.frames import OpenPayload
-from tunnel_core.health import agent_readiness
+from tunnel_core.health import AgentState, agent_readiness
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
 from tunnel_core.refusal import Refusal, refusal_from_goaway, refusal_from_token, retry_delay
 from tunnel_core.routing import Destination, decide_destination
@@ -63,7 +63,6 @@ __version__ = "0.1.0"
 RENEW_RECHECK = 3600.0  # seconds between looks at the certificate while renewal is not due
 RENEW_RETRY = 60.0  # seconds between attempts once it is due
 CERTIFICATE_WATCH = 2.0  # seconds between looks at cert_file while refused: a re-enrollment is tried at once
-WAITING_STATES = ("backoff", "revoked", "refused")  # states with a next_attempt
 
 
 class Agent:
@@ -81,14 +80,14 @@ class Agent:
         self.tracker = AssociationTracker("a")
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
         self.session: MuxSession | None = None
-        self.state = "starting"
+        self.state = AgentState.STARTING
         self.connects = 0
         self.last_error = ""
         self.next_attempt: float | None = None
         self.bound: dict[str, tuple[str, int]] = {}
         self._stopping = asyncio.Event()
         self.started = time.time()
-        self.health = HealthMonitor(self, settings.health, settings.routes, state_dir=settings.state_dir,
+        self.health = HealthMonitor(self, self, settings.health, settings.routes, state_dir=settings.state_dir,
                                     version=__version__)
         self.wireguard = (WireGuardTransport(settings, session=lambda: self.session)
                           if settings.transport == "wireguard" else None)
@@ -138,7 +137,7 @@ class Agent:
         """Connect, serve and reconnect until ``stop()``: after a failure the backoff, after a refusal by
         the relay (see the module doc) ``revoked_retry`` / ``refused_retry``."""
         while not self._stopping.is_set():
-            self.state = "connecting"
+            self.state = AgentState.CONNECTING
             refusal: Refusal | None = None
             try:
                 refusal = await self._connect_once()
@@ -156,12 +155,12 @@ class Agent:
                     log.warning("tunnel to relay failed: %s", self.last_error)
             if refusal is None:
                 delay = self.backoff.next_delay()
-                self.state = "backoff"
+                self.state = AgentState.BACKOFF
                 log.info("reconnecting in %.2fs (attempt %d)", delay, self.backoff.attempt)
             else:
                 delay = retry_delay(refusal, revoked_retry=self.settings.revoked_retry,
                                     refused_retry=self.settings.refused_retry)
-                self.state, self.last_error = refusal.kind.value, refusal.describe()
+                self.state, self.last_error = AgentState(refusal.kind.value), refusal.describe()
                 log.error("%s; next attempt in %.0fs, or as soon as a new certificate is in place",
                           self.last_error, delay)
             self.next_attempt = time.time() + delay
@@ -197,7 +196,7 @@ class Agent:
             session = MuxSession(ws, Mux(Role.AGENT, self.limits),
                                  heartbeat_interval=s.heartbeat_interval, on_stream=self._relay_stream,
                                  label="relay")
-            self.session, self.state, self.last_error = session, "connected", ""
+            self.session, self.state, self.last_error = session, AgentState.CONNECTED, ""
             self.connects += 1
             self.backoff.reset()
             log.info("tunnel to relay connected (%s)", s.relay_url)
@@ -205,7 +204,7 @@ class Agent:
                 await session.run()
             finally:
                 self.session = None
-                self.state = "disconnected"
+                self.state = AgentState.DISCONNECTED
                 self.last_error = session.close_reason or "closed"
                 log.info("tunnel to relay closed: %s", self.last_error)
         return refusal_from_goaway(session.goaway_code, site=self._site_name())
@@ -287,7 +286,7 @@ class Agent:
         session = self.session
         return {
             "version": __version__,
-            "state": self.state,
+            "state": self.state.value,
             "relay_url": self.settings.relay_url,
             "connected_since": session.connected_at if session else None,
             "rtt_ms": round(session.rtt * 1000, 3) if session and session.rtt is not None else None,
@@ -295,7 +294,7 @@ class Agent:
             "connects": self.connects,
             "reconnects": max(0, self.connects - 1),
             "last_error": self.last_error,
-            "next_attempt": self.next_attempt if self.state in WAITING_STATES else None,
+            "next_attempt": self.next_attempt if self.state.waiting else None,
             "certificate_not_after": self.certificate_not_after(),
             "renewals": self.renewals,
             "renewal_error": self.renewal_error,
@@ -304,7 +303,7 @@ class Agent:
             "associations": [a.as_dict() for a in self.tracker.active.values()],
             "outcomes": dict(self.tracker.outcomes),
             "process": process_stats(),
-            "health": self.health.latest,
+            "health": self.health.latest.as_dict() if self.health.latest else None,
             **(self.wireguard.status() if self.wireguard else {"transport": "websocket", "transport_reason": ""}),
         }
 

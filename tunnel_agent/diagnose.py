@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -50,6 +51,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from tunnel_agent.connect import _status_hint, open_tunnel, outer_context, refusal_token, target_of
+from tunnel_agent.echo import EchoAttempt, c_echo
 from tunnel_agent.enroll import RENEW_AT, EnrollError, relay_url_mismatch, with_enrollment
 from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
@@ -65,7 +67,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALLING_AE",
-    "EchoResult",
     "Outcome",
     "Step",
     "check_certificate",
@@ -216,27 +217,14 @@ def tls_failure_hint(host: str, presented: bytes | None, ca_pem: bytes, now: dt.
     return "the relay's certificate does not verify against the pinned CA: tell the relay operator"
 
 
-@dataclass(frozen=True, slots=True)
-class EchoResult:
-    """What one C-ECHO attempt saw. ``rejection`` is "result, source: reason" of an A-ASSOCIATE-RJ."""
-
-    connected: bool
-    answered: bool  # an A-ASSOCIATE-AC or -RJ came back
-    established: bool
-    status: int | None  # the C-ECHO response status
-    rejection: str = ""
-    error: str = ""  # why the TCP connection failed
-    elapsed: float = 0.0
-
-
-def echo_step(route: str, address: str, called_ae: str, result: EchoResult) -> Step:
-    """The ``C-ECHO <route>`` step for one destination."""
+def echo_step(route: str, address: str, called_ae: str, result: EchoAttempt) -> Step:
+    """The ``C-ECHO <route>`` step for one destination (``result``: ``tunnel_agent.echo.c_echo``)."""
     name = f"C-ECHO {route}"
     who = f"{address} (called AE {called_ae}, calling AE {CALLING_AE})"
     if result.status == 0x0000:
-        return Step(name, Outcome.OK, f"{who}: success ({_ms(result.elapsed)})")
+        return Step(name, Outcome.OK, f"{who}: success ({_ms(result.latency or 0.0)})")
     if not result.connected:
-        return Step(name, Outcome.FAIL, f"cannot connect to {address}: {result.error or 'refused'}",
+        return Step(name, Outcome.FAIL, f"cannot connect to {address}: {result.tcp_error or 'refused'}",
                     f"nothing accepts DICOM connections at {address}: is the destination up, are host and "
                     f"port of [[routes]] '{route}' right, and does a firewall between here and it allow them?")
     if result.rejection:
@@ -662,7 +650,8 @@ class _Diagnosis:
 
     async def _echo(self, route: AgentRoute) -> Step:
         called = route.called_ae or DEFAULT_CALLED_AE
-        result = await asyncio.to_thread(_c_echo, route.host, route.port, called, ECHO_TIMEOUT)
+        result = await asyncio.to_thread(partial(c_echo, route.host, route.port, called, CALLING_AE, ECHO_TIMEOUT,
+                                                 explain=_tcp_reason))
         return echo_step(route.name, _hostport(route.host, route.port), called, result)
 
 
@@ -678,49 +667,6 @@ def _refused(exc: aiohttp.WSServerHandshakeError, relay_url: str) -> Step:
                 "an HTTP proxy or load balancer in front of the relay may not pass WebSockets: check the relay's log")
 
 
-def _c_echo(host: str, port: int, called_ae: str, timeout: float) -> EchoResult:
-    """One association with a C-ECHO (blocking: run it in a thread). Logs nothing of its own."""
-    from pynetdicom import AE, evt
-    from pynetdicom.pdu_primitives import A_ASSOCIATE
-    from pynetdicom.sop_class import Verification
-
-    seen: dict[str, str] = {}
-
-    def on_open(_event: evt.Event) -> None:
-        seen["connected"] = "yes"
-
-    def on_acse(event: evt.Event) -> None:
-        primitive = getattr(event, "primitive", None)
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result is not None:
-            seen["answered"] = "yes"
-            if primitive.result in (0x01, 0x02):
-                seen["rejection"] = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
-
-    ae = AE(ae_title=CALLING_AE)
-    ae.add_requested_context(Verification)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    began = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)])
-    established, status = assoc.is_established, None
-    try:
-        if established:
-            response = assoc.send_c_echo()
-            status = int(response.Status) if "Status" in response else None
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
-    elapsed = time.monotonic() - began
-    error = "" if "connected" in seen else _tcp_error(host, port, timeout)
-    return EchoResult(connected="connected" in seen, answered="answered" in seen, established=established,
-                      status=status, rejection=seen.get("rejection", ""), error=error, elapsed=elapsed)
-
-
-def _tcp_error(host: str, port: int, timeout: float) -> str:
-    """Why a TCP connection to ``host:port`` fails (pynetdicom does not say); checked only after a failure."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return "the connection failed once, then worked"
-    except OSError as exc:
-        return _reason(exc)
+def _tcp_reason(error: OSError | None, host: str, timeout: float) -> str:
+    """Why a TCP connection to a destination fails, in this command's words (``tunnel_agent.echo`` asks)."""
+    return "the connection failed once, then worked" if error is None else _reason(error)

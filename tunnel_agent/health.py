@@ -1,42 +1,41 @@
 """Agent health, measured on the hospital side and carried to the relay in band.
 
 Theory of operation: every ``[health] echo_interval`` seconds the :class:`HealthMonitor` runs one DICOM
-C-ECHO against each ``[[routes]]`` destination, all at once (pynetdicom is blocking, so each echo runs in a
-thread, with every pynetdicom timeout set to ``echo_timeout`` and the thread's result awaited for a bounded
-time). Each destination keeps ok, latency, last success, last failure and a short reason
-(:func:`echo_reason`). With host metrics (psutil), the tunnel's RTT and reconnects, the agent version and
-the certificate's expiry, that makes the version-1 report of ``docs/protocol.md`` (:func:`build_report`),
-sent to the relay as a REPORT frame after every round and once on each new tunnel (the relay forgets the
-report of a closed tunnel). The relay turns it into up / degraded / down with
-``tunnel_core.health.site_condition``. C-ECHO carries no patient data; the report holds route names,
-addresses, numbers and reasons only.
+C-ECHO (``tunnel_agent.echo``) against each ``[[routes]]`` destination, all at once (pynetdicom is blocking,
+so each echo runs in a thread, with every pynetdicom timeout set to ``echo_timeout`` and the thread's result
+awaited for a bounded time). Each destination keeps ok, latency, last success, last failure and a short
+reason (:func:`echo_reason`). With host metrics (psutil), the tunnel's RTT and reconnects, the agent version
+and the certificate's expiry, that makes the version-1 report of ``docs/protocol.md``, a
+``tunnel_core.health.HealthReport`` (:func:`build_report`), sent to the relay as a REPORT frame after every
+round and once on each new tunnel (the relay forgets the report of a closed tunnel). The relay turns it
+into up / degraded / down with ``tunnel_core.health.site_condition``. C-ECHO carries no patient data; the
+report holds route names, addresses, numbers and reasons only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import psutil
 
 from tunnel_agent.config import AgentRoute, HealthConfig
+from tunnel_agent.echo import EchoAttempt, c_echo
 from tunnel_core.errors import UsageError
-from tunnel_core.health import REPORT_VERSION
+from tunnel_core.health import CertificateReport, DestinationReport, HealthReport, HostReport, TunnelReport
 from tunnel_link.session import MuxSession
 
 __all__ = [
     "DEFAULT_CALLED_AE",
+    "CertificateFacts",
     "DestinationHealth",
-    "EchoAttempt",
     "HealthMonitor",
+    "TunnelFacts",
     "build_report",
-    "c_echo",
     "echo_reason",
     "host_metrics",
 ]
@@ -48,20 +47,6 @@ SESSION_POLL = 0.5  # seconds between looks for a new tunnel, to report to it at
 ECHO_STAGES = 4  # connect, association, C-ECHO, release: each bounded by echo_timeout
 MAX_REPORTED = 64  # destinations in one report (the relay refuses more)
 MAX_REASON = 200
-
-
-@dataclass(frozen=True, slots=True)
-class EchoAttempt:
-    """What one C-ECHO association saw (filled by :func:`c_echo`)."""
-
-    connected: bool
-    answered: bool = False  # an A-ASSOCIATE-AC or -RJ came back
-    established: bool = False
-    status: int | None = None  # the C-ECHO response status
-    rejection: str = ""  # "result, source: reason" of an A-ASSOCIATE-RJ
-    aborted: bool = False  # an A-ABORT (or the connection closing) came instead of an answer
-    tcp_error: str = ""  # why the TCP connection failed
-    latency: float | None = None  # seconds from the association request to the C-ECHO response
 
 
 def echo_reason(attempt: EchoAttempt, timeout: float) -> str:
@@ -112,30 +97,27 @@ class DestinationHealth:
             self.last_failure, self.last_failure_reason = now, reason[:MAX_REASON]
             self.latency_ms = None
 
-    def as_report(self) -> dict[str, Any]:
-        return {"route": self.route, "host": self.host, "port": self.port, "ok": self.ok,
-                "latency_ms": self.latency_ms, "last_success": self.last_success,
-                "last_failure": self.last_failure, "last_failure_reason": self.last_failure_reason,
-                "checked_at": self.checked_at}
+    def as_report(self) -> DestinationReport:
+        return DestinationReport(self.route, self.host, self.port, self.ok, self.latency_ms, self.last_success,
+                                 self.last_failure, self.last_failure_reason, self.checked_at)
 
 
 def build_report(*, version: str, now: float, interval: float, destinations: list[DestinationHealth],
-                 host: dict[str, float | None], rtt_ms: float | None, reconnects: int,
-                 not_after: float | None, renewal_error: str) -> dict[str, Any]:
-    """The version-1 REPORT payload (``docs/protocol.md`` §3.8) as a dict; ``json.dumps`` it to send."""
-    return {
-        "v": REPORT_VERSION,
-        "version": version,
-        "sent_at": now,
-        "report_interval": interval,
-        "destinations": [d.as_report() for d in destinations[:MAX_REPORTED]],
-        "host": host,
-        "tunnel": {"rtt_ms": rtt_ms, "reconnects": reconnects},
-        "certificate": {"not_after": not_after, "renewal_error": renewal_error[:MAX_REASON]},
-    }
+                 host: HostReport, rtt_ms: float | None, reconnects: int, not_after: float | None,
+                 renewal_error: str) -> HealthReport:
+    """The version-1 report (``docs/protocol.md`` §3.8); send its ``encode()`` as a REPORT frame."""
+    return HealthReport(
+        version=version,
+        sent_at=now,
+        report_interval=interval,
+        destinations=tuple(d.as_report() for d in destinations[:MAX_REPORTED]),
+        host=host,
+        tunnel=TunnelReport(rtt_ms=rtt_ms, reconnects=reconnects),
+        certificate=CertificateReport(not_after=not_after, renewal_error=renewal_error[:MAX_REASON]),
+    )
 
 
-def host_metrics(state_dir: Path, process: psutil.Process) -> dict[str, float | None]:
+def host_metrics(state_dir: Path, process: psutil.Process) -> HostReport:
     """CPU and memory of the host, free disk where the agent keeps its state, the agent's RSS and fds.
 
     ``cpu_percent`` is the host's use since the previous call (the first call returns 0.0)."""
@@ -144,101 +126,48 @@ def host_metrics(state_dir: Path, process: psutil.Process) -> dict[str, float | 
         disk_free = psutil.disk_usage(str(directory)).free if directory else None
     except OSError:
         disk_free = None
-    return {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "memory_percent": psutil.virtual_memory().percent,
-        "disk_free_bytes": disk_free,
-        "rss_bytes": process.memory_info().rss,
-        "open_fds": process.num_fds() if hasattr(process, "num_fds") else None,
-    }
+    return HostReport(
+        cpu_percent=psutil.cpu_percent(interval=None),
+        memory_percent=psutil.virtual_memory().percent,
+        disk_free_bytes=disk_free,
+        rss_bytes=process.memory_info().rss,
+        open_fds=process.num_fds() if hasattr(process, "num_fds") else None,
+    )
 
 
-def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) -> EchoAttempt:
-    """One association with one C-ECHO (blocking: run it in a thread). Every wait is bounded by ``timeout``."""
-    from pynetdicom import AE, evt
-    from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-    from pynetdicom.sop_class import Verification
+class TunnelFacts(Protocol):
+    """What the monitor reads of the tunnel (``tunnel_agent.tunnel.Tunnel``): the live session, if any,
+    and how many tunnels were opened."""
 
-    seen: set[str] = set()
-    rejection: list[str] = []
+    @property
+    def session(self) -> MuxSession | None: ...
 
-    def on_open(_event: evt.Event) -> None:
-        seen.add("connected")
-
-    def on_acse(event: evt.Event) -> None:
-        primitive = getattr(event, "primitive", None)
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result is not None:
-            seen.add("answered")
-            if primitive.result in (0x01, 0x02):
-                rejection.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
-        elif isinstance(primitive, A_ABORT | A_P_ABORT):
-            seen.add("aborted")
-
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    began = time.perf_counter()
-    try:
-        assoc = ae.associate(host, port, ae_title=called_ae,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)])
-    except socket.gaierror as exc:  # pynetdicom resolves the name before connecting, and lets this escape
-        return EchoAttempt(connected=False, tcp_error=f"cannot resolve {host}: {exc.strerror}")
-    established, status, latency = assoc.is_established, None, None
-    try:
-        if established:
-            response = assoc.send_c_echo()
-            latency = time.perf_counter() - began
-            status = int(response.Status) if "Status" in response else None
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    elapsed = time.perf_counter() - began
-    tcp_error = ""
-    if "connected" not in seen:  # pynetdicom does not say why; a quick connect does, unless it hung
-        tcp_error = f"no TCP connection within {timeout:g} s" if elapsed >= timeout else \
-            _tcp_error(host, port, timeout)
-    return EchoAttempt(connected="connected" in seen, answered="answered" in seen, established=established,
-                       status=status, rejection=rejection[0] if rejection else "", aborted="aborted" in seen,
-                       tcp_error=tcp_error, latency=latency)
+    @property
+    def connects(self) -> int: ...
 
 
-def _tcp_error(host: str, port: int, timeout: float) -> str:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return "TCP connection failed (a second attempt connected)"  # it came up meanwhile
-    except ConnectionRefusedError:
-        return "connection refused"
-    except socket.gaierror as exc:
-        return f"cannot resolve {host}: {exc.strerror}"
-    except TimeoutError:
-        return f"no TCP connection within {timeout:g} s"
-    except OSError as exc:
-        return (exc.strerror or type(exc).__name__).lower()
+class CertificateFacts(Protocol):
+    """What the monitor reads of the certificate (``tunnel_agent.renewal.Renewal``)."""
 
-
-class AgentFacts(Protocol):
-    """What the monitor reads from the agent (``tunnel_agent.agent.Agent``)."""
-
-    session: MuxSession | None
-    connects: int
-    renewal_error: str
+    @property
+    def renewal_error(self) -> str: ...
 
     def certificate_not_after(self) -> float | None: ...
 
 
 class HealthMonitor:
-    """Build with the agent, its ``[health]`` settings and routes; ``await run()`` until cancelled.
+    """Build with the tunnel, the certificate, the ``[health]`` settings and routes; ``await run()`` until
+    cancelled. ``latest`` is the most recent report (None before the first round), for the agent's status."""
 
-    ``latest`` is the most recent report (None before the first round), for the agent's status."""
-
-    def __init__(self, agent: AgentFacts, config: HealthConfig, routes: list[AgentRoute], *, state_dir: Path,
-                 version: str) -> None:
-        self.agent = agent
+    def __init__(self, tunnel: TunnelFacts, certificate: CertificateFacts, config: HealthConfig,
+                 routes: list[AgentRoute], *, state_dir: Path, version: str) -> None:
+        self.tunnel = tunnel
+        self.certificate = certificate
         self.config = config
         self.state_dir = state_dir
         self.version = version
         self.destinations = [DestinationHealth.of(r) for r in routes]
-        self.latest: dict[str, Any] | None = None
+        self.latest: HealthReport | None = None
         self.rounds = 0
         self._process = psutil.Process()
         self._reported_to: MuxSession | None = None
@@ -260,7 +189,7 @@ class HealthMonitor:
     async def _report_to_new_tunnels(self) -> None:
         """The relay drops a closed tunnel's report: tell each new tunnel at once, not a round later."""
         while True:
-            session = self.agent.session
+            session = self.tunnel.session
             if session is not None and session is not self._reported_to:
                 self.send_report()
             await asyncio.sleep(SESSION_POLL)
@@ -289,25 +218,25 @@ class HealthMonitor:
         elif not reason and was_ok is False:
             log.info("route=%s C-ECHO %s:%d answers again", dest.route, dest.host, dest.port)
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> HealthReport:
         """A fresh report: the latest echo results with the host and tunnel as they are now."""
-        session = self.agent.session
+        session = self.tunnel.session
         rtt = session.rtt if session is not None else None
         return build_report(
             version=self.version, now=time.time(), interval=self.config.echo_interval,
             destinations=self.destinations, host=host_metrics(self.state_dir, self._process),
             rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
-            reconnects=max(0, self.agent.connects - 1), not_after=self.agent.certificate_not_after(),
-            renewal_error=self.agent.renewal_error)
+            reconnects=max(0, self.tunnel.connects - 1), not_after=self.certificate.certificate_not_after(),
+            renewal_error=self.certificate.renewal_error)
 
     def send_report(self) -> None:
         """Rebuild the report and send it over the tunnel, if one is up."""
         self.latest = self.report()
-        session = self.agent.session
+        session = self.tunnel.session
         if session is None:
             return
         self._reported_to = session
         try:
-            session.send_report(json.dumps(self.latest).encode())
+            session.send_report(self.latest.encode())
         except UsageError as exc:  # larger than a REPORT frame may be: a bug, not a network fault
             log.error("health report not sent: %s", exc)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tunnel_core.health import agent_readiness
+from tunnel_core.health import AgentState, agent_readiness
 from tunnel_runtime.metrics import (
     PREFIX,
     association_families,
@@ -35,7 +35,7 @@ __all__ = ["AgentCollector", "STATES", "handler", "registry_for"]
 
 # The states of ``Agent.state``; each gets a 0/1 sample so a dashboard can stack them. "revoked" and
 # "refused": the relay refused this site (tunnel_core.refusal); the agent waits long before asking again.
-STATES = ("starting", "connecting", "connected", "disconnected", "backoff", "revoked", "refused")
+STATES = tuple(state.value for state in AgentState)
 
 
 def registry_for(agent: Agent) -> CollectorRegistry:
@@ -98,7 +98,7 @@ def _labelled(name: str, doc: str, label: str, value: str) -> Metric:
 
 def _tunnel_families(status: dict[str, Any]) -> Iterator[Metric]:
     state = status["state"]
-    ready = agent_readiness(state=state, last_error=status["last_error"])
+    ready = agent_readiness(state=AgentState(state), last_error=status["last_error"])
     yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when the agent's tunnel is up (see readiness)",
                             value=1.0 if ready.ready else 0.0)
     yield GaugeMetricFamily(f"{PREFIX}_connected", "1 while the tunnel to the relay is up",

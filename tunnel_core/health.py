@@ -7,8 +7,11 @@ latest report, what does it say — with :func:`site_condition`; the dashboard, 
 ``tunnel-relay sites`` all show that one decision. Readiness (``/readyz``) is decided the same way, by
 :func:`relay_readiness` and :func:`agent_readiness`. No clock is read here: ``now`` is a parameter.
 
-The report is data from the network: :func:`parse_report` accepts only the documented shape, with
-bounded strings, so nothing the agent sends can grow the relay's memory or inject markup into a page.
+The report is typed on both ends: the agent builds a :class:`HealthReport` and sends
+:meth:`HealthReport.encode`; the relay reads one back with :func:`parse_report`, and its status API shows
+:meth:`HealthReport.as_dict`, the same JSON object. The report is data from the network: :func:`parse_report`
+accepts only the documented shape, with bounded strings, so nothing the agent sends can grow the relay's
+memory or inject markup into a page.
 Its only failure is :class:`ReportError`, whatever the bytes (the mux has already capped them at 64 KiB):
 the UTF-8, the nesting depth and the length of every integer are checked before or while the JSON is
 decoded, so a nesting bomb (``[`` * 60000) cannot reach the decoder's recursion and a 400-digit number
@@ -20,17 +23,23 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import asdict, dataclass, fields
+from enum import Enum, StrEnum
 from typing import Any
 
 __all__ = [
     "REPORT_VERSION",
     "CERT_WARNING_DAYS",
+    "AgentState",
+    "CertificateReport",
     "Condition",
+    "DestinationReport",
+    "HealthReport",
+    "HostReport",
     "Readiness",
     "ReportError",
     "SiteHealth",
+    "TunnelReport",
     "agent_readiness",
     "parse_report",
     "relay_readiness",
@@ -44,7 +53,6 @@ _MAX_TEXT = 300
 MAX_REPORT_DEPTH = 8  # arrays and objects inside one another; the documented report nests 3 deep
 MAX_INT_DIGITS = 20  # an integer literal this long still converts to a finite float (< 1e20)
 _MAX_DESTINATIONS = 64
-_HOST_KEYS = ("cpu_percent", "memory_percent", "disk_free_bytes", "rss_bytes", "open_fds")
 
 
 class Condition(Enum):
@@ -65,15 +73,110 @@ class Readiness:
     reason: str
 
 
+class AgentState(StrEnum):
+    """Where the agent's tunnel to the relay stands (its status API shows the value)."""
+
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    BACKOFF = "backoff"  # after a failure, waiting out the backoff
+    REVOKED = "revoked"  # the relay said this site or its certificate is revoked (tunnel_core.refusal)
+    REFUSED = "refused"  # the relay refused this site's certificate for another reason
+
+    @property
+    def waiting(self) -> bool:
+        """The states that have a next attempt (after a failure, or a refusal by the relay)."""
+        return self in (AgentState.BACKOFF, AgentState.REVOKED, AgentState.REFUSED)
+
+    @property
+    def refused_by_relay(self) -> bool:
+        return self in (AgentState.REVOKED, AgentState.REFUSED)
+
+
+# --- the REPORT (docs/protocol.md §3.8) ------------------------------------------------------------------
+# Numbers are ``float | None`` in the relay's reading; the agent builds them from ints where it has ints
+# (a port, a count of bytes), and each end shows what it holds.
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationReport:
+    """One ``[[routes]]`` destination of the agent and its latest C-ECHO. ``ok`` None: not checked yet."""
+
+    route: str = ""
+    host: str = ""
+    port: int | None = None
+    ok: bool | None = None
+    latency_ms: float | None = None
+    last_success: float | None = None
+    last_failure: float | None = None
+    last_failure_reason: str = ""
+    checked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostReport:
+    """The agent's host: CPU and memory use, free disk where it keeps its state, its own RSS and fds."""
+
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    disk_free_bytes: float | None = None
+    rss_bytes: float | None = None
+    open_fds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelReport:
+    rtt_ms: float | None = None
+    reconnects: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateReport:
+    not_after: float | None = None
+    renewal_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """A version-1 health report. The agent builds one and sends :meth:`encode`; :func:`parse_report`
+    reads one back; :meth:`as_dict` is the JSON object both status APIs show."""
+
+    version: str
+    sent_at: float | None
+    report_interval: float | None
+    destinations: tuple[DestinationReport, ...]
+    host: HostReport
+    tunnel: TunnelReport
+    certificate: CertificateReport
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report's JSON object, keys in the order of ``docs/protocol.md`` §3.8."""
+        return {
+            "v": REPORT_VERSION,
+            "version": self.version,
+            "sent_at": self.sent_at,
+            "report_interval": self.report_interval,
+            "destinations": [asdict(d) for d in self.destinations],
+            "host": asdict(self.host),
+            "tunnel": asdict(self.tunnel),
+            "certificate": asdict(self.certificate),
+        }
+
+    def encode(self) -> bytes:
+        """The REPORT frame's payload."""
+        return json.dumps(self.as_dict()).encode()
+
+
 class ReportError(ValueError):
     """A REPORT payload is not a report of a version we understand."""
 
 
 def parse_report(payload: bytes, *, max_depth: int = MAX_REPORT_DEPTH,
-                 max_int_digits: int = MAX_INT_DIGITS) -> dict[str, Any]:
-    """The report as a plain dict with only known keys, bounded strings and finite numbers (NaN, infinities
-    and values of the wrong type read as None). Raises ``ReportError``, and nothing else, for anything else:
-    not UTF-8 JSON, arrays or objects nested deeper than ``max_depth``, an integer literal of more than
+                 max_int_digits: int = MAX_INT_DIGITS) -> HealthReport:
+    """The report, with only known keys, bounded strings and finite numbers (NaN, infinities and values of
+    the wrong type read as None). Raises ``ReportError``, and nothing else, for anything else: not UTF-8
+    JSON, arrays or objects nested deeper than ``max_depth``, an integer literal of more than
     ``max_int_digits`` digits, not a version-1 object. Its cost is linear in ``len(payload)``."""
     raw = _decode(payload, max_depth=max_depth, max_int_digits=max_int_digits)
     if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw["v"] != REPORT_VERSION:  # not True
@@ -81,43 +184,42 @@ def parse_report(payload: bytes, *, max_depth: int = MAX_REPORT_DEPTH,
     destinations = raw.get("destinations")
     if not isinstance(destinations, list) or len(destinations) > _MAX_DESTINATIONS:
         raise ReportError("report destinations must be a list")
-    return {
-        "v": REPORT_VERSION,
-        "version": _text(raw.get("version")),
-        "sent_at": _number(raw.get("sent_at")),
-        "report_interval": _number(raw.get("report_interval")),
-        "destinations": [_destination(d) for d in destinations],
-        "host": {k: _number(_dict(raw.get("host")).get(k)) for k in _HOST_KEYS},
-        "tunnel": {"rtt_ms": _number(_dict(raw.get("tunnel")).get("rtt_ms")),
-                   "reconnects": _number(_dict(raw.get("tunnel")).get("reconnects"))},
-        "certificate": {"not_after": _number(_dict(raw.get("certificate")).get("not_after")),
-                        "renewal_error": _text(_dict(raw.get("certificate")).get("renewal_error"))},
-    }
+    host, tunnel, certificate = (_dict(raw.get(k)) for k in ("host", "tunnel", "certificate"))
+    return HealthReport(
+        version=_text(raw.get("version")),
+        sent_at=_number(raw.get("sent_at")),
+        report_interval=_number(raw.get("report_interval")),
+        destinations=tuple(_destination(d) for d in destinations),
+        host=HostReport(**{f.name: _number(host.get(f.name)) for f in fields(HostReport)}),
+        tunnel=TunnelReport(rtt_ms=_number(tunnel.get("rtt_ms")), reconnects=_number(tunnel.get("reconnects"))),
+        certificate=CertificateReport(not_after=_number(certificate.get("not_after")),
+                                      renewal_error=_text(certificate.get("renewal_error"))),
+    )
 
 
-def site_condition(*, connected: bool, disconnect_reason: str, report: dict[str, Any] | None,
+def site_condition(*, connected: bool, disconnect_reason: str, report: HealthReport | None,
                    report_at: float | None, now: float) -> SiteHealth:
     """Up, degraded or down, with the one reason ops should read first."""
     if not connected:
         return SiteHealth(Condition.DOWN, disconnect_reason or "never connected")
     if report is None or report_at is None:
         return SiteHealth(Condition.DEGRADED, "connected, no health report from the agent yet")
-    interval = report.get("report_interval") or 30.0
+    interval = report.report_interval or 30.0
     age = now - report_at
     if age > interval * STALE_REPORTS:
         return SiteHealth(Condition.DEGRADED, f"no health report for {age:.0f} s")
-    failing = [d for d in report["destinations"] if d["ok"] is False]
+    failing = [d for d in report.destinations if d.ok is False]
     if failing:
         first = failing[0]
         more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
-        return SiteHealth(Condition.DEGRADED, f"C-ECHO {first['route']} ({first['host']}:{first['port']}) "
-                                              f"failed: {first['last_failure_reason'] or 'no answer'}{more}")
-    cert = report["certificate"]
-    if cert["not_after"] is not None:
-        days = (cert["not_after"] - now) / 86400
-        if days < CERT_WARNING_DAYS and cert["renewal_error"]:
+        return SiteHealth(Condition.DEGRADED, f"C-ECHO {first.route} ({first.host}:{first.port}) "
+                                              f"failed: {first.last_failure_reason or 'no answer'}{more}")
+    cert = report.certificate
+    if cert.not_after is not None:
+        days = (cert.not_after - now) / 86400
+        if days < CERT_WARNING_DAYS and cert.renewal_error:
             return SiteHealth(Condition.DEGRADED, f"certificate expires in {days:.1f} days and renewal fails: "
-                                                  f"{cert['renewal_error']}")
+                                                  f"{cert.renewal_error}")
     return SiteHealth(Condition.UP, "ok")
 
 
@@ -130,14 +232,14 @@ def relay_readiness(*, started: bool, registry_ok: bool) -> Readiness:
     return Readiness(True, "ready")
 
 
-def agent_readiness(*, state: str, last_error: str) -> Readiness:
-    """The agent is ready when its tunnel to the relay is up. Refused by the relay (state "revoked" or
-    "refused"), the reason is ``last_error`` as it stands: it already says so ("revoked by the relay: ...")."""
-    if state == "connected":
+def agent_readiness(*, state: AgentState, last_error: str) -> Readiness:
+    """The agent is ready when its tunnel to the relay is up. Refused by the relay (revoked or refused),
+    the reason is ``last_error`` as it stands: it already says so ("revoked by the relay: ...")."""
+    if state is AgentState.CONNECTED:
         return Readiness(True, "ready")
-    if state in ("revoked", "refused") and last_error:
+    if state.refused_by_relay and last_error:
         return Readiness(False, last_error)
-    return Readiness(False, f"tunnel {state}" + (f": {last_error}" if last_error else ""))
+    return Readiness(False, f"tunnel {state.value}" + (f": {last_error}" if last_error else ""))
 
 
 # --- validation helpers ----------------------------------------------------------------------------------
@@ -181,21 +283,21 @@ def _too_deep(text: str, limit: int) -> bool:
     return False
 
 
-def _destination(raw: object) -> dict[str, Any]:
+def _destination(raw: object) -> DestinationReport:
     d = _dict(raw)
     ok = d.get("ok")
     port = _number(d.get("port"))
-    return {
-        "route": _text(d.get("route")),
-        "host": _text(d.get("host")),
-        "port": int(port) if port is not None and 0 <= port <= 65535 else None,  # never a 300-digit int
-        "ok": ok if isinstance(ok, bool) else None,  # None: not checked yet
-        "latency_ms": _number(d.get("latency_ms")),
-        "last_success": _number(d.get("last_success")),
-        "last_failure": _number(d.get("last_failure")),
-        "last_failure_reason": _text(d.get("last_failure_reason")),
-        "checked_at": _number(d.get("checked_at")),
-    }
+    return DestinationReport(
+        route=_text(d.get("route")),
+        host=_text(d.get("host")),
+        port=int(port) if port is not None and 0 <= port <= 65535 else None,  # never a 300-digit int
+        ok=ok if isinstance(ok, bool) else None,  # None: not checked yet
+        latency_ms=_number(d.get("latency_ms")),
+        last_success=_number(d.get("last_success")),
+        last_failure=_number(d.get("last_failure")),
+        last_failure_reason=_text(d.get("last_failure_reason")),
+        checked_at=_number(d.get("checked_at")),
+    )
 
 
 def _dict(value: object) -> dict[str, Any]:
