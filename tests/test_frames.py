@@ -170,12 +170,53 @@ def test_bad_version_is_a_protocol_error(version: int) -> None:
     assert info.value.code is ErrorCode.PROTOCOL_ERROR
 
 
+# An unknown frame type is ignored once its header passed the checks every header passes (docs/protocol.md
+# §2.2): a newer peer may add frame types without a new protocol version. (It used to be a connection
+# error, which is why adding REPORT needed relays upgraded first.)
+
+
 @pytest.mark.parametrize("ftype", [8, 0x10, 0xFF])
-def test_unknown_frame_type_is_a_protocol_error(ftype: int) -> None:
-    wire = fr.HEADER.pack(fr.VERSION, ftype, 0, 0, 1, 0)
+@pytest.mark.parametrize("length", [0, 1, 16])
+def test_unknown_frame_type_is_ignored_between_known_frames(ftype: int, length: int) -> None:
+    unknown = fr.HEADER.pack(fr.VERSION, ftype, 0xFF, 0xFF, 0xFFFFFFFF, length) + bytes(range(length))
+    before, after = fr.encode(FrameType.DATA, 1, b"a"), fr.encode(FrameType.FIN, 1)
+    wire = before + unknown + after
+    parser = fr.FrameParser(16)
+    assert parser.feed(wire) == [fr.Frame(FrameType.DATA, 1, b"a"), fr.Frame(FrameType.FIN, 1)]
+    assert parser.ignored == 1 and parser.buffered == 0
+    # and with any chunking: one byte at a time
+    parser = fr.FrameParser(16)
+    got: list[fr.Frame] = []
+    for byte in wire:
+        got += parser.feed(bytes([byte]))
+    assert got == [fr.Frame(FrameType.DATA, 1, b"a"), fr.Frame(FrameType.FIN, 1)]
+    assert parser.ignored == 1 and parser.buffered == 0
+
+
+@pytest.mark.parametrize("ftype", [8, 0xFF])
+def test_unknown_frame_type_still_has_its_length_checked_from_the_header(ftype: int) -> None:
+    parser = fr.FrameParser(MAX_FRAME_PAYLOAD)
+    header = fr.HEADER.pack(fr.VERSION, ftype, 0, 0, 0, MAX_FRAME_PAYLOAD + 1)
+    with pytest.raises(FrameTooLarge) as info:
+        parser.feed(header)
+    assert info.value.code is ErrorCode.FRAME_SIZE_ERROR
+    assert parser.buffered <= fr.HEADER_SIZE and parser.ignored == 0
+
+
+def test_unknown_frame_type_with_a_bad_version_is_still_a_protocol_error() -> None:
     with pytest.raises(ProtocolError) as info:
-        fr.FrameParser(16).feed(wire)
+        fr.FrameParser(16).feed(fr.HEADER.pack(2, 9, 0, 0, 0, 0))
+    assert type(info.value) is ProtocolError
     assert info.value.code is ErrorCode.PROTOCOL_ERROR
+
+
+def test_a_split_unknown_frame_is_bounded_by_max_payload_and_then_dropped() -> None:
+    parser = fr.FrameParser(100)
+    wire = fr.HEADER.pack(fr.VERSION, 0x42, 0, 0, 3, 100) + bytes(100) + fr.encode(FrameType.FIN, 3)
+    assert parser.feed(wire[:50]) == []
+    assert parser.buffered == 50
+    assert parser.feed(wire[50:]) == [fr.Frame(FrameType.FIN, 3)]
+    assert parser.ignored == 1 and parser.buffered == 0
 
 
 def test_bad_header_fails_even_when_its_payload_is_still_missing() -> None:
@@ -312,6 +353,23 @@ def test_round_trip_under_random_chunking(frames: list[fr.Frame], data: st.DataO
         got += parser.feed(wire[start:end])
         assert parser.buffered <= fr.HEADER_SIZE + 300
     assert got == frames
+    assert parser.buffered == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=st.lists(st.one_of(frame_strategy, st.tuples(st.integers(8, 255), st.binary(max_size=300))),
+                       max_size=12), data=st.data())
+def test_unknown_frames_vanish_under_random_chunking(frames: list, data: st.DataObject) -> None:
+    """Known frames come out exactly as sent, whatever unknown ones stand between them and however cut."""
+    wire = b"".join(fr.encode(f.type, f.stream_id, f.payload, f.flags) if isinstance(f, fr.Frame)
+                    else fr.HEADER.pack(fr.VERSION, f[0], 0, 0, 0, len(f[1])) + f[1] for f in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=20)))
+    parser = fr.FrameParser(300)
+    got: list[fr.Frame] = []
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        got += parser.feed(wire[start:end])
+    assert got == [f for f in frames if isinstance(f, fr.Frame)]
+    assert parser.ignored == sum(not isinstance(f, fr.Frame) for f in frames)
     assert parser.buffered == 0
 
 

@@ -7,6 +7,10 @@ hostile 4 GiB length costs nothing. ``FrameParser.feed`` accepts any chunking an
 a frame split into many chunks is appended to one buffer, never re-joined per chunk, so a peer that drips
 bytes pays for them linearly.
 
+A frame whose type this side does not know is checked like any other (version, length against
+``max_payload``) and then dropped, counted in ``ignored``: a newer peer may add frame types that an older
+one safely ignores (docs/protocol.md §2.2), so a new frame type needs no new protocol version.
+
 Header (network byte order)::
 
     0       1       2       3       4               8              12
@@ -60,6 +64,7 @@ class FrameParser:
         self._partial = bytearray()  # the start of a frame that has not completed yet
         self._need = HEADER_SIZE  # bytes ``_partial`` must hold before parsing can move on
         self.copied = 0  # bytes copied while reassembling split frames (linear in bytes received)
+        self.ignored = 0  # frames of an unknown type, dropped after their header was checked
 
     @property
     def buffered(self) -> int:
@@ -91,9 +96,13 @@ class FrameParser:
                 self._need = HEADER_SIZE + length
                 break
             _version, ftype, flags, _rsvd, stream_id, _length = HEADER.unpack_from(view, pos)
-            payload = view[start:start + length] if ftype == FrameType.DATA else bytes(view[start:start + length])
-            frames.append(Frame(FrameType(ftype), stream_id, payload, flags))
             pos = start + length
+            if ftype == FrameType.DATA:
+                frames.append(Frame(FrameType.DATA, stream_id, view[start:pos], flags))
+            elif ftype in _KNOWN_TYPES:
+                frames.append(Frame(FrameType(ftype), stream_id, bytes(view[start:pos]), flags))
+            else:
+                self.ignored += 1
         if pos < end:
             self._partial = bytearray(view[pos:])
             self.copied += end - pos
@@ -107,10 +116,9 @@ class FrameParser:
 
 
 def _check_header(version: int, ftype: int, length: int, max_payload: int) -> None:
+    """What every header must pass, whatever its type (an unknown type is no fault: see the module doc)."""
     if version != VERSION:
         raise ProtocolError(f"unsupported mux version {version}")
-    if ftype not in _KNOWN_TYPES:
-        raise ProtocolError(f"unknown frame type {ftype}")
     if length > max_payload:
         raise FrameTooLarge(length, max_payload)
 
