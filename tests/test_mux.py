@@ -754,3 +754,135 @@ def test_report_rules() -> None:
 def test_limits_are_validated(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         MuxLimits(**kwargs)
+
+
+# --- unknown frame types (docs/protocol.md §2.2) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("ftype", [8, 0x42, 0xFF])
+def test_an_unknown_frame_type_is_ignored_and_the_connection_goes_on(ftype: int) -> None:
+    agent, relay = fresh_pair()
+    sid = agent.open_stream(CALLED)
+    agent.send_data(sid, b"before")
+    newer = raw(ftype, sid, b"from a newer peer") + raw(ftype, 0)
+    wire = agent.data_to_send() + newer + raw(FrameType.DATA, sid, b"after")
+    events = relay.receive_data(wire)
+    assert events == [m.StreamOpened(sid, CALLED), m.DataReceived(sid, b"before"), m.DataReceived(sid, b"after")]
+    assert relay.frames_ignored == 2
+    assert relay.data_to_send() == b""  # not answered, not reset
+    assert relay.stream_state(sid) is m.StreamState.OPEN
+
+
+def test_an_unknown_frame_type_above_max_payload_is_still_fatal() -> None:
+    relay = m.Mux(m.Role.RELAY)
+    with pytest.raises(ProtocolError) as info:
+        relay.receive_data(fr.HEADER.pack(fr.VERSION, 0x42, 0, 0, 0, MAX_FRAME_PAYLOAD + 1))
+    assert info.value.code is ErrorCode.FRAME_SIZE_ERROR
+
+
+# --- stream-id exhaustion (docs/protocol.md §4) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("role", "last"), [(m.Role.AGENT, 7), (m.Role.RELAY, 8)])
+def test_a_side_that_used_its_last_id_goes_away_and_refuses_to_open(role: m.Role, last: int) -> None:
+    mux = m.Mux(role, max_stream_id=last + 1)  # room for exactly four ids of this side's parity
+    mux.data_to_send()
+    payload = CALLED if role is m.Role.AGENT else ROUTE
+    ids = [mux.open_stream(payload) for _ in range(4)]
+    assert ids[-1] == last and not mux.stream_ids_exhausted
+    mux.data_to_send()
+    with pytest.raises(m.StreamIdsExhausted) as info:
+        mux.open_stream(payload)
+    assert isinstance(info.value, m.ConnectionDraining)  # callers that handle a drain need nothing new
+    assert mux.stream_ids_exhausted and mux.goaway_sent
+    # the GOAWAY tells the peer to open nothing more here either; the open streams go on
+    assert frames_in(mux.data_to_send()) == [fr.Frame(FrameType.GOAWAY, 0, fr.encode_goaway(0, ErrorCode.NO_ERROR))]
+    with pytest.raises(m.ConnectionDraining):
+        mux.open_stream(payload)
+    assert mux.data_to_send() == b""  # one GOAWAY only
+    assert mux.send_data(ids[-1], b"still open") == 10
+
+
+def test_the_default_limit_is_the_largest_u32_id_and_it_encodes() -> None:
+    relay = m.Mux(m.Role.RELAY)
+    agent = m.Mux(m.Role.AGENT, max_stream_id=2**32 - 1)
+    relay._next_local_id = 2**32 - 2  # the last even id (not reachable in a test by opening 2**31 streams)
+    agent._next_local_id = 2**32 - 1  # the last odd id
+    assert relay.open_stream(ROUTE) == 2**32 - 2
+    assert agent.open_stream(CALLED) == 2**32 - 1
+    assert frames_in(relay.data_to_send())[-1].stream_id == 2**32 - 2
+    for side, payload in ((relay, ROUTE), (agent, CALLED)):
+        with pytest.raises(m.StreamIdsExhausted):
+            side.open_stream(payload)
+
+
+def test_max_stream_id_is_validated() -> None:
+    for bad in (1, 2**32):
+        with pytest.raises(ValueError):
+            m.Mux(m.Role.AGENT, max_stream_id=bad)
+
+
+# --- keepalive from the mux's own timer ------------------------------------------------------------------
+
+
+def test_without_keepalive_there_is_no_deadline() -> None:
+    agent = m.Mux(m.Role.AGENT)
+    assert agent.next_deadline() is None
+    assert agent.handle_timer(1e9) == []
+    assert agent.rtt is None
+
+
+def test_the_timer_queues_pings_and_a_pong_gives_the_rtt() -> None:
+    agent, relay = fresh_pair()
+    agent.start_keepalive(10.0, now=100.0)
+    with pytest.raises(UsageError):
+        agent.start_keepalive(10.0, now=100.0)
+    assert agent.next_deadline() == 110.0
+    assert agent.handle_timer(109.0) == [] and agent.data_to_send() == b""
+    assert agent.handle_timer(110.0) == []
+    ping = agent.data_to_send()
+    assert ping == raw(FrameType.PING, 0, (1).to_bytes(8, "big"))  # the payload is a u64 sequence number
+    assert relay.receive_data(ping) == [m.PingReceived((1).to_bytes(8, "big"))]
+    assert agent.receive_data(relay.data_to_send(), now=110.25) == [m.PongReceived((1).to_bytes(8, "big"))]
+    assert agent.rtt == pytest.approx(0.25)
+    assert agent.next_deadline() == 120.0
+
+
+def test_a_silent_peer_is_dead_after_three_intervals_and_anything_received_postpones_it() -> None:
+    agent, relay = fresh_pair()
+    agent.start_keepalive(10.0, now=0.0)
+    relay.ping(bytes(8))
+    agent.receive_data(relay.data_to_send(), now=25.0)  # a message is life, whatever it carries
+    agent.data_to_send()
+    verdicts = []
+    for _ in range(10):
+        now = agent.next_deadline()
+        assert now is not None
+        verdicts = agent.handle_timer(now)
+        if verdicts:
+            break
+    assert verdicts == [m.PeerDead(30.0)] and now == 55.0
+    # data without ``now`` (a caller without keepalive bookkeeping) does not count
+    agent2, relay2 = fresh_pair()
+    agent2.start_keepalive(10.0, now=0.0)
+    relay2.ping(bytes(8))
+    agent2.receive_data(relay2.data_to_send())
+    assert agent2.handle_timer(10.0) == [] and agent2.handle_timer(20.0) == []
+    assert agent2.handle_timer(30.0) == [m.PeerDead(30.0)]
+
+
+def test_a_send_buffer_that_never_drains_is_a_peer_that_stopped_reading() -> None:
+    agent, relay = fresh_pair()
+    agent.start_keepalive(10.0, now=0.0)
+    agent.send_blocked(5.0)
+    agent.send_blocked(9.0)  # later blocked writes do not move the clock
+    verdicts: list[m.Event] = []
+    for t in (10.0, 20.0, 30.0, 34.999):
+        relay.ping(bytes(8))
+        agent.receive_data(relay.data_to_send(), now=t)  # the peer keeps sending; it never reads
+        verdicts += agent.handle_timer(t)
+    assert verdicts == []
+    assert agent.next_deadline() == 35.0
+    assert agent.handle_timer(35.0) == [m.PeerNotReading(30.0)]
+    agent.send_drained()
+    assert agent.handle_timer(35.0) == []  # drained: the verdict is withdrawn

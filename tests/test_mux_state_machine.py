@@ -218,8 +218,8 @@ class TunnelMachine(RuleBasedStateMachine):
             assert mux.connection_recv_window >= 0
             for sid in mux.stream_ids():
                 # send_window() clamps at 0, so look at the raw counters.
-                stream = mux._streams[sid]
-                assert stream.send_window >= 0 and stream.recv_window >= 0
+                window = mux._streams[sid].window
+                assert window.send >= 0 and window.recv >= 0 and window.held >= 0 and window.unreturned >= 0
 
     @invariant()
     def held_bytes_are_bounded_by_the_windows(self) -> None:

@@ -12,6 +12,7 @@ MIB = 1024 * KIB
 MAX_FRAME_PAYLOAD = 1 * MIB
 INITIAL_WINDOW = 256 * KIB
 MAX_REPORT = 64 * KIB  # the largest REPORT payload (the agent's health, JSON)
+MAX_STREAM_ID = 2**32 - 1  # stream ids are u32; a side that would need a larger one has run out
 
 
 @dataclass(frozen=True, slots=True)

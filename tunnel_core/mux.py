@@ -8,13 +8,25 @@ Theory of operation
 Streams are numbered by the side that opens them: the agent uses odd ids, the relay even ids, each
 strictly increasing, so an id can never be reused and "closed" is derivable from "below the highest id".
 
-Flow control is credit based, per stream and per connection. Every stream and the connection start with
-``INITIAL_WINDOW`` of credit (a protocol constant, so an OPEN can be followed by data at once, without a
-round trip); the receiving side immediately raises that to its configured window with a WINDOW frame.
-Credit is returned only when the adapter calls ``acknowledge`` — which it does after the bytes were written
-onward (to the destination socket), not when they arrived. So a receiver that stops reading stops its
-sender, and the memory a connection can hold is bounded by its windows. WINDOW frames are sent with
-half-window hysteresis so a steady transfer costs one WINDOW per half window.
+Flow control is credit based, per stream and per connection, and both are one type,
+:class:`tunnel_core.windows.Window`. Every stream and the connection start with ``INITIAL_WINDOW`` of
+credit (a protocol constant, so an OPEN can be followed by data at once, without a round trip); the
+connection's configured window is announced in the first frame, a stream's as soon as the peer has used
+half its initial window. Credit is returned only when the adapter calls ``acknowledge`` — which it does
+after the bytes were written onward (to the destination socket), not when they arrived. So a receiver that
+stops reading stops its sender, and the memory a connection can hold is bounded by its windows. WINDOW
+frames are sent with half-window hysteresis so a steady transfer costs one WINDOW per half window.
+
+Keepalive runs from the mux's own timer (``start_keepalive``): the adapter arms one timer at
+``next_deadline()`` and calls ``handle_timer(now)``, which queues the PING when one is due and returns the
+verdict on a dead peer (``PeerDead``, ``PeerNotReading``) as an event. Time is always a parameter: pass
+``now`` to ``receive_data`` (any message counts as life, a pong gives the RTT) and report a full send
+buffer with ``send_blocked(now)`` / ``send_drained()``.
+
+A frame of a type this side does not know is ignored (after its header passed the version and length
+checks), so a new frame type never needs a new protocol version. A side that has used its last stream id
+sends GOAWAY and refuses further opens (``StreamIdsExhausted``): its adapter then ends the connection
+once the open streams have finished, and a new connection starts with fresh ids.
 
 Contract for the adapter: every byte delivered in a ``DataReceived`` must eventually be acknowledged,
 whether it was written onward or discarded, or the connection window leaks.
@@ -28,9 +40,16 @@ from enum import Enum
 from tunnel_core import frames as fr
 from tunnel_core.codes import ErrorCode, FrameFlag, FrameType
 from tunnel_core.errors import FlowControlError, ProtocolError, UsageError
-from tunnel_core.limits import INITIAL_WINDOW, MAX_FRAME_PAYLOAD, MAX_REPORT, MuxLimits
+from tunnel_core.heartbeat import Heartbeat, PeerDead, PeerNotReading, SendPing
+from tunnel_core.limits import MAX_FRAME_PAYLOAD, MAX_REPORT, MAX_STREAM_ID, MuxLimits
+from tunnel_core.windows import MAX_WINDOW, Window
 
-MAX_WINDOW = 2**31 - 1
+__all__ = [
+    "MAX_WINDOW", "ConnectionDraining", "DataReceived", "Event", "GoAwayReceived", "Mux", "PeerDead",
+    "PeerNotReading", "PingReceived", "PongReceived", "ReportReceived", "Role", "StreamEnded", "StreamGone",
+    "StreamIdsExhausted", "StreamInput", "StreamLimitReached", "StreamOpened", "StreamReset", "StreamState",
+    "StreamStateError", "UsageError", "WindowUpdated",
+]
 
 
 class Role(Enum):
@@ -79,6 +98,10 @@ class StreamLimitReached(UsageError):
 
 class ConnectionDraining(UsageError):
     """A GOAWAY was sent or received: no new streams on this connection."""
+
+
+class StreamIdsExhausted(ConnectionDraining):
+    """This side has opened a stream with its last id: it sent GOAWAY; open the stream on a new connection."""
 
 
 # --- events ---------------------------------------------------------------------------------------------
@@ -144,8 +167,9 @@ class ReportReceived:
     payload: bytes
 
 
+# ``PeerDead`` and ``PeerNotReading`` (from ``tunnel_core.heartbeat``) come from ``handle_timer`` only.
 Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | WindowUpdated | PingReceived
-         | PongReceived | GoAwayReceived | ReportReceived)
+         | PongReceived | GoAwayReceived | ReportReceived | PeerDead | PeerNotReading)
 
 
 # --- streams --------------------------------------------------------------------------------------------
@@ -154,12 +178,8 @@ Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | WindowUpdated
 @dataclass(slots=True)
 class _Stream:
     id: int
+    window: Window
     state: StreamState = StreamState.OPEN
-    send_window: int = INITIAL_WINDOW  # credit the peer gave us
-    recv_window: int = INITIAL_WINDOW  # credit we gave the peer, not yet used
-    delivered: int = 0  # bytes handed to the adapter and not yet acknowledged
-    unacked_credit: int = 0  # acknowledged bytes not yet returned as a WINDOW frame
-    owed: int = 0  # configured window above INITIAL_WINDOW, not yet granted
 
     def advance(self, what: StreamInput) -> StreamState:
         try:
@@ -172,22 +192,27 @@ class _Stream:
 class Mux:
     """The sans-IO state of one tunnel connection. See the module docstring for the calling contract."""
 
-    def __init__(self, role: Role, limits: MuxLimits | None = None) -> None:
+    def __init__(self, role: Role, limits: MuxLimits | None = None, *, max_stream_id: int = MAX_STREAM_ID) -> None:
+        """``max_stream_id``: the highest id this side opens a stream with (the protocol's u32 maximum;
+        lower only to exercise running out of ids without opening four billion streams)."""
+        if not 2 <= max_stream_id <= MAX_STREAM_ID:
+            raise ValueError(f"max_stream_id must be between 2 and {MAX_STREAM_ID}")
         self.role = role
         self.limits = limits or MuxLimits()
+        self._max_stream_id = max_stream_id
         self._parser = fr.FrameParser(MAX_FRAME_PAYLOAD)
         self._out = bytearray()  # encoded frames, back to back
         self._frame_ends: list[int] = []  # offset after each frame in _out, for data_to_send(max_bytes)
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.AGENT else 2
         self._last_remote_id = 0
-        self._conn_send_window = INITIAL_WINDOW
-        self._conn_recv_window = self.limits.connection_window
-        self._conn_delivered = 0
-        self._conn_unacked_credit = 0
+        self._conn = Window(self.limits.connection_window, return_when_exhausted=True)
+        self._heartbeat: Heartbeat | None = None
+        self._now: float | None = None  # the ``now`` of the receive_data call in progress
         self.goaway_sent = False
         self.goaway_received = False
-        extra = self.limits.connection_window - INITIAL_WINDOW
+        self.stream_ids_exhausted = False
+        extra = self._conn.grant_owed()
         if extra:
             self._queue(FrameType.WINDOW, 0, fr.encode_window(extra))
 
@@ -209,15 +234,25 @@ class Mux:
         stream = self._streams.get(stream_id)
         if stream is None:
             return 0
-        return max(0, min(stream.send_window, self._conn_send_window))
+        return max(0, min(stream.window.send, self._conn.send))
 
     @property
     def connection_send_window(self) -> int:
-        return self._conn_send_window
+        return self._conn.send
 
     @property
     def connection_recv_window(self) -> int:
-        return self._conn_recv_window
+        return self._conn.recv
+
+    @property
+    def frames_ignored(self) -> int:
+        """Frames of a type this side does not know, received and ignored (a newer peer's extensions)."""
+        return self._parser.ignored
+
+    @property
+    def rtt(self) -> float | None:
+        """The round trip of the latest answered keepalive PING, in seconds (None before the first)."""
+        return self._heartbeat.rtt if self._heartbeat is not None else None
 
     def has_data_to_send(self) -> bool:
         return bool(self._out)
@@ -246,9 +281,16 @@ class Mux:
     # --- local actions --------------------------------------------------------------------------------
 
     def open_stream(self, open_payload: fr.OpenPayload) -> int:
-        """Open a stream and return its id. Data may follow at once, within the initial window."""
+        """Open a stream and return its id. Data may follow at once, within the initial window.
+
+        Raises ``ConnectionDraining`` after a GOAWAY, ``StreamIdsExhausted`` (a ``ConnectionDraining``) when
+        this side's ids are used up — the mux then queues its own GOAWAY — and ``StreamLimitReached``."""
         if self.goaway_sent or self.goaway_received:
             raise ConnectionDraining("connection is draining; open the stream elsewhere")
+        if self._next_local_id > self._max_stream_id:
+            self.stream_ids_exhausted = True
+            self.go_away(ErrorCode.NO_ERROR)
+            raise StreamIdsExhausted(f"every stream id up to {self._max_stream_id} was used on this connection")
         if len(self._streams) >= self.limits.max_streams:
             raise StreamLimitReached(f"{self.limits.max_streams} streams already open")
         payload = fr.encode_open(open_payload)
@@ -262,15 +304,15 @@ class Mux:
         """Queue as much of ``data`` as the windows allow; return how many bytes were taken."""
         stream = self._live(stream_id)
         stream.advance(StreamInput.SEND_DATA)
-        n = min(len(data), stream.send_window, self._conn_send_window)
+        n = min(len(data), stream.window.send, self._conn.send)
         if n <= 0:
             return 0
         step = self.limits.max_frame_payload
         view = memoryview(data)
         for start in range(0, n, step):
             self._queue(FrameType.DATA, stream_id, view[start:min(n, start + step)])
-        stream.send_window -= n
-        self._conn_send_window -= n
+        stream.window.spend(n)
+        self._conn.spend(n)
         return n
 
     def end_stream(self, stream_id: int) -> None:
@@ -292,41 +334,26 @@ class Mux:
     def acknowledge(self, stream_id: int, n: int) -> None:
         """``n`` delivered bytes of ``stream_id`` were written onward (or discarded): return the credit.
 
-        Checks everything before changing anything, so a refused call leaves no trace.
+        Checks everything before changing anything, so a refused call leaves no trace. The connection's
+        window returns credit also when the peer has less left than we hold back (``Window``'s
+        ``return_when_exhausted``): otherwise streams whose receivers stalled could hold more than half the
+        connection window, the live streams' acknowledgements would never reach the threshold, and the
+        whole tunnel would stop.
         """
-        if n < 0 or n > self._conn_delivered:
-            raise UsageError(f"acknowledged {n} bytes but only {self._conn_delivered} are outstanding")
+        self._conn.check_consume(n)
         stream = self._streams.get(stream_id)
-        if stream is not None and n > stream.delivered:
-            raise UsageError(f"stream {stream_id}: acknowledged {n} of {stream.delivered} bytes")
-        self._conn_delivered -= n
-        self._conn_unacked_credit += n
-        self._return_connection_credit()
+        if stream is not None:
+            stream.window.check_consume(n)
+        increment = self._conn.consume(n)
+        if increment:
+            self._grant(0, increment)
         if stream is None:
             return
-        stream.delivered -= n
-        if stream.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
-            return  # the peer sends no more; no credit needed
-        stream.unacked_credit += n
-        owed_now = stream.owed and stream.recv_window < INITIAL_WINDOW // 2
-        if stream.unacked_credit >= self.limits.stream_window // 2 or owed_now:
-            credit = stream.unacked_credit + stream.owed
-            self._grant(stream_id, credit)
-            stream.recv_window += credit
-            stream.unacked_credit = stream.owed = 0
-
-    def _return_connection_credit(self) -> None:
-        """Half-window hysteresis, except when the peer has less credit left than we hold back.
-
-        Without the exception, streams whose receivers stalled can hold more than half the connection
-        window, the live streams' acknowledgements never reach the threshold, and the whole tunnel stops.
-        """
-        half = self.limits.connection_window // 2
-        credit = self._conn_unacked_credit
-        if credit and (credit >= half or credit >= self._conn_recv_window):
-            self._grant(0, credit)
-            self._conn_recv_window += credit
-            self._conn_unacked_credit = 0
+        # After the peer's FIN it sends no more on this stream: its credit is not returned.
+        returning = stream.state not in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED)
+        increment = stream.window.consume(n, returning=returning)
+        if increment:
+            self._grant(stream_id, increment)
 
     def ping(self, opaque: bytes) -> None:
         if len(opaque) != fr.PING_PAYLOAD_SIZE:
@@ -347,10 +374,51 @@ class Mux:
             self.goaway_sent = True
             self._queue(FrameType.GOAWAY, 0, fr.encode_goaway(self._last_remote_id, code))
 
+    # --- keepalive: time is a parameter -----------------------------------------------------------------
+
+    def start_keepalive(self, interval: float, now: float, misses: int = 3) -> None:
+        """PING every ``interval`` seconds from now on; the peer is dead after ``misses`` silent intervals
+        (or ``misses`` intervals of a send buffer that does not drain). Then arm a timer at
+        ``next_deadline()`` and call ``handle_timer`` when it fires."""
+        if self._heartbeat is not None:
+            raise UsageError("keepalive already started")
+        self._heartbeat = Heartbeat(interval, now, misses)
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must run next (None: no keepalive). Re-read it after every call."""
+        return self._heartbeat.next_deadline() if self._heartbeat is not None else None
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """The timer fired: queue a PING if one is due; returns ``[PeerDead]`` or ``[PeerNotReading]`` when
+        the peer is to be given up (close the transport without waiting on it), else ``[]``."""
+        if self._heartbeat is None:
+            return []
+        action = self._heartbeat.poll(now)
+        if isinstance(action, SendPing):
+            self.ping(action.opaque)
+            return []
+        return [action] if action is not None else []
+
+    def send_blocked(self, now: float) -> None:
+        """A write found the transport's send buffer full: the peer may have stopped reading."""
+        if self._heartbeat is not None:
+            self._heartbeat.on_send_blocked(now)
+
+    def send_drained(self) -> None:
+        """The send buffer drained again: the peer reads."""
+        if self._heartbeat is not None:
+            self._heartbeat.on_send_drained()
+
     # --- input ----------------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer. Raises ProtocolError (carrying its GOAWAY code) for fatal faults."""
+    def receive_data(self, data: bytes, now: float | None = None) -> list[Event]:
+        """Feed bytes from the peer. Raises ProtocolError (carrying its GOAWAY code) for fatal faults.
+
+        ``now``: when they arrived, for keepalive (anything received counts as life; a pong gives the RTT).
+        """
+        if now is not None and self._heartbeat is not None:
+            self._heartbeat.on_activity(now)
+        self._now = now
         events: list[Event] = []
         for frame in self._parser.feed(data):
             handler = _HANDLERS[frame.type]
@@ -360,21 +428,21 @@ class Mux:
     def _on_data(self, frame: fr.Frame, events: list[Event]) -> None:
         n = len(frame.payload)
         self._require_stream_frame(frame)
-        if n > self._conn_recv_window:
-            raise FlowControlError(f"connection window exceeded by {n - self._conn_recv_window} bytes")
-        self._conn_recv_window -= n
+        conn = self._conn
+        if not conn.fits(n):
+            raise FlowControlError(f"connection window exceeded by {n - conn.recv} bytes")
+        conn.arrived(n)
         stream = self._streams.get(frame.stream_id)
         if stream is None or not n:
             self._discard(n)
             return
-        if n > stream.recv_window or stream.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
-            code = ErrorCode.FLOW_CONTROL_ERROR if n > stream.recv_window else ErrorCode.PROTOCOL_ERROR
+        window = stream.window
+        if not window.fits(n) or stream.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            code = ErrorCode.FLOW_CONTROL_ERROR if not window.fits(n) else ErrorCode.PROTOCOL_ERROR
             self._discard(n)
             self._reset_for_fault(stream, code, events)
             return
-        stream.recv_window -= n
-        stream.delivered += n
-        self._conn_delivered += n
+        window.arrived(n)
         events.append(DataReceived(stream.id, frame.payload))
 
     def _on_open(self, frame: fr.Frame, events: list[Event]) -> None:
@@ -394,19 +462,17 @@ class Mux:
     def _on_window(self, frame: fr.Frame, events: list[Event]) -> None:
         increment = fr.decode_window(frame.payload)
         if frame.stream_id == 0:
-            if self._conn_send_window + increment > MAX_WINDOW:
+            if not self._conn.raise_send(increment):
                 raise FlowControlError("connection send window overflow")
-            self._conn_send_window += increment
             events.append(WindowUpdated(0))
             return
         self._require_stream_frame(frame)
         stream = self._streams.get(frame.stream_id)
         if stream is None:
             return
-        if stream.send_window + increment > MAX_WINDOW:
+        if not stream.window.raise_send(increment):
             self._reset_for_fault(stream, ErrorCode.FLOW_CONTROL_ERROR, events)
             return
-        stream.send_window += increment
         events.append(WindowUpdated(stream.id))
 
     def _on_fin(self, frame: fr.Frame, events: list[Event]) -> None:
@@ -435,6 +501,8 @@ class Mux:
         if frame.stream_id != 0 or len(frame.payload) != fr.PING_PAYLOAD_SIZE:
             raise ProtocolError("PING must be on stream 0 with an 8-byte payload")
         if fr.is_pong(frame):
+            if self._heartbeat is not None and self._now is not None:
+                self._heartbeat.on_pong(frame.payload, self._now)
             events.append(PongReceived(frame.payload))
         else:
             self._queue(FrameType.PING, 0, frame.payload, FrameFlag.ACK)
@@ -471,7 +539,7 @@ class Mux:
         # The credit above INITIAL_WINDOW is owed, not sent: it goes out with the first WINDOW, once the
         # peer has used half the initial window. A request/response exchange (C-ECHO, C-FIND) then never
         # costs a WINDOW frame, and a bulk transfer gets the full window before it can stall.
-        self._streams[stream_id] = _Stream(stream_id, owed=self.limits.stream_window - INITIAL_WINDOW)
+        self._streams[stream_id] = _Stream(stream_id, Window(self.limits.stream_window))
 
     def _live(self, stream_id: int) -> _Stream:
         stream = self._streams.get(stream_id)
@@ -488,10 +556,11 @@ class Mux:
         events.append(StreamReset(stream.id, code, by_peer=False))
 
     def _discard(self, n: int) -> None:
-        """Bytes for a stream that is gone: return their connection credit at once."""
+        """Arrived bytes nobody will get (the stream is gone or faulted): return their connection credit."""
         if n:
-            self._conn_delivered += n
-            self.acknowledge(0, n)
+            increment = self._conn.consume(n)
+            if increment:
+                self._grant(0, increment)
 
     def _grant(self, stream_id: int, increment: int) -> None:
         self._queue(FrameType.WINDOW, stream_id, fr.encode_window(increment))
