@@ -7,7 +7,7 @@ are read from the files `findscu --extract` writes, with pydicom, never parsed f
 
 Binaries are looked up on PATH *outside* the virtualenv: pynetdicom installs Python console scripts
 with the same names (echoscu, findscu, storescu, ...) into .venv/bin, and only native executables
-count as dcmtk.
+count as dcmtk (``find_binary`` is the dev kit's ``find_native_binary``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+
+from devkit.programs import find_native_binary as find_binary
 
 from . import missing_prerequisite
 from .procs import ManagedProcess, ProcessTracker, require_loopback, wait_for_port
@@ -46,7 +47,6 @@ __all__ = [
 Keys = Mapping[str, str | None]
 PathLike = str | os.PathLike[str]
 
-EXTRA_BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 FIND_MODELS = {"worklist": "-W", "patient": "-P", "study": "-S", "psonly": "-O"}
 RETRIEVE_MODELS = {"patient": "-P", "study": "-S", "psonly": "-O"}
 LEVELS = {"PATIENT", "STUDY", "SERIES", "IMAGE"}
@@ -84,32 +84,6 @@ class FindResult(DcmtkResult):
     """A findscu run plus its C-FIND responses (identifiers), in arrival order."""
 
     responses: list[Dataset] = field(default_factory=list)
-
-
-def _is_native_executable(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == b"\x7fELF" and os.access(path, os.X_OK)
-    except OSError:
-        return False
-
-
-def find_binary(name: str) -> str | None:
-    """Absolute path of native executable `name` on PATH (or a system bin dir), skipping the venv."""
-    venv_prefixes = {Path(sys.prefix).resolve()}
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d] + list(EXTRA_BIN_DIRS)
-    for directory in dirs:
-        base = Path(directory)
-        try:
-            resolved = base.resolve()
-        except OSError:
-            continue
-        if any(resolved.is_relative_to(prefix) for prefix in venv_prefixes):
-            continue
-        candidate = base / name
-        if candidate.is_file() and _is_native_executable(candidate):
-            return str(candidate)
-    return None
 
 
 def require_binary(name: str) -> str:
