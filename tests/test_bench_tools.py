@@ -441,7 +441,7 @@ def test_summarize_wireguard_medians_runs_and_ratio():
 
 
 def test_namespace_addresses_and_interface_names():
-    from tunnel_bench.netns import interface_name, pair_addresses
+    from tunnel_bench.wgbench import interface_name, pair_addresses
 
     hospital, cloud = pair_addresses(7)
     assert (str(hospital), str(cloud)) == ("10.203.7.1/24", "10.203.7.2/24")

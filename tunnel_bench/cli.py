@@ -25,11 +25,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from devkit.procs import ProcessTracker, StopFailed, raise_nofile_limit
 from tunnel_bench.machine import describe_machine
 from tunnel_bench.paths import direct_path, start_ssh_path, start_stunnel_path
 from tunnel_bench.peers import generate_workload, start_sinks
 from tunnel_bench.plots import write_plots
-from tunnel_bench.procs import ProcessSet, raise_nofile_limit
 from tunnel_bench.readme import render_readme
 from tunnel_bench.report import evaluate_targets, terminal_report, wireguard_measured, wireguard_report
 from tunnel_bench.scale import measure_churn, measure_idle
@@ -103,7 +103,7 @@ def _phase(results: dict, name: str, progress: Callable[[str], None], run: Calla
 
 
 def _measure(args: argparse.Namespace, settings: Settings, workdir: Path, sink_root: Path,
-             procs: ProcessSet, progress: _Progress, results: dict) -> None:
+             procs: ProcessTracker, progress: _Progress, results: dict) -> None:
     """Fill ``results`` phase by phase (so a failure leaves what was measured before it)."""
     phases = set(args.phases.split(","))
     instances = args.instances or (200 if args.quick else 600)
@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace, settings: Settings, progress: _Progress) -> d
     nofile = raise_nofile_limit(NOFILE_WANTED)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tunnel-bench-"))
     sink_root = _sink_root()
-    procs = ProcessSet(workdir / "procs")
+    procs = ProcessTracker(workdir / "procs")
     progress(f"tunnel_bench {settings.mode}: work dir {workdir}, sink {sink_root}, "
              f"RLIMIT_NOFILE {nofile[0]} (inherited by every process started)")
     results: dict = {"schema": 1, "command": _command(), "mode": settings.mode,
@@ -180,8 +180,12 @@ def _run(args: argparse.Namespace, settings: Settings, progress: _Progress) -> d
         progress(f"run FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         results.setdefault("errors", {})["run"] = f"{type(exc).__name__}: {exc}"
     finally:
-        for problem in procs.stop_all():
-            progress(f"could not end {problem}")
+        try:
+            procs.stop_all()
+        except StopFailed as exc:
+            for ended in exc.ended:
+                if ended.error is not None:
+                    progress(f"could not end {ended}")
         shutil.rmtree(sink_root, ignore_errors=True)
         if args.keep_workdir or results.get("errors"):
             progress(f"logs kept in {workdir}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tunnel_bench.procs import find_native_binary
+from devkit.programs import find_native_binary
 
 __all__ = ["describe_machine"]
 

@@ -23,9 +23,13 @@ from pathlib import Path
 
 import psutil
 
+from devkit.errors import DevkitError
+from devkit.ports import LOOPBACK, free_ports
+from devkit.procs import ManagedProcess, ProcessTracker
+from devkit.programs import require_binary
+from devkit.waits import wait_for_port
 from tunnel_bench.errors import BenchError
 from tunnel_bench.peers import Sinks, make_tls_files
-from tunnel_bench.procs import Proc, ProcessSet, free_ports, require_binary, wait_for_port
 
 __all__ = ["BenchPath", "Endpoint", "direct_path", "start_ssh_path", "start_stunnel_path"]
 
@@ -104,7 +108,7 @@ def _prepare_privsep_dir() -> None:
         PRIVSEP_DIR.mkdir(mode=0o755)
 
 
-def start_ssh_path(procs: ProcessSet, root: Path, sinks: Sinks) -> BenchPath:
+def start_ssh_path(procs: ProcessTracker, root: Path, sinks: Sinks) -> BenchPath:
     """Our own sshd ("cloud") and an ``ssh -N -R`` client ("hospital") forwarding bulk and echo."""
     sshd_bin = require_binary("sshd", "openssh-server")
     ssh_bin = require_binary("ssh", "openssh-client")
@@ -118,7 +122,7 @@ def start_ssh_path(procs: ProcessSet, root: Path, sinks: Sinks) -> BenchPath:
     (root / "ssh_config").write_text(_ssh_config(root, user, sshd_port))
     _prepare_privsep_dir()
     sshd = procs.spawn([sshd_bin, "-D", "-e", "-f", str(root / "sshd_config"), "-p", str(sshd_port)], name="sshd")
-    wait_for_port(sshd_port, proc=sshd)
+    wait_for_port(LOOPBACK, sshd_port, proc=sshd)
     forwards = [f"127.0.0.1:{bulk_port}:127.0.0.1:{sinks.bulk_port}",
                 f"127.0.0.1:{echo_port}:127.0.0.1:{sinks.echo_port}"]
     argv = [ssh_bin, "-N", "-F", str(root / "ssh_config")]
@@ -126,7 +130,7 @@ def start_ssh_path(procs: ProcessSet, root: Path, sinks: Sinks) -> BenchPath:
         argv += ["-R", spec]
     client = procs.spawn(argv + ["bench-sshd"], name="ssh-R")
     for port in (bulk_port, echo_port):
-        wait_for_port(port, proc=client)
+        wait_for_port(LOOPBACK, port, proc=client)
     return BenchPath("ssh", "OpenSSH ssh -R", Endpoint(bulk_port, "SINK"), Endpoint(echo_port, "ECHO"),
                      {"sshd": [sshd.pid], "ssh": [client.pid]}, frozenset({"sshd"}))
 
@@ -147,7 +151,7 @@ def _stunnel_config(services: list[tuple[str, int, int]], tls: dict[str, Path], 
     return "\n".join(lines) + "\n"
 
 
-def start_stunnel_path(procs: ProcessSet, root: Path, sinks: Sinks) -> BenchPath:
+def start_stunnel_path(procs: ProcessTracker, root: Path, sinks: Sinks) -> BenchPath:
     """A client-side stunnel (plain TCP in, mutual TLS out) and a server-side stunnel (TLS in, to the sinks)."""
     binary = require_binary("stunnel4", "stunnel4")
     root.mkdir(parents=True, exist_ok=True)
@@ -166,9 +170,9 @@ def start_stunnel_path(procs: ProcessSet, root: Path, sinks: Sinks) -> BenchPath
                      {"stunnel-client": [client.pid], "stunnel-server": [server.pid]})
 
 
-def _wait_ports(proc: Proc, ports: list[int]) -> None:
+def _wait_ports(proc: ManagedProcess, ports: list[int]) -> None:
     try:
         for port in ports:
-            wait_for_port(port, proc=proc)
-    except BenchError as exc:
+            wait_for_port(LOOPBACK, port, proc=proc)
+    except DevkitError as exc:
         raise BenchError(f"{proc.name} did not start: {exc}") from exc

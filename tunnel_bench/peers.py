@@ -19,8 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from devkit.ports import LOOPBACK, free_ports
+from devkit.procs import ManagedProcess, ProcessTracker
+from devkit.programs import CHECKOUT, require_binary
+from devkit.waits import wait_for_port, wait_until
 from tunnel_bench.errors import BenchError
-from tunnel_bench.procs import ProcessSet, free_ports, require_binary, wait_for_port, wait_until
 
 __all__ = [
     "CALLING_AE",
@@ -110,7 +113,7 @@ class Sinks:
     bulk_dir: Path
 
 
-def start_sinks(procs: ProcessSet, sink_root: Path) -> Sinks:
+def start_sinks(procs: ProcessTracker, sink_root: Path) -> Sinks:
     storescp = require_binary("storescp", "dcmtk")
     bulk_port, echo_port, accept_port = free_ports(3)
     bulk_dir, echo_dir = sink_root / "bulk", sink_root / "echo"
@@ -122,9 +125,9 @@ def start_sinks(procs: ProcessSet, sink_root: Path) -> Sinks:
     echo = procs.spawn([storescp, "-aet", "ECHO", "-od", str(echo_dir), *timeouts, str(echo_port)],
                        name="storescp-echo", env=DCMTK_ENV)
     accept = procs.spawn([sys.executable, "-m", "tunnel_bench.acceptscp", "--port", str(accept_port)],
-                         name="acceptscp")
+                         name="acceptscp", cwd=CHECKOUT)
     for port, proc in ((bulk_port, bulk), (echo_port, echo), (accept_port, accept)):
-        wait_for_port(port, proc=proc)
+        wait_for_port(LOOPBACK, port, proc=proc)
     return Sinks(bulk_port, echo_port, accept_port, bulk_dir)
 
 
@@ -132,7 +135,8 @@ class StoreJob:
     """``storescu`` processes sending file lists to one port at once (one association each).
 
     ``start()`` launches them; ``wait()`` waits for all and raises BenchError if one failed; ``stop()``
-    ends any still running by PID. Use as a context manager so they are ended on every exit path.
+    ends any still running by PID, at once (a sender that overran gets no grace period). Use as a context
+    manager so they are ended on every exit path.
     """
 
     def __init__(self, port: int, called_ae: str, file_lists: Sequence[Sequence[Path]], log_dir: Path) -> None:
@@ -140,7 +144,7 @@ class StoreJob:
         self.called_ae = called_ae
         self.file_lists = [list(files) for files in file_lists]
         self.log_dir = log_dir
-        self._popens: list[subprocess.Popen] = []
+        self._procs: list[ManagedProcess] = []
 
     def __enter__(self) -> StoreJob:
         return self
@@ -151,35 +155,30 @@ class StoreJob:
     def start(self) -> StoreJob:
         storescu = require_binary("storescu", "dcmtk")
         timeouts = ["-to", str(STORE_TIMEOUT_S), "-ta", str(STORE_TIMEOUT_S), "-td", str(STORE_TIMEOUT_S)]
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         for index, files in enumerate(self.file_lists):
-            argv = [storescu, "-aet", CALLING_AE, "-aec", self.called_ae, *timeouts, "127.0.0.1", str(self.port)]
-            with open(self.log_dir / f"storescu-{index}.log", "wb") as log:
-                self._popens.append(subprocess.Popen(
-                    argv + [str(f) for f in files], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, **DCMTK_ENV}))
+            argv = [storescu, "-aet", CALLING_AE, "-aec", self.called_ae, *timeouts, LOOPBACK, str(self.port)]
+            self._procs.append(ManagedProcess(argv + [str(f) for f in files], name=f"storescu-{index}",
+                                              log_path=self.log_dir / f"storescu-{index}.log", env=DCMTK_ENV))
         return self
 
     @property
     def running(self) -> bool:
-        return any(p.poll() is None for p in self._popens)
+        return any(p.running for p in self._procs)
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for index, popen in enumerate(self._popens):
+        for proc in self._procs:
             try:
-                code = popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired as exc:
                 raise BenchError(f"storescu to port {self.port} still running after {timeout:.0f} s") from exc
             if code != 0:
-                log = (self.log_dir / f"storescu-{index}.log").read_text(errors="replace")[-2000:]
-                raise BenchError(f"storescu to port {self.port} (AE {self.called_ae}) exited {code}:\n{log}")
+                raise BenchError(f"storescu to port {self.port} (AE {self.called_ae}) exited {code}:\n"
+                                 f"{proc.log_tail(2000)}")
 
     def stop(self) -> None:
-        for popen in self._popens:
-            if popen.poll() is None:
-                popen.kill()  # by PID, through the un-reaped Popen
-            popen.wait(timeout=10)
+        for proc in self._procs:
+            proc.stop(grace=0.0)
 
 
 def store(port: int, called_ae: str, file_lists: Sequence[Sequence[Path]], sink_dir: Path, *,
@@ -190,7 +189,7 @@ def store(port: int, called_ae: str, file_lists: Sequence[Sequence[Path]], sink_
     with StoreJob(port, called_ae, file_lists, log_dir) as job:
         job.start().wait(timeout)
     wait_until(lambda: count_files(sink_dir) >= expected, 30,
-               what=lambda: f"{expected} files in {sink_dir} (have {count_files(sink_dir)})")
+               message=lambda: f"{expected} files in {sink_dir} (have {count_files(sink_dir)})")
     elapsed = time.perf_counter() - started
     clear_dir(sink_dir)
     return elapsed

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
+from devkit.ports import LOOPBACK
 from tunnel_bench.paths import Endpoint
 from tunnel_bench.pdus import A_ASSOCIATE_AC, A_RELEASE_RP, RELEASE_RQ, PduBuffer, PduError, associate_rq
 from tunnel_bench.peers import CALLING_AE
-from tunnel_bench.procs import LOOPBACK
 
 __all__ = ["ChurnResult", "Held", "churn", "hold_idle", "probe", "probe_series", "release_all"]
 

@@ -19,12 +19,12 @@ import asyncio
 
 import psutil
 
+from devkit.waits import wait_until
 from tunnel_bench.probes import churn, hold_idle, release_all
-from tunnel_bench.procs import wait_until
 from tunnel_bench.resources import Snapshot, snapshot, wait_settled
 from tunnel_bench.scenarios import BenchContext
 from tunnel_bench.stats import latency_summary
-from tunnel_bench.tunnelstack import TunnelStack, fetch_status
+from tunnel_bench.tunnelstack import TunnelStack
 
 __all__ = ["measure_churn", "measure_idle"]
 
@@ -34,11 +34,8 @@ ROLES = ("relay", "agent")
 
 
 def _snapshots(stack: TunnelStack) -> dict[str, Snapshot]:
-    ports = stack.status_ports()
-    pids = {"relay": stack.relay.pid, "agent": stack.agent.proc.pid}
-    tokens = {"relay": stack.admin_token, "agent": None}
-    return {role: snapshot(pids[role], lambda p=ports[role], t=tokens[role]: fetch_status(p, token=t))
-            for role in ROLES}
+    handles = {"relay": stack.relay, "agent": stack.agent}
+    return {role: snapshot(handles[role].proc.pid, handles[role].status) for role in ROLES}
 
 
 def _total_rss(snaps: dict[str, Snapshot]) -> int:
@@ -51,11 +48,11 @@ def _warm_up(stack: TunnelStack) -> None:
         await release_all(held)
 
     asyncio.run(run())
-    wait_until(lambda: _active_on_relay(stack) == 0, SETTLE_TIMEOUT_S, what="warm-up associations to end")
+    wait_until(lambda: _active_on_relay(stack) == 0, SETTLE_TIMEOUT_S, message="warm-up associations to end")
 
 
 def _active_on_relay(stack: TunnelStack) -> int:
-    return len(fetch_status(stack.admin_port, token=stack.admin_token).get("associations", []))
+    return len(stack.relay.status().get("associations", []))
 
 
 async def _idle_phase(ctx: BenchContext, stack: TunnelStack) -> dict:
@@ -96,7 +93,7 @@ def measure_churn(ctx: BenchContext, stack: TunnelStack) -> dict:
     stack.restart()
     _warm_up(stack)
     settings = ctx.settings
-    pids = {"relay": stack.relay.pid, "agent": stack.agent.proc.pid}
+    pids = {"relay": stack.relay.proc.pid, "agent": stack.agent.proc.pid}
     before = _snapshots(stack)
     series: list[dict] = []
 

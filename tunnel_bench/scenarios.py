@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from devkit.waits import wait_until
 from tunnel_bench.errors import BenchError
 from tunnel_bench.paths import BenchPath, Endpoint
 from tunnel_bench.peers import Sinks, StoreJob, Workload, clear_dir, count_files, store
 from tunnel_bench.probes import probe_series
-from tunnel_bench.procs import wait_until
 from tunnel_bench.resources import ResourceSampler
 from tunnel_bench.stats import MB, latency_summary, median, throughput
 
@@ -117,7 +117,7 @@ class BulkLoad:
     def __enter__(self) -> BulkLoad:
         self._start()
         sink = self.ctx.sinks.bulk_dir
-        wait_until(lambda: count_files(sink) > 0, 30, what=f"bulk load through port {self.endpoint.port}")
+        wait_until(lambda: count_files(sink) > 0, 30, message=f"bulk load through port {self.endpoint.port}")
         return self
 
     def __exit__(self, *exc: object) -> None:

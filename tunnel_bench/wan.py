@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import sys
 
+from devkit.ports import LOOPBACK, free_ports
+from devkit.procs import ProcessTracker
+from devkit.programs import CHECKOUT
+from devkit.waits import wait_for_port
 from tunnel_bench.paths import Endpoint
 from tunnel_bench.probes import probe_series
-from tunnel_bench.procs import ProcessSet, free_ports, wait_for_port
 from tunnel_bench.scenarios import BenchContext, store_once
 from tunnel_bench.stats import MB, latency_summary, median, ratio, throughput
 from tunnel_bench.tunnelstack import TunnelStack
@@ -26,12 +29,12 @@ __all__ = ["measure_wan"]
 WAN_PROBES = 20
 
 
-def _proxy(procs: ProcessSet, name: str, target_port: int, delay_ms: float, rate_mbit: float) -> tuple:
+def _proxy(procs: ProcessTracker, name: str, target_port: int, delay_ms: float, rate_mbit: float) -> tuple:
     port = free_ports(1)[0]
     proc = procs.spawn([sys.executable, "-m", "tunnel_bench.wanproxy", "--listen-port", str(port),
                         "--target-port", str(target_port), "--delay-ms", str(delay_ms),
-                        "--rate-mbit", str(rate_mbit)], name=name)
-    wait_for_port(port, proc=proc)
+                        "--rate-mbit", str(rate_mbit)], name=name, cwd=CHECKOUT)
+    wait_for_port(LOOPBACK, port, proc=proc)
     return port, proc
 
 
@@ -64,7 +67,7 @@ def _point(ctx: BenchContext, rtt_ms: int, direct: Endpoint, tunnel: Endpoint) -
     return point
 
 
-def measure_wan(ctx: BenchContext, procs: ProcessSet, stack: TunnelStack) -> dict:
+def measure_wan(ctx: BenchContext, procs: ProcessTracker, stack: TunnelStack) -> dict:
     """{"rate_mbit", "points": [{rtt_ms, direct, tunnel, ratio, parallel: {direct, tunnel, ratio}}]}."""
     rate = ctx.settings.wan_rate_mbit
     points = []
