@@ -24,6 +24,7 @@ a benchmark measures what ships.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ from typing import Any
 from devkit.errors import CommandFailed
 from devkit.ports import LOOPBACK, free_ports
 from devkit.procs import ManagedProcess, ProcessTracker, run_command
-from devkit.programs import AGENT, RELAY
+from devkit.programs import program
 from devkit.waits import wait_for_port, wait_until
 
 __all__ = [
@@ -171,9 +172,18 @@ def cli(*argv: str, procs: ProcessTracker | None = None, input: str | None = Non
     return done
 
 
+def _relay() -> list[str]:
+    return program("tunnel-relay", "relay.cli")
+
+
+def _agent() -> list[str]:
+    return program("tunnel-agent", "tunnel_agent.cli")
+
+
 def _run(argv: list[str], procs: ProcessTracker | None, input: str | None,
          timeout: float) -> subprocess.CompletedProcess[str]:
-    name = " ".join([os.path.basename(argv[0]), *argv[1:3]])
+    words = itertools.takewhile(lambda arg: not arg.startswith("-"), argv[1:3])  # "tunnel-relay site add"
+    name = " ".join([os.path.basename(argv[0]), *words])
     if procs is not None:
         return procs.run(argv, name=name, input=input, timeout=timeout)
     return run_command(argv, input=input, timeout=timeout)
@@ -222,7 +232,7 @@ def make_relay(root: Path, *, listener_routes: Sequence[ListenerRoute], sites: d
     relay.config.write_text(relay_toml(relay, listener_routes=listener_routes, sites=sites, heartbeat=heartbeat,
                                        artim=artim, tunnel=tunnel or [], sections=sections or []))
     hostnames = [host] if host == "localhost" else [host, "localhost"]
-    cli(RELAY, "ca", "init", "--state-dir", str(relay.state_dir),
+    cli(*_relay(), "ca", "init", "--state-dir", str(relay.state_dir),
         *[arg for name in hostnames for arg in ("--hostname", name)], procs=procs)
     return relay
 
@@ -243,7 +253,7 @@ def make_agent(relay: RelayHandle, site: str, root: Path, *, routes: Sequence[Ag
         lines = [f"state_dir = {_toml(root / 'state')}"]
     else:
         certs = root / "certs"
-        cli(RELAY, "site", "cert", site, "--state-dir", str(relay.state_dir), "--out", str(certs), procs=procs)
+        cli(*_relay(), "site", "cert", site, "--state-dir", str(relay.state_dir), "--out", str(certs), procs=procs)
         lines = [f"relay_url = {_toml(relay_url or relay.url)}", f"cert_file = {_toml(certs / 'agent.crt')}",
                  f"key_file = {_toml(certs / 'agent.key')}", f"ca_file = {_toml(certs / 'ca.crt')}"]
     lines += [*(extra or []), f"heartbeat_interval = {heartbeat}", f"backoff_initial = {backoff_initial}",
@@ -260,13 +270,13 @@ def make_agent(relay: RelayHandle, site: str, root: Path, *, routes: Sequence[Ag
 
 def site_add(relay: RelayHandle, site: str, *extra: str, procs: ProcessTracker | None = None) -> str:
     """``tunnel-relay site add`` against the running relay; returns the one-line token it prints."""
-    return cli(RELAY, "site", "add", site, "--config", str(relay.config), *extra, procs=procs).stdout.strip()
+    return cli(*_relay(), "site", "add", site, "--config", str(relay.config), *extra, procs=procs).stdout.strip()
 
 
 def enroll(agent: AgentHandle, token: str, *extra: str,
            procs: ProcessTracker | None = None) -> subprocess.CompletedProcess[str]:
     """``tunnel-agent enroll`` with the token on standard input (never argv); returns the finished process."""
-    return _run([AGENT, "enroll", "--config", str(agent.config), *extra], procs, token + "\n", CLI_TIMEOUT)
+    return _run([*_agent(), "enroll", "--config", str(agent.config), *extra], procs, token + "\n", CLI_TIMEOUT)
 
 
 def enroll_agent(relay: RelayHandle, agent: AgentHandle, *, procs: ProcessTracker | None = None) -> str:
@@ -281,7 +291,7 @@ def enroll_agent(relay: RelayHandle, agent: AgentHandle, *, procs: ProcessTracke
 def start_relay(procs: ProcessTracker, relay: RelayHandle, *, args: Sequence[str] = (), name: str = "relay",
                 timeout: float = START_TIMEOUT) -> ManagedProcess:
     """Start ``tunnel-relay serve`` (``args`` appended); return once its admin and DICOM ports accept."""
-    relay.proc = procs.spawn([RELAY, "serve", "--config", str(relay.config), *args], name=name)
+    relay.proc = procs.spawn([*_relay(), "serve", "--config", str(relay.config), *args], name=name)
     wait_for_port(LOOPBACK, relay.admin_port, timeout, proc=relay.proc)
     wait_for_port(LOOPBACK, relay.dicom_port, timeout, proc=relay.proc)
     return relay.proc
@@ -293,7 +303,8 @@ def start_agent(procs: ProcessTracker, agent: AgentHandle, relay: RelayHandle | 
     """Start ``tunnel-agent run`` (``args`` appended); return once its status port accepts, and with
     ``wait_connected`` once it is connected (and ``relay``, if given, lists the site as connected); with
     ``wait_listener`` once its DICOM listener accepts too."""
-    agent.proc = procs.spawn([AGENT, "run", "--config", str(agent.config), *args], name=name or f"agent-{agent.site}")
+    agent.proc = procs.spawn([*_agent(), "run", "--config", str(agent.config), *args],
+                             name=name or f"agent-{agent.site}")
     watch = [agent.proc, relay.proc if relay is not None else None]
     wait_for_port(LOOPBACK, agent.status_port, timeout, proc=agent.proc)
     if wait_connected:

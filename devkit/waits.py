@@ -79,7 +79,7 @@ def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0, *, proc: ManagedProcess | None = None) -> None:
+def wait_for_port(host: str, port: int, timeout: float = 15.0, *, proc: ManagedProcess | None = None) -> None:
     """Wait until host:port (loopback only) accepts a TCP connection, at most ``timeout`` s.
 
     With ``proc``, fail at once (with its log) if that process exits before the port opens."""
