@@ -1,5 +1,7 @@
 # Entry points: `make test`, `make demo`, `make lint`. Each first runs scripts/bootstrap.sh, which is
 # idempotent (Debian packages, no system Orthanc running, .venv with the project installed editable).
+# The demo, the benchmark and the dev kit are development packages: they run from this checkout
+# (`python -m tunnel_demo`, `python -m tunnel_bench`), never from the installed wheel.
 SHELL := /bin/bash
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -12,7 +14,7 @@ bootstrap:
 	VENV_DIR=$(VENV) bash scripts/bootstrap.sh
 
 demo: bootstrap
-	$(VENV)/bin/tunnel-demo $(DEMO_ARGS)
+	$(VENV)/bin/python -m tunnel_demo $(DEMO_ARGS)
 
 test: bootstrap
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

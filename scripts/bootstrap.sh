@@ -2,7 +2,8 @@
 # Bring a fresh Debian 12 machine (run as root) to the state the demo and the test suite need:
 #   1. the Debian packages in DEB_PACKAGES (apt work is skipped when all are installed already);
 #   2. no system Orthanc left running (the Debian package may start one on 4242/8042 when installed);
-#   3. a virtualenv in $VENV_DIR with this project installed editable, with its test extras.
+#   3. a virtualenv in $VENV_DIR with this project installed editable, with its test, dev and fast extras
+#      (the product's packages only; devkit, tunnel_demo and tunnel_bench run from the checkout).
 # Idempotent: a repeat run checks and does nothing (about a second).
 # Environment: PYTHON (default python3, must be >= 3.11), VENV_DIR (default .venv),
 #              BOOTSTRAP_FORCE_PIP=1 to reinstall the project into the venv.
@@ -129,8 +130,8 @@ ensure_venv() {
         && "$VENV_DIR/bin/python" -c 'import importlib.metadata as m; m.version("dicom-tunnel")' 2>/dev/null; then
         return 0
     fi
-    log "installing the project into $VENV_DIR (pip install -e '.[test,fast]')"
-    "$VENV_DIR/bin/python" -m pip install --quiet -e '.[test,fast]'
+    log "installing the project into $VENV_DIR (pip install -e '.[test,dev,fast]')"
+    "$VENV_DIR/bin/python" -m pip install --quiet -e '.[test,dev,fast]'
     echo "$want" >"$STAMP"
 }
 

@@ -1,4 +1,4 @@
-"""`tunnel-demo`, run as `make demo` runs it: the console script, as a subprocess, on its defaults.
+"""The demo, run as `make demo` runs it: `python -m tunnel_demo` from the checkout, as a subprocess, on its defaults.
 
 What must hold: exit status 0; the summary lists every step as succeeded; nothing printed (or logged by
 the relay and the agent) carries PHI — neither the canary patient name/ID nor any UID of the study;
@@ -23,7 +23,9 @@ from tests.support import missing_prerequisite
 from tests.support.procs import wait_until
 from tunnel_demo.dataset import PHI_PATIENT_ID, PHI_PATIENT_NAME
 
-DEMO = Path(sys.executable).parent / "tunnel-demo"
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = [sys.executable, "-m", "tunnel_demo"]  # a development package: run from the checkout, not installed
+DEMO_MAIN = ROOT / "tunnel_demo" / "__main__.py"
 DEMO_TIMEOUT_S = 180
 STOP_GRACE_S = 15
 STEPS = 9
@@ -32,11 +34,11 @@ SUMMARY_ROW = re.compile(r"^\s+(\d+)\s{2}(.+?)\s{2,}(✔ ok|✘ FAILED|✘ inter
 
 def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the demo to completion; on timeout SIGTERM it (it then ends its own children), then SIGKILL."""
-    if not DEMO.exists():
-        missing_prerequisite(f"{DEMO} is missing: install the project into the venv (make bootstrap)")
+    if not DEMO_MAIN.exists():
+        missing_prerequisite(f"{DEMO_MAIN} is missing: run the tests from a checkout of the repository")
     full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
-    proc = subprocess.Popen([str(DEMO), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            encoding="utf-8", env=full_env)
+    proc = subprocess.Popen([*DEMO, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            encoding="utf-8", env=full_env, cwd=ROOT)
     try:
         out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -156,11 +158,11 @@ def test_demo_failure_is_reported_and_ends_children(tmp_path: Path) -> None:
 
 
 def test_demo_sigterm_mid_transfer_ends_children(tmp_path: Path) -> None:
-    if not DEMO.exists():
-        missing_prerequisite(f"{DEMO} is missing: install the project into the venv (make bootstrap)")
+    if not DEMO_MAIN.exists():
+        missing_prerequisite(f"{DEMO_MAIN} is missing: run the tests from a checkout of the repository")
     work, out_path = tmp_path / "demo", tmp_path / "demo.out"
     with open(out_path, "wb") as out:
-        proc = subprocess.Popen([str(DEMO), "--keep", str(work), "--instances", "400"], stdout=out,
+        proc = subprocess.Popen([*DEMO, "--keep", str(work), "--instances", "400"], stdout=out, cwd=ROOT,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     pids: list[int] = []
     try:

@@ -1,9 +1,10 @@
-"""``tunnel-demo``: the whole product on one machine, end to end, in about ten seconds.
+"""``python -m tunnel_demo``: the whole product on one machine, end to end, in about ten seconds.
 
 Theory of operation: everything listens on 127.0.0.1 on ports the kernel picked, inside one work
 directory (a temporary one, removed at the end, unless ``--keep DIR``). The product runs as it would in
 production: ``tunnel-relay`` and ``tunnel-agent`` are child processes started from this interpreter's
-bin directory, configured by TOML files and certificates made with the product's own CLI. The hospital
+bin directory, configured by TOML files and certificates made with the product's own CLI, brought up by
+the dev kit (:mod:`devkit.stack`, the same bring-up the tests and the benchmark use). The hospital
 PACS (:class:`DemoPacs`) and the cloud Storage SCP (:class:`StoreScp`) run in this process on
 pynetdicom threads; the PACS's C-MOVE destination ``CLOUD_STORE`` is the *agent's* local listener, so a
 C-MOVE travels out of the hospital through the tunnel exactly as in a real deployment.
@@ -11,27 +12,24 @@ C-MOVE travels out of the hospital through the tunnel exactly as in a real deplo
 The steps run in order and stop at the first failure; each prints what it did (never a patient name,
 patient ID or UID: the generated study carries canary PHI so a test can prove it). Whatever happens,
 Ctrl-C and SIGTERM included, every child process is ended by its own PID (SIGTERM, a grace period, then
-SIGKILL) and the in-process SCPs are stopped. Every PID started is appended to ``<work dir>/pids.txt``
-as soon as it exists, so a test can check that none survives.
+SIGKILL: the dev kit's :class:`~devkit.procs.ProcessTracker`) and the in-process SCPs are stopped. Every
+PID started is appended to ``<work dir>/pids.txt`` as soon as it exists, so a test can check that none
+survives.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +42,24 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 from pynetdicom.dul import DULServiceProvider
 
+from devkit.errors import DevkitError, WaitTimeout
+from devkit.ports import LOOPBACK, free_ports
+from devkit.procs import ProcessTracker, StopFailed
+from devkit.programs import program
+from devkit.stack import (
+    AgentHandle,
+    AgentRoute,
+    ListenerRoute,
+    RelayHandle,
+    SiteDest,
+    enroll_agent,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
+from devkit.waits import wait_until
 from tunnel_demo.dataset import StudyInfo, generate_study
-from tunnel_demo.localhost import LOOPBACK, free_ports
 from tunnel_demo.pacs import DemoPacs, PacsError, enable_nodelay, quiet_pynetdicom
 from tunnel_demo.store_scp import StoreScp
 
@@ -64,12 +78,9 @@ MODALITY_INSTANCES = 5
 PIDS_FILE = "pids.txt"
 CONNECT_TIMEOUT_S = 20.0  # relay and agent up, tunnel connected
 CLI_TIMEOUT_S = 60.0  # one `tunnel-relay ...` / `tunnel-agent status` run
-STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL
-KILL_WAIT_S = 5.0
 DIMSE_TIMEOUT_S = 60.0
 ARRIVAL_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
-LOG_TAIL_LINES = 25
 
 _SUCCESS = 0x0000
 _PENDING = (0xFF00, 0xFF01)
@@ -86,161 +97,24 @@ class StepFailed(PacsError):  # PacsError is the tunnel_demo package's exception
 
 @dataclass(frozen=True)
 class Layout:
-    """Where everything lives: the work directory's files and the ports of every listener."""
+    """Where everything lives: the work directory's files and the ports of the in-process peers (the
+    relay's and the agent's are the dev kit's handles, made in step 1)."""
 
     root: Path
-    relay_tunnel: int
-    relay_admin: int
-    relay_dicom: int
-    agent_status: int
-    agent_listener: int
     pacs: int
     store: int
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "relay" / "state"
-
-    @property
-    def relay_config(self) -> Path:
-        return self.root / "relay" / "relay.toml"
-
-    @property
-    def agent_state(self) -> Path:
-        return self.root / "agent" / "state"
-
-    @property
-    def agent_config(self) -> Path:
-        return self.root / "agent" / "agent.toml"
-
-    def log(self, name: str) -> Path:
-        return self.root / "logs" / f"{name}.log"
 
     def data(self, name: str) -> Path:
         return self.root / "data" / name
 
 
-def _toml_str(value: object) -> str:
-    return json.dumps(str(value))  # a JSON string of a path or AE title is a valid TOML basic string
-
-
-def relay_toml(layout: Layout) -> str:
-    """The relay's configuration: one cloud listener and one site (see deploy/relay.example.toml)."""
-    return "\n".join([
-        f"state_dir = {_toml_str(layout.state_dir)}",
-        "[tunnel]", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.relay_tunnel}",
-        "[admin]", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.relay_admin}",
-        "[[listeners]]", 'name = "cloud"', f"host = {_toml_str(LOOPBACK)}", f"port = {layout.relay_dicom}",
-        "[[listeners.routes]]", f"called_ae = {_toml_str(RELAY_CALLED_AE)}", f"site = {_toml_str(SITE)}",
-        f"route = {_toml_str(ROUTE)}", f"allowed_calling_aes = {json.dumps([CLOUD_SCU_AE])}",
-        "[[sites]]", f"name = {_toml_str(SITE)}",
-        "[[sites.destinations]]", f"called_ae = {_toml_str(CLOUD_STORE_AE)}",
-        f"host = {_toml_str(LOOPBACK)}", f"port = {layout.store}",
-        f"allowed_calling_aes = {json.dumps([PACS_AE, MODALITY_AE])}",
-    ]) + "\n"
-
-
-def agent_toml(layout: Layout) -> str:
-    """The agent's configuration: its state directory (enrollment fills it: relay URL, key, certificate,
-    pinned CA), one route to the PACS, a local listener."""
-    return "\n".join([
-        f"state_dir = {_toml_str(layout.agent_state)}",
-        "backoff_initial = 0.1", "backoff_max = 2.0", "connect_timeout = 5.0",
-        "[status]", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.agent_status}",
-        "[listener]", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.agent_listener}",
-        "[[routes]]", f"name = {_toml_str(ROUTE)}", f"host = {_toml_str(LOOPBACK)}", f"port = {layout.pacs}",
-        f"called_ae = {_toml_str(PACS_AE)}",
-    ]) + "\n"
-
-
-def program(name: str, module: str) -> list[str]:
-    """argv prefix of one of the product's programs: the console script next to this interpreter."""
-    script = Path(sys.executable).parent / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-# ------------------------------------------------------------------------------------------ children
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-class Children:
-    """Every process the demo starts. Each PID is recorded at once; all are ended by PID in ``stop_all``.
-
-    Children get their own session, so a Ctrl-C in the terminal reaches only the demo, which then ends
-    them in order. Signals go through the ``Popen`` object, which has not reaped the child yet, so the PID
-    cannot belong to another process.
-    """
-
-    def __init__(self, pids_file: Path) -> None:
-        self._pids_file = pids_file
-        self._running: list[Child] = []
-
-    def _record(self, pid: int, name: str) -> None:
-        with open(self._pids_file, "a", encoding="ascii") as fh:
-            fh.write(f"{pid} {name}\n")
-
-    def spawn(self, name: str, argv: Sequence[str], log_path: Path) -> Child:
-        """Start a long-running program, stdout and stderr to ``log_path``; ended by ``stop_all``."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        child = Child(name, popen, log_path)
-        self._running.append(child)
-        self._record(popen.pid, name)
-        return child
-
-    def run(self, name: str, argv: Sequence[str], timeout: float = CLI_TIMEOUT_S,
-            stdin: str | None = None) -> tuple[int, str]:
-        """Run a short command to completion, ``stdin`` on its standard input (secrets go there, never
-        into argv); returns (exit status, stdout and stderr)."""
-        popen = subprocess.Popen(list(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-        self._record(popen.pid, name)
-        try:
-            output, _ = popen.communicate(input=stdin, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise StepFailed(f"{name} did not finish within {timeout:.0f} s") from exc
-        finally:
-            _end(popen)
-        return popen.returncode, output
-
-    def stop_all(self) -> list[str]:
-        """End every long-running child, newest first; returns one line per child saying how it ended."""
-        lines = []
-        while self._running:
-            child = self._running.pop()
-            status, killed = _end(child.popen)
-            how = "did not stop on SIGTERM, killed" if killed else f"exit status {status}"
-            lines.append(f"{child.name} (pid {child.popen.pid}): {how}")
-        return lines
-
-
-def _end(popen: subprocess.Popen[Any]) -> tuple[int | None, bool]:
-    """SIGTERM, wait, SIGKILL, wait — by PID. Returns (exit status, whether SIGKILL was needed)."""
-    if popen.poll() is not None:
-        return popen.returncode, False
-    popen.send_signal(signal.SIGTERM)
+@contextlib.contextmanager
+def failing_step() -> Iterator[None]:
+    """A dev kit error (a program exited, a wait ran out, a CLI run failed) fails the step, saying why."""
     try:
-        return popen.wait(timeout=STOP_GRACE_S), False
-    except subprocess.TimeoutExpired:
-        popen.kill()
-    try:
-        return popen.wait(timeout=KILL_WAIT_S), True
-    except subprocess.TimeoutExpired:
-        return None, True
+        yield
+    except (DevkitError, subprocess.TimeoutExpired) as exc:
+        raise StepFailed(str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------------ console
@@ -307,18 +181,6 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def poll_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``predicate`` every POLL_INTERVAL_S: True once it holds, False after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / POLL_INTERVAL_S) + 2):
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_INTERVAL_S)
-    return bool(predicate())
-
-
 # ------------------------------------------------------------------------------------------ DICOM helpers
 def scu_ae(ae_title: str, *sop_classes: str) -> AE:
     """A requesting AE with bounded timeouts, proposing explicit then implicit VR little endian."""
@@ -373,9 +235,10 @@ class Demo:
 
     def __init__(self, layout: Layout, instances: int, console: Console) -> None:
         self.layout, self.instances, self.console = layout, instances, console
-        self.children = Children(layout.root / PIDS_FILE)
-        self.relay: Child | None = None
-        self.agent: Child | None = None
+        # Logs in <work dir>/logs (relay.log, agent.log); every PID in pids.txt as soon as it exists.
+        self.procs = ProcessTracker(layout.root / "logs", pids_file=layout.root / PIDS_FILE)
+        self.relay: RelayHandle | None = None
+        self.agent: AgentHandle | None = None
         self.pacs: DemoPacs | None = None
         self.store: StoreScp | None = None
         self.study: StudyInfo | None = None
@@ -421,7 +284,10 @@ class Demo:
         """Stop everything started, children by PID first. Safe to call at any point, and twice."""
         for ae in self._scu_aes:
             ae.shutdown()
-        lines = self.children.stop_all()
+        try:
+            lines = [str(ended) for ended in self.procs.stop_all()]
+        except StopFailed as exc:
+            lines = [str(ended) for ended in exc.ended]
         for peer in (self.pacs, self.store):
             if peer is not None:
                 peer.stop()
@@ -436,24 +302,31 @@ class Demo:
     # ---- 1. certificates and configuration ----
     def step_pki(self) -> str:
         lay = self.layout
-        relay_cli = program("tunnel-relay", "relay.cli")
-        self._cli("tunnel-relay ca init", [*relay_cli, "ca", "init", "--state-dir", str(lay.state_dir),
-                                           "--hostname", LOOPBACK])
-        lay.relay_config.write_text(relay_toml(lay))
-        lay.agent_config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lay.agent_config.write_text(agent_toml(lay))
-        self.console.debug(f"relay config: {lay.relay_config}\nagent config: {lay.agent_config}")
+        with failing_step():
+            self.relay = make_relay(
+                lay.root / "relay", listener_routes=[ListenerRoute(RELAY_CALLED_AE, SITE, ROUTE, [CLOUD_SCU_AE])],
+                sites={SITE: [SiteDest(CLOUD_STORE_AE, lay.store, [PACS_AE, MODALITY_AE])]}, procs=self.procs)
+            # Enrollment fills the agent's state directory: relay URL, key, certificate, pinned CA.
+            self.agent = make_agent(self.relay, SITE, lay.root / "agent", routes=[AgentRoute(ROUTE, lay.pacs, PACS_AE)],
+                                    backoff_max=2.0, enrolled=True, procs=self.procs)
+        self.console.detail(f"$ tunnel-relay ca init: the relay's CA, its server certificate for {LOOPBACK}")
+        self.console.debug(f"relay config: {self.relay.config}\nagent config: {self.agent.config}")
         self.console.detail(f"routing: {RELAY_CALLED_AE} at the relay -> site {SITE}, route {ROUTE!r} "
                             f"(callers: {CLOUD_SCU_AE})")
         self.console.detail(f"site {SITE} may send to: {CLOUD_STORE_AE} (callers: {PACS_AE}, {MODALITY_AE})")
         return "relay CA and certificate, relay.toml, agent.toml"
 
-    def _cli(self, name: str, argv: list[str], stdin: str | None = None) -> str:
-        status, output = self.children.run(name, argv, stdin=stdin)
-        if status != 0:
-            raise StepFailed(f"{name} exited with status {status}:\n{output.strip()}")
-        self.console.detail(f"$ {name}: {output.strip().splitlines()[-1] if output.strip() else 'ok'}")
-        return output
+    @property
+    def relay_dicom(self) -> int:
+        """The relay's DICOM port (the cloud's way in)."""
+        assert self.relay is not None
+        return self.relay.dicom_port
+
+    @property
+    def agent_listener(self) -> int:
+        """The agent's DICOM listener (the hospital's way out)."""
+        assert self.agent is not None
+        return self.agent.listener_port
 
     # ---- 2. studies ----
     def step_generate(self) -> str:
@@ -471,95 +344,50 @@ class Demo:
         self.store = StoreScp(CLOUD_STORE_AE, LOOPBACK, lay.store, lay.data("cloud-store"))
         self.store.start()
         self.pacs = DemoPacs(PACS_AE, LOOPBACK, lay.pacs, lay.data("pacs"),
-                             {CLOUD_STORE_AE: (LOOPBACK, lay.agent_listener)})
+                             {CLOUD_STORE_AE: (LOOPBACK, self.agent_listener)})
         self.pacs.start()
         if self.pacs.instance_count != self.instances:
             raise StepFailed(f"the PACS indexed {self.pacs.instance_count} of {self.instances} instances")
         self.console.detail(f"hospital PACS  {PACS_AE:<12} {LOOPBACK}:{lay.pacs}  (move destination "
-                            f"{CLOUD_STORE_AE} = the agent, {LOOPBACK}:{lay.agent_listener})")
+                            f"{CLOUD_STORE_AE} = the agent, {LOOPBACK}:{self.agent_listener})")
         self.console.detail(f"cloud store    {CLOUD_STORE_AE:<12} {LOOPBACK}:{lay.store}")
         return f"PACS :{lay.pacs}, store :{lay.store}"
 
     # ---- 4. relay and agent ----
     def step_tunnel(self) -> str:
-        lay = self.layout
+        relay, agent = self.relay, self.agent
+        assert relay is not None and agent is not None
         verbose = ["-v"] if self.console.verbose else []
-        self.relay = self.children.spawn(
-            "relay", [*program("tunnel-relay", "relay.cli"), "serve", "--config", str(lay.relay_config),
-                      *verbose], lay.log("relay"))
-        self.console.detail(f"relay  pid {self.relay.popen.pid}: tunnel wss://{LOOPBACK}:{lay.relay_tunnel}"
-                            f"/tunnel, DICOM {LOOPBACK}:{lay.relay_dicom}")
-        self._wait("the relay's admin port to accept connections", lambda: _port_open(lay.relay_admin))
-        self._enroll()
-        self.agent = self.children.spawn(
-            "agent", [*program("tunnel-agent", "tunnel_agent.cli"), "run", "--config", str(lay.agent_config),
-                      *verbose], lay.log("agent"))
-        self.console.detail(f"agent  pid {self.agent.popen.pid}: DICOM listener "
-                            f"{LOOPBACK}:{lay.agent_listener}, status http://{LOOPBACK}:{lay.agent_status}")
-        self.console.debug(f"logs: {lay.log('relay')}, {lay.log('agent')}")
-        started = time.monotonic()
-        self._wait("the relay's DICOM port to accept connections", lambda: _port_open(lay.relay_dicom))
-        self._wait("the agent to report 'connected'", lambda: self._agent_state() == "connected")
-        self._wait(f"the relay to see site {SITE}", self._relay_sees_site)
-        self._wait("the agent's DICOM listener to accept connections", lambda: _port_open(lay.agent_listener))
+        with failing_step():
+            start_relay(self.procs, relay, args=verbose, timeout=CONNECT_TIMEOUT_S)
+            assert relay.proc is not None
+            self.console.detail(f"relay  pid {relay.proc.pid}: tunnel {relay.url}, DICOM {LOOPBACK}:{relay.dicom_port}")
+            # The one-line join: `site add` on the relay prints a token, `enroll` on the agent redeems it.
+            enroll_agent(relay, agent, procs=self.procs)
+            self.console.detail(f"$ tunnel-relay site add {SITE}, then tunnel-agent enroll: token redeemed")
+            started = time.monotonic()
+            start_agent(self.procs, agent, relay, wait_listener=True, args=verbose, name="agent",
+                        timeout=CONNECT_TIMEOUT_S)
+        assert agent.proc is not None
+        self.console.detail(f"agent  pid {agent.proc.pid}: DICOM listener {LOOPBACK}:{agent.listener_port}, "
+                            f"status http://{LOOPBACK}:{agent.status_port}")
+        self.console.debug(f"logs: {relay.proc.log_path}, {agent.proc.log_path}")
         self.console.detail(f"tunnel up: agent -> relay mutual-TLS WebSocket connected in "
                             f"{_seconds(time.monotonic() - started)}")
         return "enrolled with a one-line token; connected"
-
-    def _enroll(self) -> None:
-        """The one-line join: `site add` on the relay prints a token, `enroll` on the agent redeems it."""
-        lay = self.layout
-        added = self._cli("tunnel-relay site add", [*program("tunnel-relay", "relay.cli"), "site", "add", SITE,
-                                                    "--config", str(lay.relay_config), "--json"])
-        try:
-            token = json.loads(added)["token"]
-        except (ValueError, KeyError) as exc:
-            raise StepFailed(f"tunnel-relay site add printed no token:\n{added}") from exc
-        self._cli("tunnel-agent enroll", [*program("tunnel-agent", "tunnel_agent.cli"), "enroll", "--config",
-                                          str(lay.agent_config)], stdin=token + "\n")
-
-    def _wait(self, what: str, predicate: Callable[[], bool], timeout: float = CONNECT_TIMEOUT_S) -> None:
-        """Poll ``predicate`` until true; fail at once if a child died, or after ``timeout`` s, with logs."""
-
-        def ready() -> bool:
-            for child in (self.relay, self.agent):
-                if child is not None and child.popen.poll() is not None:
-                    raise StepFailed(f"{child.name} exited (status {child.popen.returncode}) while "
-                                     f"waiting for {what}\n{self._log_tails()}")
-            return predicate()
-
-        if not poll_until(ready, timeout):
-            raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}\n{self._log_tails()}")
-
-    def _log_tails(self) -> str:
-        parts = []
-        for child in (self.relay, self.agent):
-            if child is not None:
-                parts.append(f"--- last lines of {child.log_path} ---\n{child.log_tail()}")
-        return "\n".join(parts)
-
-    def _agent_state(self) -> str | None:
-        status = _http_json(f"http://{LOOPBACK}:{self.layout.agent_status}/api/status")
-        return status.get("state") if status else None
-
-    def _relay_sees_site(self) -> bool:
-        token = (self.layout.state_dir / "admin.token").read_text().strip()
-        status = _http_json(f"http://{LOOPBACK}:{self.layout.relay_admin}/api/status", token)
-        sites = status.get("sites", []) if status else []
-        return any(s.get("name") == SITE and s.get("connected") for s in sites)
 
     # ---- 5. C-ECHO ----
     def step_echo(self) -> str:
         ae = self._scu(CLOUD_SCU_AE, sc.Verification)
         started = time.monotonic()
-        with associated(ae, self.layout.relay_dicom, RELAY_CALLED_AE) as assoc:
+        with associated(ae, self.relay_dicom, RELAY_CALLED_AE) as assoc:
             set_up = time.monotonic() - started
             echo_started = time.monotonic()
             code = _status_code(assoc.send_c_echo(), "C-ECHO")
             round_trip = time.monotonic() - echo_started
         if code != _SUCCESS:
             raise StepFailed(f"C-ECHO status 0x{code:04X}")
-        self.console.detail(f"{CLOUD_SCU_AE} -> relay :{self.layout.relay_dicom} ({RELAY_CALLED_AE}) "
+        self.console.detail(f"{CLOUD_SCU_AE} -> relay :{self.relay_dicom} ({RELAY_CALLED_AE}) "
                             f"-> tunnel -> agent -> {PACS_AE}")
         self.console.detail(f"association set-up {_seconds(set_up)}; C-ECHO status 0x0000 (Success), "
                             f"round trip {_seconds(round_trip)}")
@@ -574,7 +402,7 @@ class Demo:
                         "NumberOfStudyRelatedInstances"):
             setattr(query, keyword, "")
         ae = self._scu(CLOUD_SCU_AE, sc.StudyRootQueryRetrieveInformationModelFind)
-        with associated(ae, self.layout.relay_dicom, RELAY_CALLED_AE) as assoc:
+        with associated(ae, self.relay_dicom, RELAY_CALLED_AE) as assoc:
             matches = self._find(assoc, query)
         for match in matches:
             self.console.detail(_study_line(match))
@@ -609,12 +437,12 @@ class Demo:
         identifier.StudyInstanceUID = self.study_uid
         ae = self._scu(CLOUD_SCU_AE, sc.StudyRootQueryRetrieveInformationModelMove)
         started = time.monotonic()
-        with associated(ae, self.layout.relay_dicom, RELAY_CALLED_AE) as assoc:
+        with associated(ae, self.relay_dicom, RELAY_CALLED_AE) as assoc:
             final = self._move(assoc, identifier)
         elapsed = time.monotonic() - started
         completed, failed, warning = (int(final.get(f"NumberOf{k}Suboperations", 0) or 0)
                                       for k in ("Completed", "Failed", "Warning"))
-        self.console.detail(f"path: {PACS_AE} -> agent :{self.layout.agent_listener} -> tunnel -> relay -> "
+        self.console.detail(f"path: {PACS_AE} -> agent :{self.agent_listener} -> tunnel -> relay -> "
                             f"{CLOUD_STORE_AE} :{self.layout.store}")
         self.console.detail(f"sub-operations: {completed} completed, {failed} failed, {warning} warning")
         code = int(final.Status)
@@ -643,7 +471,8 @@ class Demo:
         def arrived() -> dict[str, Path]:
             return {p.stem: p for p in self.store.received if p.stem in expected}
 
-        poll_until(lambda: len(arrived()) == len(expected), ARRIVAL_TIMEOUT_S)
+        with contextlib.suppress(WaitTimeout):  # what did arrive is counted below
+            wait_until(lambda: len(arrived()) == len(expected), ARRIVAL_TIMEOUT_S, interval=POLL_INTERVAL_S)
         received = arrived()
         if len(received) != len(expected):
             raise StepFailed(f"only {len(received)} of {len(expected)} instances arrived at {CLOUD_STORE_AE}")
@@ -659,14 +488,14 @@ class Demo:
         assert self.modality_study is not None
         ae = self._scu(MODALITY_AE, sc.CTImageStorage)
         started = time.monotonic()
-        with associated(ae, self.layout.agent_listener, CLOUD_STORE_AE) as assoc:
+        with associated(ae, self.agent_listener, CLOUD_STORE_AE) as assoc:
             for path in self.modality_study.files:
                 code = _status_code(assoc.send_c_store(path), "C-STORE")
                 if code != _SUCCESS:
                     raise StepFailed(f"C-STORE status 0x{code:04X}")
         elapsed = time.monotonic() - started
         count = len(self.modality_study.files)
-        self.console.detail(f"{MODALITY_AE} -> agent :{self.layout.agent_listener} ({CLOUD_STORE_AE}) "
+        self.console.detail(f"{MODALITY_AE} -> agent :{self.agent_listener} ({CLOUD_STORE_AE}) "
                             f"-> tunnel -> relay -> {CLOUD_STORE_AE} :{self.layout.store}")
         self.console.detail(f"{count} instances stored, status 0x0000 each, in {_seconds(elapsed)}")
         self._verify_arrival(self.modality_study)
@@ -674,32 +503,17 @@ class Demo:
 
     # ---- 9. tunnel-agent status ----
     def step_status(self) -> str:
-        config = self.layout.agent_config
+        assert self.agent is not None
+        config = self.agent.config
         argv = [*program("tunnel-agent", "tunnel_agent.cli"), "status", "--config", str(config)]
-        status, output = self.children.run("tunnel-agent status", argv)
+        with failing_step():
+            done = self.procs.run(argv, name="tunnel-agent status", timeout=CLI_TIMEOUT_S)
+        status, output = done.returncode, done.stdout + done.stderr
         self.console.detail(f"$ tunnel-agent status --config {config.name}")
         self.console.detail(output.rstrip())
         if status != 0:
             raise StepFailed(f"tunnel-agent status exited with status {status} (0 means connected)")
         return "connected"
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _http_json(url: str, token: str | None = None) -> dict[str, Any] | None:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as response:
-            data = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -740,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
-    layout = Layout(root, *free_ports(7))
+    layout = Layout(root, *free_ports(2))
     demo: Demo | None = None
     console = Console(0, args.verbose)
     results: list[StepResult] = []
