@@ -32,6 +32,7 @@ from tunnel_link.innertls import (
 )
 from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.tls import client_context, server_context
+from tunnel_link.transport import QueuedTransport
 
 LOOPBACK = "127.0.0.1"
 SITE = "hospital-a"
@@ -609,8 +610,7 @@ class Collector:
 
     def stream_data(self, data: bytes | memoryview) -> None:
         self.data += data
-        self.session.mux.acknowledge(self.stream.id, len(data))
-        self.session.flush_nowait()
+        self.stream.consumed(len(data))
 
     def stream_eof(self) -> None:
         self.eof.set()
@@ -620,7 +620,7 @@ class Collector:
         self.eof.set()
         self.credit.set()
 
-    def stream_credit(self) -> None:
+    def stream_writable(self) -> None:
         self.credit.set()
 
 
@@ -630,14 +630,14 @@ async def send_all(session: MuxSession, collector: Collector, data: bytes) -> No
         if not view:
             break
         collector.credit.clear()
-        taken = session.mux.send_data(collector.stream.id, view[:256 * 1024])
+        taken = collector.stream.send(view[:256 * 1024])
         view = view[taken:]
         await session.flush()
         if not taken:
             await collector.credit.wait()
             assert collector.reset is None
     assert not view
-    session.mux.end_stream(collector.stream.id)
+    assert collector.stream.end()
     await session.flush()
 
 
@@ -661,7 +661,7 @@ async def test_mux_session_pair_carries_a_stream(pki: Pki) -> None:
         async with asyncio.timeout(GUARD), asyncio.TaskGroup() as tasks:
             inner = await inner_tls_client(ws, pki.agent_context(), RELAY_NAME, TIMEOUT)
             session = MuxSession(inner, Mux(Role.AGENT), heartbeat_interval=30.0, on_stream=refuse, label="agent")
-            assert session._fast is None  # no fast path around the inner TLS
+            assert type(session.transport) is QueuedTransport  # no fast path around the inner TLS
             run = tasks.create_task(session.run())
             for _ in range(100):  # let run() set up its task group
                 if session._tasks is not None:

@@ -20,6 +20,7 @@ from tunnel_agent.agent import Agent
 from tunnel_agent.config import load_agent_settings
 from tunnel_link.sockets import nodelay_enabled
 from tunnel_link.tls import client_context
+from tunnel_link.transport import WebSocketTransport
 
 WINDOW = 256 * 1024
 
@@ -139,6 +140,10 @@ async def test_nodelay_on_every_tunnel_socket_and_no_compression(tmp_path):
                     found[name] = nodelay_enabled(obj)
         assert set(found) == set(ports), found
         assert all(found.values()), found
+        # Both ends write straight to the transport under their WebSocket (the private paths are there).
+        (relay_session,) = [s.session for s in relay.sites.values() if s.session]
+        assert type(agent.session.transport) is WebSocketTransport
+        assert type(relay_session.transport) is WebSocketTransport
         # Compression: the agent never offers it, and the relay refuses a client that does.
         assert agent.session.ws.compress == 0
         certs = tmp_path / "agent" / "certs"

@@ -245,6 +245,11 @@ class Mux:
         return self._conn.recv
 
     @property
+    def bytes_held(self) -> int:
+        """Bytes delivered to the application and not yet acknowledged, over all streams."""
+        return self._conn.held
+
+    @property
     def frames_ignored(self) -> int:
         """Frames of a type this side does not know, received and ignored (a newer peer's extensions)."""
         return self._parser.ignored

@@ -24,8 +24,9 @@ after the TLS alert was sent to the peer and the WebSocket closed.
 
 The returned :class:`InnerTlsWebSocket` looks to :class:`tunnel_link.session.MuxSession` like the aiohttp
 WebSocket it wraps (``send_bytes``, ``receive`` yielding BINARY plaintext and passing CLOSE/CLOSED/ERROR
-through, ``close``, ``exception``), plus the inner TLS session's ``getpeercert``, ``cipher``, ``version``
-and ``ssl_object``. It has no ``_writer``, so the session writes through ``send_bytes``.
+through, ``close``, ``exception``, ``protocol``), plus the inner TLS session's ``getpeercert``,
+``cipher``, ``version`` and ``ssl_object``. The session runs it as a
+:class:`tunnel_link.transport.QueuedTransport`: through ``send_bytes``.
 
 Bounds: one writer at a time (a lock), each taking at most ``max_message`` plaintext bytes per outgoing
 WebSocket message, so records leave in the order OpenSSL made them and the outgoing BIO holds at most
@@ -47,8 +48,8 @@ from typing import Any, Protocol
 import aiohttp
 from cryptography import x509
 
+from tunnel_link import private_api
 from tunnel_link.errors import LinkError
-from tunnel_link.wswrite import abort_websocket
 
 __all__ = [
     "READY",
@@ -228,6 +229,11 @@ class InnerTlsWebSocket:
     def closed(self) -> bool:
         return self._closing or bool(getattr(self._ws, "closed", False))
 
+    @property
+    def protocol(self) -> str | None:
+        """The WebSocket subprotocol the outer handshake selected (the mux protocol version)."""
+        return getattr(self._ws, "protocol", None)
+
     def exception(self) -> BaseException | None:
         return self._error if self._error is not None else self._ws.exception()
 
@@ -269,7 +275,7 @@ class InnerTlsWebSocket:
     def abort(self) -> None:
         """Drop the outer connection at once, with no close_notify and no close handshake."""
         self._closing = True
-        abort_websocket(self._ws)
+        private_api.abort_websocket(self._ws)
 
     # --- internals -------------------------------------------------------------------------------------
 
@@ -469,20 +475,20 @@ def _words(reason: str) -> str:
 #
 # Python 3.11 gives no access to a certificate that failed verification (get_unverified_chain is 3.13), so
 # the peer's Certificate handshake message is captured with the context's message callback (a CPython
-# debugging hook: ``SSLContext._msg_callback``). It is a per-context hook that costs a Python call per TLS
-# record, so it is installed only while one of our handshakes on that context runs (counted on the
-# context) and removed after; it records only for our own SSLObjects (marked with an attribute). If the
-# hook is missing or someone else's, errors just lack the issuer.
+# debugging hook, reached only through ``tunnel_link.private_api``). It is a per-context hook that costs a
+# Python call per TLS record, so it is installed only while one of our handshakes on that context runs
+# (counted on the context) and removed after; it records only for our own SSLObjects (marked with an
+# attribute). If the hook is missing or someone else's, errors just lack the issuer.
 
 
 def _capture_begin(ctx: ssl.SSLContext) -> bool:
     """Install the hook on ``ctx`` (or count one more user); False if the hook is unavailable or taken."""
-    current = getattr(ctx, "_msg_callback", _capture_begin)  # _capture_begin: "no such hook here"
-    if current is not None and current is not _on_tls_message:
+    current = private_api.tls_message_callback(ctx)
+    if current is private_api.MISSING or (current is not None and current is not _on_tls_message):
         return False
     count = getattr(ctx, _CAPTURE_COUNT, 0)
-    if count == 0:
-        ctx._msg_callback = _on_tls_message  # type: ignore[attr-defined]
+    if count == 0 and not private_api.set_tls_message_callback(ctx, _on_tls_message):
+        return False
     setattr(ctx, _CAPTURE_COUNT, count + 1)
     return True
 
@@ -492,8 +498,8 @@ def _capture_end(ctx: ssl.SSLContext, capturing: bool) -> None:
         return
     count = getattr(ctx, _CAPTURE_COUNT, 1) - 1
     setattr(ctx, _CAPTURE_COUNT, count)
-    if count == 0 and getattr(ctx, "_msg_callback", None) is _on_tls_message:
-        ctx._msg_callback = None  # type: ignore[attr-defined]
+    if count == 0 and private_api.tls_message_callback(ctx) is _on_tls_message:
+        private_api.set_tls_message_callback(ctx, None)
 
 
 def _on_tls_message(conn: object, direction: str, version: object, content_type: object, msg_type: object,

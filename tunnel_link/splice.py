@@ -5,11 +5,12 @@ protocol like DICOM pays every hop on every turn (C-STORE waits for each respons
 socket go into the mux and out to the WebSocket within the socket's own ``data_received``, and bytes from
 the stream go to the socket within the session's read loop.
 
-Flow control, end to end:
-- socket → stream: what the stream's window does not take waits in ``_pending`` and the socket stops
-  reading until credit comes back; the socket also pauses while the WebSocket's buffer is congested.
-- stream → socket: credit is returned once the bytes were handed to the socket's transport and that
-  transport is below its high-water mark; while it is above, credit waits for ``socket_writable``.
+The splice talks to the stream alone (``TunnelStream.send/end/consumed/reset_nowait``), which keeps the
+credit accounting; what the splice decides is *when* bytes count as consumed. Flow control, end to end:
+- socket → stream: what the stream's credit does not take waits in ``_pending`` and the socket stops
+  reading; it also pauses while the tunnel's send buffer is congested. ``stream_writable`` resumes it.
+- stream → socket: bytes are consumed once they were handed to the socket's transport and that
+  transport is below its high-water mark; while it is above, they wait for ``socket_writable``.
 A reset before the far end answered becomes an A-ASSOCIATE-RJ for the caller, after that an A-ABORT.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 
 from tunnel_core import dicom
-from tunnel_core import mux as m
 from tunnel_core.codes import ErrorCode
 from tunnel_core.routing import reject_for_reset
 from tunnel_link.pipe import Pipe
@@ -35,12 +35,11 @@ class Splice:
         self.answered = not ingress  # has the far end sent anything yet? (egress: the RQ went out)
         self.from_socket = 0
         self.to_socket = 0
-        self._mux = stream.session.mux
         self._pending = b""
         self._socket_eof = False  # EOF from the socket, FIN not yet sent (waits for _pending)
         self._up_done = False  # socket → stream finished (FIN sent)
         self._down_done = False  # stream → socket finished (EOF written)
-        self._unacked = 0  # written to the socket, credit not yet returned
+        self._unconsumed = 0  # written to the socket, not yet consumed (the socket is congested)
         self._outcome = "completed"
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -68,35 +67,29 @@ class Splice:
         self.from_socket += len(data)
         if self._pending:
             self._pending += data
+            self.pipe.pause()  # still waiting for credit (a resume of the pipe may have let this in)
         else:
             self._push(data)
 
     def _push(self, data: bytes | memoryview) -> None:
-        try:
-            n = self._mux.send_data(self.stream.id, data)
-        except m.UsageError:
-            return  # the stream is gone; its reset is being delivered
+        n = self.stream.send(data)
         if n < len(data):
             self._pending = bytes(memoryview(data)[n:])
-            self.pipe.pause()
-        self.stream.session.flush_nowait()
-        if self.stream.session.congested and not self._pending:
-            self.pipe.pause()
-            self.stream.session.when_drained(self._ws_drained)
+        if self._pending or not self.stream.writable:
+            self.pipe.pause()  # stream_writable() follows
 
-    def stream_credit(self) -> None:
-        if not self._pending or self._done.done():
+    def stream_writable(self) -> None:
+        """More credit arrived, or the tunnel's send buffer drained."""
+        if self._done.done():
             return
-        data, self._pending = self._pending, b""
-        self._push(data)
-        if not self._pending:
-            self.pipe.resume()
-            if self._socket_eof:
-                self._send_fin()
-
-    def _ws_drained(self) -> None:
-        if not self._pending and not self._done.done():
-            self.pipe.resume()
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._push(data)
+        if self._pending or not self.stream.writable:
+            return
+        self.pipe.resume()
+        if self._socket_eof:
+            self._send_fin()
 
     def socket_eof(self) -> None:
         self._socket_eof = True
@@ -107,12 +100,8 @@ class Splice:
         if self._up_done or self._done.done():
             return
         self._up_done = True
-        try:
-            self._mux.end_stream(self.stream.id)
-        except m.UsageError:
-            return
-        self.stream.session.flush_nowait()
-        self._maybe_complete()
+        if self.stream.end():
+            self._maybe_complete()
 
     def socket_lost(self, exc: BaseException | None) -> None:
         if self._done.done():
@@ -125,24 +114,23 @@ class Splice:
 
     def stream_data(self, data: bytes | memoryview) -> None:
         if self._done.done():
-            self._mux.acknowledge(self.stream.id, len(data))  # discarded: return the credit
+            self.stream.consumed(len(data))  # dropped
             return
         self.answered = True
         self.to_socket += len(data)
         try:
             self.pipe.write(data)
         except ConnectionError:
-            self._mux.acknowledge(self.stream.id, len(data))
+            self.stream.consumed(len(data))  # dropped
             return
         self._written(len(data))
 
     def _written(self, n: int) -> None:
-        """``n`` stream bytes are in the socket's transport: return their credit unless it is congested."""
-        self._unacked += n
-        if not self.pipe.write_congested and self._unacked:
-            n, self._unacked = self._unacked, 0
-            self._mux.acknowledge(self.stream.id, n)
-            self.stream.session.flush_nowait()
+        """``n`` stream bytes are in the socket's transport: consumed, unless that transport is congested."""
+        self._unconsumed += n
+        if not self.pipe.write_congested and self._unconsumed:
+            n, self._unconsumed = self._unconsumed, 0
+            self.stream.consumed(n)
 
     def socket_writable(self) -> None:
         self._written(0)
