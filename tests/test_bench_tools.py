@@ -8,7 +8,6 @@ cannot arrive before their delay and serialization time) and that bytes arrive i
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.ports import free_port
 from tunnel_bench.acceptscp import AcceptAllScp
 from tunnel_bench.paths import Endpoint
 from tunnel_bench.pdus import (
@@ -300,12 +300,8 @@ async def test_accept_all_scp_closes_on_garbage():
 
 
 def test_probe_fails_cleanly_without_a_listener():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
     with pytest.raises(OSError):
-        probe(Endpoint(port, "X"), timeout=2)
+        probe(Endpoint(free_port(), "X"), timeout=2)
 
 
 # --- report --------------------------------------------------------------------------------------------

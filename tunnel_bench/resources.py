@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 import psutil
 
+from devkit.errors import WaitTimeout
+from devkit.waits import wait_until
+
 __all__ = ["ResourceSampler", "Snapshot", "snapshot", "wait_settled"]
 
 SAMPLE_INTERVAL_S = 0.05
@@ -95,13 +98,17 @@ def wait_settled(read: Callable[[], dict[str, Snapshot]], baseline: dict[str, Sn
 
     Returns the last reading and the seconds it took (``timeout`` if it never settled)."""
     start = time.monotonic()
-    current = read()
-    for _ in range(int(timeout / interval) + 1):
-        if all(_settled(current[r], baseline[r]) for r in baseline):
-            return current, time.monotonic() - start
-        time.sleep(interval)
-        current = read()
-    return current, timeout
+    readings: list[dict[str, Snapshot]] = []
+
+    def settled() -> bool:
+        readings.append(read())
+        return all(_settled(readings[-1][r], baseline[r]) for r in baseline)
+
+    try:
+        wait_until(settled, timeout, interval, message="descriptors and tasks back to their baseline")
+    except WaitTimeout:
+        return readings[-1], timeout
+    return readings[-1], time.monotonic() - start
 
 
 def _settled(now: Snapshot, before: Snapshot) -> bool:
