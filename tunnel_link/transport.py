@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+from aiohttp import web
 
 from tunnel_core.errors import ProtocolError
 from tunnel_core.versions import negotiated_version as _version_of
@@ -48,6 +50,8 @@ __all__ = [
     "frame_header",
     "negotiated_version",
 ]
+
+log = logging.getLogger(__name__)
 
 HIGH_WATER = 1024 * 1024  # bytes in the send buffer above which a transport is congested
 # The WebSocket subprotocols the agent offers (newest first) and the relay accepts: ``protocols=`` of
@@ -102,7 +106,17 @@ def as_transport(ws: Any, *, client: bool) -> MessageTransport:
     if isinstance(ws, MessageTransport):
         return ws
     fast = WebSocketTransport.attach(ws, client=client)
-    return fast if fast is not None else QueuedTransport(ws)
+    if fast is not None:
+        return fast
+    global _fallback_logged
+    if isinstance(ws, aiohttp.ClientWebSocketResponse | web.WebSocketResponse) and not _fallback_logged:
+        _fallback_logged = True
+        log.info("aiohttp's WebSocket writer internals are not available: tunnel messages go through "
+                 "send_bytes")
+    return QueuedTransport(ws)
+
+
+_fallback_logged = False
 
 
 def negotiated_version(ws: Any) -> int:
