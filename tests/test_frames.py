@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import protocol_doc
 from tunnel_core import frames as fr
 from tunnel_core.codes import ErrorCode, FrameFlag, FrameType, TargetKind
 from tunnel_core.errors import FrameTooLarge, ProtocolError
@@ -424,3 +425,39 @@ def test_reassembly_cost_stays_linear_across_many_frames_and_odd_chunk_sizes() -
     assert [len(f.payload) for f in frames] == [40_000 + i for i in range(20)]
     assert parser.copied <= 3 * len(wire)
 
+
+
+# --- the vectors of docs/protocol.md (Appendix A.1): the document cannot drift from the code ---------------
+
+DOC_VECTORS = {
+    "data": fr.encode(FrameType.DATA, 1, b"hi"),
+    "open": fr.encode(FrameType.OPEN, 2, fr.encode_open(fr.OpenPayload(TargetKind.ROUTE, "pacs", "CT1"))),
+    "window": fr.encode(FrameType.WINDOW, 0, fr.encode_window(64 * 1024 * 1024 - 256 * 1024)),
+    "fin": fr.encode(FrameType.FIN, 5),
+    "reset": fr.encode(FrameType.RESET, 2, fr.encode_reset(ErrorCode.UNKNOWN_ROUTE)),
+    "ping": fr.encode(FrameType.PING, 0, bytes(range(1, 9))),
+    "pong": fr.encode(FrameType.PING, 0, bytes(range(1, 9)), FrameFlag.ACK),
+    "goaway": fr.encode(FrameType.GOAWAY, 0, fr.encode_goaway(9, ErrorCode.GOING_AWAY)),
+    "goaway-revoked": fr.encode(FrameType.GOAWAY, 0, fr.encode_goaway(0, ErrorCode.REVOKED)),
+    "report": fr.encode(FrameType.REPORT, 0, b'{"v":1}'),
+}
+
+
+def test_the_document_has_exactly_the_checked_vectors() -> None:
+    assert set(protocol_doc.blocks("vector")) == {*DOC_VECTORS, "unknown-type"}
+
+
+@pytest.mark.parametrize("name", sorted(DOC_VECTORS))
+def test_each_documented_vector_is_what_the_encoder_sends_and_the_parser_reads(name: str) -> None:
+    wire = protocol_doc.vector(protocol_doc.blocks("vector")[name])
+    assert wire == DOC_VECTORS[name]
+    (frame,) = fr.FrameParser(MAX_FRAME_PAYLOAD).feed(wire)
+    assert fr.encode(frame.type, frame.stream_id, frame.payload, frame.flags) == wire
+
+
+def test_the_documented_unknown_frame_is_ignored() -> None:
+    wire = protocol_doc.vector(protocol_doc.blocks("vector")["unknown-type"])
+    assert wire[1] not in {int(t) for t in FrameType}
+    parser = fr.FrameParser(MAX_FRAME_PAYLOAD)
+    assert parser.feed(wire + DOC_VECTORS["fin"]) == [fr.Frame(FrameType.FIN, 5)]
+    assert parser.ignored == 1

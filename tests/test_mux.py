@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests import protocol_doc
 from tunnel_core import frames as fr
 from tunnel_core import mux as m
 from tunnel_core.codes import ErrorCode, FrameFlag, FrameType, TargetKind
+from tunnel_core.dicom import AssociateSniffer
 from tunnel_core.errors import FlowControlError, ProtocolError, UsageError
 from tunnel_core.limits import INITIAL_WINDOW, KIB, MAX_FRAME_PAYLOAD, MAX_REPORT, MIB, MuxLimits
 
@@ -886,3 +888,47 @@ def test_a_send_buffer_that_never_drains_is_a_peer_that_stopped_reading() -> Non
     assert agent.handle_timer(35.0) == [m.PeerNotReading(30.0)]
     agent.send_drained()
     assert agent.handle_timer(35.0) == []  # drained: the verdict is withdrawn
+
+
+# --- the association of docs/protocol.md Appendix A.2, replayed byte for byte ---------------------------
+
+
+def test_the_documented_association_is_what_two_muxes_send() -> None:
+    documented = protocol_doc.trace(protocol_doc.blocks("trace")["association"])
+    # The DICOM bytes come from the document; they must be what they say they are.
+    payloads = [bytes(f.payload) for _, wire in documented for f in frames_in(wire) if f.type is FrameType.DATA]
+    rq, ac, release_rq, release_rp = payloads
+    req = AssociateSniffer(1 << 20).feed(rq)
+    assert req is not None and (req.called_ae, req.calling_ae) == ("PACS", "CLOUDAI")
+    assert ac[0] == 0x02 and int.from_bytes(ac[2:6], "big") == len(ac) - 6  # A-ASSOCIATE-AC, whole
+    assert release_rq == bytes.fromhex("05 00 00000004 00000000")
+    assert release_rp == bytes.fromhex("06 00 00000004 00000000")
+
+    relay, agent = m.Mux(m.Role.RELAY), m.Mux(m.Role.AGENT)  # default limits, as the document says
+    sent: list[tuple[str, bytes]] = []
+
+    def carry(name: str) -> list[m.Event]:
+        src, dst = (relay, agent) if name == "relay" else (agent, relay)
+        wire = bytes(src.data_to_send())
+        sent.append((name, wire))
+        return dst.receive_data(wire)
+
+    carry("relay")
+    carry("agent")
+    sid = relay.open_stream(fr.OpenPayload(TargetKind.ROUTE, "pacs", "CLOUDAI"))
+    assert relay.send_data(sid, rq) == len(rq)
+    assert carry("relay") == [m.StreamOpened(sid, fr.OpenPayload(TargetKind.ROUTE, "pacs", "CLOUDAI")),
+                              m.DataReceived(sid, rq)]
+    for name, pdu in (("agent", ac), ("relay", release_rq), ("agent", release_rp)):
+        sender = relay if name == "relay" else agent
+        sender.acknowledge(sid, sender.bytes_held)  # what it received was written onward: consumed
+        assert sender.send_data(sid, pdu) == len(pdu)
+        assert carry(name) == [m.DataReceived(sid, pdu)]
+    relay.acknowledge(sid, relay.bytes_held)
+    relay.end_stream(sid)
+    assert carry("relay") == [m.StreamEnded(sid)]
+    agent.end_stream(sid)
+    assert carry("agent") == [m.StreamEnded(sid)]
+    assert sent == documented
+    assert relay.stream_count == agent.stream_count == 0
+    assert not relay.has_data_to_send() and not agent.has_data_to_send()
