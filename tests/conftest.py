@@ -1,12 +1,14 @@
 """Suite-wide fixtures and hooks.
 
 - `procs`: function-scoped tracker of subprocesses, each ended by its own PID at teardown
-  (tests/support/procs.py); `module_procs` is the same for peers shared by a module's tests.
+  (the dev kit's, devkit/fixtures.py, via tests/support/procs.py); `module_procs` is the same for peers
+  shared by a module's tests.
 - `ct_study_small`: a small generated CT study (session-scoped, read-only for tests).
 - `in_ci()`: under CI=true a missing prerequisite fails instead of skipping.
 
 Import helpers as `tests.support...` (the repository root is put on sys.path here, so this works
-however pytest is started).
+however pytest is started; it is also how the development packages devkit, tunnel_demo and tunnel_bench,
+which are not installed, are found).
 """
 
 from __future__ import annotations
