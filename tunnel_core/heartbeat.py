@@ -1,15 +1,16 @@
 """Keepalive and dead-peer detection with time passed in (no clock reads here).
 
-The adapter calls ``poll(now)`` at ``next_deadline()``; it sends a PING when told to and declares the peer
-dead when nothing at all has arrived for ``misses`` intervals. Any received frame counts as life, so a
+Its owner — :class:`tunnel_core.mux.Mux`, through ``start_keepalive``/``next_deadline``/``handle_timer`` —
+calls ``poll(now)`` at ``next_deadline()``; it sends a PING when told to and declares the peer dead when
+nothing at all has arrived for ``misses`` intervals. Any received frame counts as life, so a
 PONG stuck behind a bulk transfer does not kill a busy tunnel. RTT comes from the PONG echoing the ping's
 8-byte payload, which encodes a sequence number.
 
 A peer can also die the other way round: it stops *reading* (a frozen host, a NAT that black-holes one
 direction), so our send buffer fills and never drains. The adapter reports when a write finds the buffer
-full (``on_send_blocked``) and when it drains again (``on_send_drained``); a buffer that stays full for
-``misses`` intervals is the same verdict, ``PeerNotReading``. Both timers run from this one deadline, so
-the adapter's timer never waits on a write to learn that the peer is gone.
+full (``on_send_blocked``, via ``Mux.send_blocked``) and when it drains again (``on_send_drained``); a
+buffer that stays full for ``misses`` intervals is the same verdict, ``PeerNotReading``. Both timers run
+from this one deadline, so the adapter's one timer never waits on a write to learn that the peer is gone.
 """
 
 from __future__ import annotations

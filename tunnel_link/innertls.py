@@ -50,6 +50,7 @@ from cryptography import x509
 
 from tunnel_link import private_api
 from tunnel_link.errors import LinkError
+from tunnel_link.transport import selected_subprotocol
 
 __all__ = [
     "READY",
@@ -232,7 +233,7 @@ class InnerTlsWebSocket:
     @property
     def protocol(self) -> str | None:
         """The WebSocket subprotocol the outer handshake selected (the mux protocol version)."""
-        return getattr(self._ws, "protocol", None)
+        return selected_subprotocol(self._ws)
 
     def exception(self) -> BaseException | None:
         return self._error if self._error is not None else self._ws.exception()

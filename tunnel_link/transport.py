@@ -49,6 +49,7 @@ __all__ = [
     "as_transport",
     "frame_header",
     "negotiated_version",
+    "selected_subprotocol",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,20 @@ def as_transport(ws: Any, *, client: bool) -> MessageTransport:
 _fallback_logged = False
 
 
+def selected_subprotocol(ws: Any) -> str | None:
+    """The subprotocol a WebSocket's handshake selected: aiohttp's server side calls it ``ws_protocol``, its
+    client side ``protocol``."""
+    for name in ("ws_protocol", "protocol"):
+        value = getattr(ws, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def negotiated_version(ws: Any) -> int:
     """The mux protocol version a WebSocket's handshake agreed on (no subprotocol: version 1, an older peer).
     Raises ``ProtocolError`` for a subprotocol this side does not speak."""
-    return _version_of(getattr(ws, "protocol", None))
+    return _version_of(selected_subprotocol(ws))
 
 
 async def _receive(ws: Any) -> bytes | Closed:
