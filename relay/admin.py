@@ -23,7 +23,9 @@ certificates do not authenticate here at all: the admin port speaks no TLS and k
 Routing changes apply to the next association at once; they persist in the registry.
 
 The ops dashboard (``relay.dashboard``: ``/``, ``/sites/{name}``, ``/login``) shares this port; its data API
-``/api/dashboard*`` also accepts the session cookie its login hands out. Every other ``/api/`` path needs the token.
+``/api/dashboard*`` also accepts the session cookie its login hands out (``session_allows``). Every other
+``/api/`` path needs the token. The composition root (``relay.server``) hands in the metrics handler and the
+dashboard's session check, and adds the dashboard's routes.
 
 Before any handler (``relay.guard``): a request whose ``Host`` is not ``localhost``, an IP literal or one of
 ``[admin] allowed_hosts`` is answered 421 (DNS rebinding); a *wrong* bearer token or dashboard login counts
@@ -38,21 +40,23 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydantic
 from aiohttp import web
 
-from relay import dashboard, guard, metrics, pki
-from relay.config import DestinationConfig, ListenerRoute
-from relay.registry import DestinationRecord, RegistryError, RouteRecord
+from relay import guard, pki
+from relay.config import DestinationConfig, ListenerRoute, RelaySettings
+from relay.guard import RelayGuards
+from relay.registry import DestinationRecord, Registry, RegistryError, RouteRecord
+from relay.revocation import RevocationSweep
+from relay.sites import SiteTable
+from relay.status import StatusSource
 from tunnel_core.ratelimit import RateLimiter
 from tunnel_core.token import EnrollmentToken
 from tunnel_runtime.settings import NAME_PATTERN
-
-if TYPE_CHECKING:
-    from relay.server import Relay
 
 ADMIN_TOKEN_FILE = "admin.token"
 MAX_BODY = 16 * 1024
@@ -75,20 +79,47 @@ def admin_token(state_dir: Path) -> str:
     return token
 
 
-def build_app(relay: Relay) -> web.Application:
-    """The admin port's app: Host allow-list, then the token check, then the API, metrics and dashboard."""
-    expected = admin_token(relay.settings.state_dir)
-    guards = relay.guards
-    board = dashboard.Dashboard(relay, expected, guards.login)
+def public_url(settings: RelaySettings, tunnel_port: int) -> str:
+    """The URL enrollment tokens carry: ``tunnel.public_url``, else derived from the relay certificate."""
+    t = settings.tunnel
+    if t.public_url:
+        return t.public_url
+    names = pki.relay_hostnames(settings.state_dir)
+    host = names[0] if names else "localhost"
+    host = f"[{host}]" if ":" in host else host
+    return f"wss://{host}:{tunnel_port}{t.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminApi:
+    """What the admin API reads and changes: settings, the open registry, the site table (routing is
+    rebuilt after each change), the status, the revocation sweep (a revocation ends the tunnel before the
+    answer) and the tunnel port (the URL in enrollment tokens)."""
+
+    settings: RelaySettings
+    registry: Registry
+    sites: SiteTable
+    status: StatusSource
+    revocations: RevocationSweep
+    tunnel_port: int
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handler,
+              session_allows: Callable[[web.Request], bool]) -> web.Application:
+    """The admin port's app: Host allow-list, then the token check (or the dashboard's session cookie, by
+    ``session_allows``), then the API and ``metrics``. The caller adds the dashboard's own routes."""
 
     def misdirected() -> None:
         guards.misdirected += 1
 
     @web.middleware
     async def require_token(request: web.Request, handler):
-        if request.path.startswith("/api/") and not board.session_allows(request):
+        if request.path.startswith("/api/") and not session_allows(request):
             given = request.headers.get("Authorization")
-            if given is None or not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            if given is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _refuse_token(guards.login, request, presented=given is not None)
         return await handler(request)
 
@@ -96,32 +127,32 @@ def build_app(relay: Relay) -> web.Application:
         return _json({"ok": True})
 
     async def readyz(request: web.Request) -> web.Response:
-        ready = relay.readiness()
+        ready = api.status.readiness()
         return _json({"ready": ready.ready, "reason": ready.reason}, status=200 if ready.ready else 503)
 
     async def status(request: web.Request) -> web.Response:
-        return _json(relay.status())
+        return _json(api.status.snapshot().as_dict())
 
     async def sites(request: web.Request) -> web.Response:
-        return _json({"sites": relay.site_views()})
+        return _json({"sites": [site.as_dict() for site in api.status.registered_sites()]})
 
     async def audit(request: web.Request) -> web.Response:
-        return _json({"audit": relay.registry.audit_entries()})
+        return _json({"audit": api.registry.audit_entries()})
 
     async def routes(request: web.Request) -> web.Response:
-        return _json({"listener_routes": [r.as_dict() for r in relay.registry.routes()],
-                      "destinations": [d.as_dict() for d in relay.registry.destinations()]})
+        return _json({"listener_routes": [r.as_dict() for r in api.registry.routes()],
+                      "destinations": [d.as_dict() for d in api.registry.destinations()]})
 
     def bound(handler):
         async def handle(request: web.Request) -> web.Response:
-            return await handler(relay, request)
+            return await handler(api, request)
         return handle
 
-    host_check = guard.host_allowlist(relay.settings.admin.host_names(), on_refused=misdirected)
+    host_check = guard.host_allowlist(api.settings.admin.host_names(), on_refused=misdirected)
     app = web.Application(middlewares=[host_check, require_token], client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics.handler(relay, guards))  # no token, like /healthz: see relay.metrics
+    app.router.add_get("/metrics", metrics)  # no token, like /healthz: see relay.metrics
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/sites", sites)
     app.router.add_post("/api/sites", bound(_add_site))
@@ -134,7 +165,6 @@ def build_app(relay: Relay) -> web.Application:
     app.router.add_delete("/api/routes/{listener}/{called_ae}", bound(_remove_route))
     app.router.add_post("/api/sites/{name}/destinations", bound(_add_destination))
     app.router.add_delete("/api/sites/{name}/destinations/{called_ae}", bound(_remove_destination))
-    dashboard.add_routes(app, board)
     return app
 
 
@@ -150,90 +180,91 @@ def _refuse_token(limiter: RateLimiter, request: web.Request, *, presented: bool
                  status=401, headers={"WWW-Authenticate": 'Bearer realm="tunnel-relay"'})
 
 
-async def _add_site(relay: Relay, request: web.Request) -> web.Response:
+async def _add_site(api: AdminApi, request: web.Request) -> web.Response:
     body = await _body(request)
     name = body.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         return _json({"error": "name must be 1-63 characters of a-z, 0-9 and '-'"}, status=400)
-    ttl = body.get("token_ttl", relay.settings.enrollment.token_ttl)
+    ttl = body.get("token_ttl", api.settings.enrollment.token_ttl)
     if not isinstance(ttl, int | float) or not 0 < ttl <= 30 * 86400:
         return _json({"error": "token_ttl must be a number of seconds, at most 30 days"}, status=400)
     now = time.time()
-    outcome = relay.registry.add_site(name, now, actor="admin-api")
+    outcome = api.registry.add_site(name, now, actor="admin-api")
     secret = secrets.token_urlsafe(32)
-    relay.registry.add_token(name, secret, now, now + ttl, actor="admin-api")
-    token = EnrollmentToken(relay.public_url(), pki.ca_fingerprint(relay.settings.state_dir), secret)
+    api.registry.add_token(name, secret, now, now + ttl, actor="admin-api")
+    url = public_url(api.settings, api.tunnel_port)
+    token = EnrollmentToken(url, pki.ca_fingerprint(api.settings.state_dir), secret)
     return _json({"site": name, "outcome": outcome, "token": token.encode(), "expires_at": now + ttl,
-                  "relay_url": token.relay_url, "configured_routes": relay.has_routes(name)})
+                  "relay_url": token.relay_url, "configured_routes": api.sites.has_routes(name)})
 
 
-async def _revoke_site(relay: Relay, request: web.Request) -> web.Response:
+async def _revoke_site(api: AdminApi, request: web.Request) -> web.Response:
     name = request.match_info["name"]
     why = (await _body(request)).get("reason", "")
     try:
-        serials = relay.registry.revoke_site(name, time.time(), actor="admin-api", why=str(why)[:200])
+        serials = api.registry.revoke_site(name, time.time(), actor="admin-api", why=str(why)[:200])
     except RegistryError as exc:
         return _json({"error": str(exc)}, status=404)
-    closed = await relay.enforce_revocations()
+    closed = await api.revocations.enforce()
     return _json({"site": name, "revoked_certificates": serials, "closed_sessions": closed})
 
 
-async def _revoke_certificate(relay: Relay, request: web.Request) -> web.Response:
+async def _revoke_certificate(api: AdminApi, request: web.Request) -> web.Response:
     serial = request.match_info["serial"].lower()
     why = (await _body(request)).get("reason", "")
     try:
-        site = relay.registry.revoke_certificate(serial, time.time(), actor="admin-api", why=str(why)[:200])
+        site = api.registry.revoke_certificate(serial, time.time(), actor="admin-api", why=str(why)[:200])
     except RegistryError as exc:
         return _json({"error": str(exc)}, status=404)
-    closed = await relay.enforce_revocations()
+    closed = await api.revocations.enforce()
     return _json({"serial": serial, "site": site, "closed_sessions": closed})
 
 
-async def _add_route(relay: Relay, request: web.Request) -> web.Response:
+async def _add_route(api: AdminApi, request: web.Request) -> web.Response:
     body = await _body(request)
     listener = body.pop("listener", None)
-    if not isinstance(listener, str) or relay.settings.listener(listener) is None:
-        known = ", ".join(li.name for li in relay.settings.listeners) or "none"
+    if not isinstance(listener, str) or api.settings.listener(listener) is None:
+        known = ", ".join(li.name for li in api.settings.listeners) or "none"
         return _json({"error": f"listener must name a configured [[listeners]] entry ({known})"}, status=400)
     try:
         route = ListenerRoute.model_validate(body)
     except pydantic.ValidationError as exc:
         return _json({"error": _first_error(exc)}, status=400)
     record = RouteRecord(listener, route.called_ae, route.site, route.route, tuple(route.allowed_calling_aes))
-    return _apply(relay, lambda: relay.registry.add_route(record, time.time(), actor="admin-api"),
+    return _apply(api, lambda: api.registry.add_route(record, time.time(), actor="admin-api"),
                   record.as_dict(), status=201)
 
 
-async def _remove_route(relay: Relay, request: web.Request) -> web.Response:
+async def _remove_route(api: AdminApi, request: web.Request) -> web.Response:
     listener, called_ae = request.match_info["listener"], request.match_info["called_ae"]
-    return _apply(relay, lambda: relay.registry.remove_route(listener, called_ae, time.time(), actor="admin-api"),
+    return _apply(api, lambda: api.registry.remove_route(listener, called_ae, time.time(), actor="admin-api"),
                   {"listener": listener, "called_ae": called_ae, "removed": True})
 
 
-async def _add_destination(relay: Relay, request: web.Request) -> web.Response:
+async def _add_destination(api: AdminApi, request: web.Request) -> web.Response:
     site = request.match_info["name"]
     try:
         dest = DestinationConfig.model_validate(await _body(request))
     except pydantic.ValidationError as exc:
         return _json({"error": _first_error(exc)}, status=400)
     record = DestinationRecord(site, dest.called_ae, dest.host, dest.port, tuple(dest.allowed_calling_aes))
-    return _apply(relay, lambda: relay.registry.add_destination(record, time.time(), actor="admin-api"),
+    return _apply(api, lambda: api.registry.add_destination(record, time.time(), actor="admin-api"),
                   record.as_dict(), status=201)
 
 
-async def _remove_destination(relay: Relay, request: web.Request) -> web.Response:
+async def _remove_destination(api: AdminApi, request: web.Request) -> web.Response:
     site, called_ae = request.match_info["name"], request.match_info["called_ae"]
-    return _apply(relay, lambda: relay.registry.remove_destination(site, called_ae, time.time(), actor="admin-api"),
+    return _apply(api, lambda: api.registry.remove_destination(site, called_ae, time.time(), actor="admin-api"),
                   {"site": site, "called_ae": called_ae, "removed": True})
 
 
-def _apply(relay: Relay, change, answer: dict, status: int = 200) -> web.Response:
+def _apply(api: AdminApi, change, answer: dict, status: int = 200) -> web.Response:
     """Write ``change`` to the registry and route with it at once; a refused change is a 409."""
     try:
         change()
     except RegistryError as exc:
         return _json({"error": str(exc)}, status=409)
-    relay.reload_routing()
+    api.sites.reload_routing(api.registry)
     return _json(answer, status=status)
 
 
@@ -243,9 +274,9 @@ def _first_error(exc: pydantic.ValidationError) -> str:
     return f"{where}: {error['msg']}"
 
 
-async def _certificates(relay: Relay, request: web.Request) -> web.Response:
+async def _certificates(api: AdminApi, request: web.Request) -> web.Response:
     site = request.query.get("site")
-    return _json({"certificates": [c.as_dict() for c in relay.registry.certificates(site)]})
+    return _json({"certificates": [c.as_dict() for c in api.registry.certificates(site)]})
 
 
 async def _body(request: web.Request) -> dict:

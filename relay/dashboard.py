@@ -14,14 +14,14 @@ limiter (``[admin.login_rate_limit]``, ``relay.guard``); beyond it that source's
 429 with ``Retry-After``, and other sources are not affected. ``POST /logout`` needs the session's CSRF
 token, which the data API hands to the page's script.
 
-What it shows comes from the relay's own state (``Relay.status()``: the site condition decided by
-``tunnel_core.health.site_condition``, the agent's health report, the association tracker) plus two
+What it shows comes from the relay's status snapshot (``relay.status``: the site condition decided by
+``tunnel_core.health.site_condition``, the agent's health report, the associations in progress) plus two
 things only the dashboard keeps, sampled every ``SAMPLE_INTERVAL`` seconds: bytes per site (from the
 associations the tracker holds; an association's byte counts are final, and counted, when it ends, so a
 long transfer shows as throughput when it finishes) and the tracker's cumulative outcome counts every
 ``HISTORY_INTERVAL`` seconds in a ring buffer. Both are bounded in memory.
 
-Routes (added to the admin app by ``relay.admin.build_app``):
+Routes (:func:`add_routes`, on the admin app, which the composition root ``relay.server`` builds):
 - ``GET /login``, ``POST /login``, ``POST /logout``
 - ``GET /`` overview page, ``GET /sites/{name}`` one site's page (redirect to ``/login`` without a session)
 - ``GET /api/dashboard``, ``GET /api/dashboard/sites/{name}`` the pages' data (session cookie or bearer token)
@@ -38,26 +38,26 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from relay import guard
-from tunnel_core.health import site_condition
+from relay.sites import SiteTable
+from relay.status import RegisteredSite, RelayStatus, SiteStatus
+from tunnel_core.health import DestinationReport, Readiness
 from tunnel_core.ratelimit import RateLimiter, RateLimits
 from tunnel_link.aio import cancel_and_wait
-
-if TYPE_CHECKING:
-    from relay.server import Relay
-    from tunnel_link.associations import Association
+from tunnel_link.associations import Association, AssociationTracker
 
 log = logging.getLogger("relay.dashboard")
 
 __all__ = [
     "Dashboard",
+    "DashboardSource",
     "OutcomeHistory",
     "SessionStore",
     "TrafficMeter",
@@ -267,18 +267,33 @@ class TrafficMeter:
 # --- the views -------------------------------------------------------------------------------------------
 
 
+class DashboardSource(Protocol):
+    """What the dashboard reads of the relay (``relay.status.StatusSource``)."""
+
+    def snapshot(self) -> RelayStatus: ...
+
+    def readiness(self) -> Readiness: ...
+
+    def registered_sites(self) -> list[RegisteredSite]: ...
+
+
 class Dashboard:
     """The dashboard's state for one relay: sessions, sampled history, and the limiter its wrong logins count
-    against (shared with the admin API's bearer token; ``relay.guard``). Build in ``build_app``."""
+    against (shared with the admin API's bearer token; ``relay.guard``). Build with the status it shows, the
+    site table (routes and destinations of a site's page), the association tracker it samples, and the admin
+    token; then :func:`add_routes`."""
 
-    def __init__(self, relay: Relay, admin_token: str, login_limiter: RateLimiter | None = None) -> None:
-        self.relay = relay
+    def __init__(self, status: DashboardSource, sites: SiteTable, tracker: AssociationTracker, admin_token: str,
+                 login_limiter: RateLimiter | None = None) -> None:
+        self.status = status
+        self.sites = sites
+        self.tracker = tracker
         self._token = admin_token.encode()
         self.sessions = SessionStore()
         self.login_limiter = RateLimiter(RateLimits(), time.time()) if login_limiter is None else login_limiter
         self.history = OutcomeHistory()
         self.traffic = TrafficMeter()
-        relay.tracker.finish_listeners.append(lambda assoc: self.traffic.ended(assoc, time.time()))
+        tracker.finish_listeners.append(lambda assoc: self.traffic.ended(assoc, time.time()))
 
     def token_matches(self, given: str) -> bool:
         """Constant-time comparison with the admin token (surrounding whitespace ignored)."""
@@ -292,9 +307,8 @@ class Dashboard:
         return is_data_path(request.path) and self.session_of(request) is not None
 
     def sample(self, now: float) -> None:
-        tracker = self.relay.tracker
-        self.traffic.observe(tracker.active, now, self.relay.sites)
-        self.history.sample(tracker.outcomes, now)
+        self.traffic.observe(self.tracker.active, now, self.sites.sites)
+        self.history.sample(self.tracker.outcomes, now)
 
     async def sample_forever(self) -> None:
         while True:
@@ -305,34 +319,34 @@ class Dashboard:
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     def overview(self, now: float, session: Session | None) -> dict[str, Any]:
-        status = self.relay.status()
-        ready = self.relay.readiness()
+        status = self.status.snapshot()
+        ready = self.status.readiness()
         return {
             "now": now,
             "session": _session_view(session),
-            "relay": {"started": status["started"], "ready": ready.ready, "ready_reason": ready.reason,
-                      "process": status["process"], "active_associations": len(status["associations"])},
-            "sites": [self._site_row(s) for s in self._all_sites(status, now)],
-            "outcomes": {"interval_s": self.history.interval, "totals": status["outcomes"],
-                         "series": self.history.series(status["outcomes"], now)},
+            "relay": {"started": status.started, "ready": ready.ready, "ready_reason": ready.reason,
+                      "process": status.process.as_dict(), "active_associations": len(status.associations)},
+            "sites": [self._site_row(s) for s in self._all_sites(status, now, self.status.registered_sites())],
+            "outcomes": {"interval_s": self.history.interval, "totals": dict(status.outcomes),
+                         "series": self.history.series(status.outcomes, now)},
         }
 
     def site_detail(self, name: str, now: float, session: Session | None) -> dict[str, Any] | None:
-        status = self.relay.status()
-        views = self.relay.site_views()
-        registry = next((v for v in views if v["name"] == name), None)
-        row = next((s for s in self._all_sites(status, now, views) if s["name"] == name), None)
-        if row is None and registry is None:
+        status = self.status.snapshot()
+        registered = self.status.registered_sites()
+        record = next((r for r in registered if r.name == name), None)
+        row = next((s for s in self._all_sites(status, now, registered) if s.name == name), None)
+        if row is None and record is None:
             return None
-        state = self.relay.sites.get(name)
-        report = row["health"] if row else None
+        state = self.sites.sites.get(name)
+        report = row.health if row else None
         return {
             "now": now,
             "session": _session_view(session),
             "name": name,
             "site": self._site_row(row) if row else None,
-            "registry": registry,
-            "echo_destinations": report["destinations"] if report else [],
+            "registry": record.as_dict() if record else None,
+            "echo_destinations": [asdict(d) for d in report.destinations] if report else [],
             "relay_destinations": [
                 {"called_ae": d.name, "host": d.host, "port": d.port,
                  "allowed_calling_aes": sorted(d.allowed_calling_aes)}
@@ -340,40 +354,32 @@ class Dashboard:
             "listener_routes": [
                 {"listener": listener, "called_ae": r.called_ae, "route": r.route,
                  "allowed_calling_aes": sorted(r.allowed_calling_aes)}
-                for listener, table in self.relay.tables.items() for r in table.values() if r.site == name],
-            "active": [a for a in status["associations"] if a["site"] == name],
+                for listener, table in self.sites.tables.items() for r in table.values() if r.site == name],
+            "active": [a.as_dict() for a in status.associations if a.site == name],
             "recent": self.traffic.recent(name),
         }
 
-    def _all_sites(self, status: Mapping[str, Any], now: float,
-                   views: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """The sites of ``Relay.status()``, then every unrevoked site only the registry knows (enrolled, never
+    @staticmethod
+    def _all_sites(status: RelayStatus, now: float, registered: list[RegisteredSite]) -> list[SiteStatus]:
+        """The sites of the snapshot, then every unrevoked site only the registry knows (enrolled, never
         connected, no routes): those are down, for the reason ``site_condition`` gives a site never seen."""
-        sites = list(status["sites"])
-        known = {s["name"] for s in sites}
-        never = site_condition(connected=False, disconnect_reason="", report=None, report_at=None, now=now)
-        for view in self.relay.site_views() if views is None else views:
-            if view["name"] not in known and not view["revoked"]:
-                sites.append({"name": view["name"], "condition": never.condition.value, "reason": never.reason,
-                              "transport": None, "health": None, "health_age_s": None, "connected": False,
-                              "peer": None, "connected_since": None, "rtt_ms": None, "active_streams": 0,
-                              "connects": 0, "last_disconnect": None, "last_disconnect_reason": "",
-                              "certificate_serial": None, "certificate_not_after": None})
-        return sites
+        known = {s.name for s in status.sites}
+        return [*status.sites, *(SiteStatus.never_seen(r.name, now) for r in registered
+                                 if r.name not in known and not r.revoked)]
 
-    def _site_row(self, site: Mapping[str, Any]) -> dict[str, Any]:
-        report = site.get("health") or {}
-        rate = self.traffic.rate(site["name"])
-        to_site, from_site = self.traffic.totals(site["name"])
-        row = {k: v for k, v in site.items() if k != "health"}
+    def _site_row(self, site: SiteStatus) -> dict[str, Any]:
+        report = site.health
+        rate = self.traffic.rate(site.name)
+        to_site, from_site = self.traffic.totals(site.name)
+        row = {k: v for k, v in site.as_dict().items() if k != "health"}
         row.update({
             "throughput": {"to_site_bps": rate[0], "from_site_bps": rate[1]} if rate else None,
             "bytes": {"to_site": to_site, "from_site": from_site},
-            "echo": _echo_summary(report.get("destinations")) if report else None,
-            "host": report.get("host"),
-            "agent": {"version": report.get("version"), "rtt_ms": (report.get("tunnel") or {}).get("rtt_ms"),
-                      "reconnects": (report.get("tunnel") or {}).get("reconnects")} if report else None,
-            "agent_certificate": report.get("certificate"),
+            "echo": _echo_summary(report.destinations) if report else None,
+            "host": asdict(report.host) if report else None,
+            "agent": {"version": report.version, "rtt_ms": report.tunnel.rtt_ms,
+                      "reconnects": report.tunnel.reconnects} if report else None,
+            "agent_certificate": asdict(report.certificate) if report else None,
         })
         return row
 
@@ -382,18 +388,16 @@ def _session_view(session: Session | None) -> dict[str, Any] | None:
     return {"csrf": session.csrf, "expires": session.expires} if session else None
 
 
-def _echo_summary(destinations: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _echo_summary(destinations: Sequence[DestinationReport]) -> dict[str, Any]:
     """How the agent's C-ECHO checks of its PACS went: counts, worst latency, the first failure's reason."""
-    destinations = destinations or []
-    failing = [d for d in destinations if d["ok"] is False]
-    latencies = [d["latency_ms"] for d in destinations if d["ok"] and d["latency_ms"] is not None]
+    failing = [d for d in destinations if d.ok is False]
+    latencies = [d.latency_ms for d in destinations if d.ok and d.latency_ms is not None]
     return {
         "total": len(destinations),
-        "ok": sum(1 for d in destinations if d["ok"] is True),
+        "ok": sum(1 for d in destinations if d.ok is True),
         "failing": len(failing),
         "max_latency_ms": max(latencies) if latencies else None,
-        "first_failure": (f"{failing[0]['route']}: {failing[0]['last_failure_reason'] or 'no answer'}"
-                          if failing else None),
+        "first_failure": f"{failing[0].route}: {failing[0].last_failure_reason or 'no answer'}" if failing else None,
     }
 
 

@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from relay import guard, pki
-from relay.registry import RegistryError, TokenRefused, serial_hex
+from relay.config import RelaySettings
+from relay.identity import Admission, Identity
+from relay.registry import Registry, RegistryError, TokenRefused, serial_hex
+from tunnel_core.ratelimit import RateLimiter
 from tunnel_link.errors import LinkError
 from tunnel_link.innertls import InnerTlsError, inner_tls_server, read_line
-
-if TYPE_CHECKING:
-    from relay.server import Identity, Relay
 
 log = logging.getLogger("relay.enroll")
 
@@ -52,12 +55,34 @@ class Refused(Exception):
         self.status = status
 
 
-def add_routes(app: web.Application, relay: Relay) -> None:
-    """Route the enrollment endpoints on the tunnel app; every one but ``/ca`` is throttled per source.
+class WireGuardRegistrar(Protocol):
+    """Where a site registers its WireGuard key (``relay.wgtransport.RelayWireGuard``)."""
+
+    def register(self, site: str, public_key: str) -> dict[str, object]: ...
+
+    async def sync(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What the enrollment endpoints use: settings (CA, state directory, certificate lifetime), the open
+    registry, the admission check for renewals, where a renewal is told to the live tunnel
+    (``SiteTable.certificate_renewed``), the inner-TLS server context, and the WireGuard peers if any."""
+
+    settings: RelaySettings
+    registry: Registry
+    admission: Admission
+    renewed: Callable[[Identity, str, float], None]
+    inner_context: ssl.SSLContext
+    wireguard: WireGuardRegistrar | None = None
+
+
+def add_routes(app: web.Application, enrollment: Enrollment, limiter: RateLimiter) -> None:
+    """Route the enrollment endpoints on the tunnel app; every one but ``/ca`` is throttled per source
+    (``limiter``: ``[enrollment.rate_limit]``).
 
     Also strips aiohttp's ``Server`` version header from every response of ``app`` (the whole tunnel port:
     these routes and the tunnel's WebSocket upgrades alike)."""
-    limiter = relay.guards.enroll
 
     def bound(handler, *, throttled: bool = True):
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -65,7 +90,7 @@ def add_routes(app: web.Application, relay: Relay) -> None:
                 verdict = guard.attempt(limiter, request)
                 if not verdict.allowed:  # before the body is read: no registry row, no log line
                     return guard.throttled_response(verdict, "enrollment attempts")
-            return await handler(relay, request)
+            return await handler(enrollment, request)
         return handle
 
     app.router.add_get("/enroll/v1/ca", bound(_ca, throttled=False))
@@ -79,68 +104,68 @@ def add_routes(app: web.Application, relay: Relay) -> None:
 # --- the two operations, whatever carries them --------------------------------------------------------
 
 
-def enroll_with_token(relay: Relay, body: dict, remote: str | None) -> dict[str, object]:
+def enroll_with_token(enrollment: Enrollment, body: dict, remote: str | None) -> dict[str, object]:
     """Redeem ``body["token"]`` and sign ``body["csr"]`` for its site. The CSR is checked first: a request
     whose CSR would be refused raises :class:`Refused` (400) and leaves the token unredeemed."""
     _require_strings(body, ("token", "csr"))
     check_csr(body["csr"])
     try:
-        site = relay.registry.redeem_token(body["token"], time.time())
+        site = enrollment.registry.redeem_token(body["token"], time.time())
     except TokenRefused as exc:
         log.warning("enrollment from %s refused: %s", remote, exc)
         raise Refused(403, "token refused (unknown, used, expired or revoked)") from None
-    issued = _sign(relay, body["csr"], site, kind="enroll", actor=f"enroll:{remote}")
+    issued = _sign(enrollment, body["csr"], site, kind="enroll", actor=f"enroll:{remote}")
     log.info("site=%s enrolled from %s; certificate %s valid until %s", site, remote,
              serial_hex(issued.serial), issued.not_after.isoformat())
-    return _issued(relay, issued)
+    return _issued(enrollment, issued)
 
 
-def renew_as(relay: Relay, identity: Identity | None, body: dict) -> dict[str, object]:
+def renew_as(enrollment: Enrollment, identity: Identity | None, body: dict) -> dict[str, object]:
     if identity is None:
         raise Refused(403, "a valid site certificate is required to renew")
     _require_strings(body, ("csr",))
     check_csr(body["csr"])
-    issued = _sign(relay, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
-    relay.certificate_renewed(identity, serial_hex(issued.serial), issued.not_after.timestamp())
+    issued = _sign(enrollment, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
+    enrollment.renewed(identity, serial_hex(issued.serial), issued.not_after.timestamp())
     log.info("site=%s renewed certificate %s -> %s, valid until %s", identity.site, identity.serial,
              serial_hex(issued.serial), issued.not_after.isoformat())
-    return _issued(relay, issued)
+    return _issued(enrollment, issued)
 
 
 # --- HTTPS ------------------------------------------------------------------------------------------
 
 
-async def _ca(relay: Relay, request: web.Request) -> web.Response:
-    return web.Response(body=relay.settings.tunnel_ca_path.read_bytes(), content_type="application/x-pem-file")
+async def _ca(enrollment: Enrollment, request: web.Request) -> web.Response:
+    return web.Response(body=enrollment.settings.tunnel_ca_path.read_bytes(), content_type="application/x-pem-file")
 
 
-async def _enroll_http(relay: Relay, request: web.Request) -> web.Response:
+async def _enroll_http(enrollment: Enrollment, request: web.Request) -> web.Response:
     body = await _json_body(request)
-    return _answer(lambda: enroll_with_token(relay, body, request.remote))
+    return _answer(lambda: enroll_with_token(enrollment, body, request.remote))
 
 
-async def _renew_http(relay: Relay, request: web.Request) -> web.Response:
-    identity = relay.authenticate_request(request)
+async def _renew_http(enrollment: Enrollment, request: web.Request) -> web.Response:
+    identity = enrollment.admission.authenticate_request(request)
     body = await _json_body(request) if identity is not None else {}
-    return _answer(lambda: renew_as(relay, identity, body))
+    return _answer(lambda: renew_as(enrollment, identity, body))
 
 
-async def _wireguard_http(relay: Relay, request: web.Request) -> web.Response:
+async def _wireguard_http(enrollment: Enrollment, request: web.Request) -> web.Response:
     """Register the site's WireGuard key (mutual TLS): answers its tunnel address and the relay's peer data."""
-    identity = relay.authenticate_request(request)
+    identity = enrollment.admission.authenticate_request(request)
     if identity is None:
         return web.json_response({"error": "a valid site certificate is required"}, status=403)
-    if relay.wireguard is None:
+    if enrollment.wireguard is None:
         return web.json_response({"error": "this relay has no WireGuard transport"}, status=404)
     body = await _json_body(request)
     try:
         _require_strings(body, ("public_key",))
-        answer = relay.wireguard.register(identity.site, body["public_key"])
+        answer = enrollment.wireguard.register(identity.site, body["public_key"])
     except Refused as exc:
         return web.json_response({"error": str(exc)}, status=exc.status)
     except (ValueError, RegistryError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
-    await relay.wireguard.sync()
+    await enrollment.wireguard.sync()
     log.info("site=%s registered a WireGuard key; tunnel address %s", identity.site, answer["address_cidr"])
     return web.json_response(answer)
 
@@ -155,7 +180,7 @@ def _answer(operation) -> web.Response:
 # --- inside inner TLS (agents behind a TLS-inspecting proxy) ---------------------------------------------
 
 
-async def _inner(relay: Relay, request: web.Request) -> web.StreamResponse:
+async def _inner(enrollment: Enrollment, request: web.Request) -> web.StreamResponse:
     """One request over a WebSocket whose inner TLS ends here: a JSON line in, a JSON line out.
 
     ``{"op": "enroll", "token", "csr"}`` needs no client certificate (the secret is the credential, and
@@ -165,7 +190,7 @@ async def _inner(relay: Relay, request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_BODY * 2)
     await ws.prepare(request)
     try:
-        inner = await inner_tls_server(ws, relay.enroll_inner_context, INNER_TIMEOUT)
+        inner = await inner_tls_server(ws, enrollment.inner_context, INNER_TIMEOUT)
     except InnerTlsError as exc:
         log.warning("inner-TLS enrollment from %s failed: %s", request.remote, exc)
         return ws
@@ -180,11 +205,11 @@ async def _inner(relay: Relay, request: web.Request) -> web.StreamResponse:
         return ws
     try:
         if body.get("op") == "enroll":
-            answer = {"status": 200, **enroll_with_token(relay, body, request.remote)}
+            answer = {"status": 200, **enroll_with_token(enrollment, body, request.remote)}
         elif body.get("op") == "renew":
             der = inner.getpeercert(binary_form=True)
-            answer = {"status": 200, **renew_as(relay, relay.authenticate_der(der, request.remote, request.path),
-                                                body)}
+            identity = enrollment.admission.authenticate_der(der, request.remote, request.path)
+            answer = {"status": 200, **renew_as(enrollment, identity, body)}
         else:
             raise Refused(400, "op must be enroll or renew")
     except Refused as exc:
@@ -214,14 +239,14 @@ def check_csr(csr_pem: str) -> None:
         raise Refused(400, str(exc)) from None
 
 
-def _sign(relay: Relay, csr: str, site: str, *, kind: str, actor: str) -> pki.IssuedCertificate:
+def _sign(enrollment: Enrollment, csr: str, site: str, *, kind: str, actor: str) -> pki.IssuedCertificate:
     try:
-        issued = pki.sign_site_csr(relay.settings.state_dir, csr.encode(), site,
-                                   days=relay.settings.enrollment.certificate_days)
+        issued = pki.sign_site_csr(enrollment.settings.state_dir, csr.encode(), site,
+                                   days=enrollment.settings.enrollment.certificate_days)
     except pki.PkiError as exc:
         raise Refused(400, str(exc)) from None
     try:
-        relay.registry.record_certificate(serial_hex(issued.serial), site, kind, time.time(),
+        enrollment.registry.record_certificate(serial_hex(issued.serial), site, kind, time.time(),
                                           issued.not_after.timestamp(), actor)
     except RegistryError as exc:
         log.error("site=%s certificate not recorded: %s", site, exc)
@@ -229,11 +254,11 @@ def _sign(relay: Relay, csr: str, site: str, *, kind: str, actor: str) -> pki.Is
     return issued
 
 
-def _issued(relay: Relay, issued: pki.IssuedCertificate) -> dict[str, object]:
+def _issued(enrollment: Enrollment, issued: pki.IssuedCertificate) -> dict[str, object]:
     return {
         "site": issued.site,
         "certificate": issued.pem.decode(),
-        "ca": relay.settings.tunnel_ca_path.read_text(),
+        "ca": enrollment.settings.tunnel_ca_path.read_text(),
         "not_after": issued.not_after.timestamp(),
     }
 

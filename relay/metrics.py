@@ -1,8 +1,8 @@
 """The relay's Prometheus metrics: ``GET /metrics`` on the admin port, read from live state at scrape time.
 
-:class:`RelayCollector` takes one ``relay.status()`` snapshot per scrape (the same numbers the JSON API
-and the dashboard show, including each site's up/degraded/down decision of ``tunnel_core.health``) plus
-the association tracker's counters, and the agents' health reports for the C-ECHO results of the
+:class:`RelayCollector` takes one :class:`~relay.status.RelayStatus` snapshot per scrape (the same one the
+JSON API and the dashboard show, including each site's up/degraded/down decision of ``tunnel_core.health``)
+plus the association tracker's counters, and the agents' health reports for the C-ECHO results of the
 destinations behind them and their host metrics. Report-derived series exist only while the site is
 connected: a stale "echo ok" of a site that is gone would mislead; ``dicom_tunnel_site_up`` says it is
 gone.
@@ -19,14 +19,18 @@ token guards ``/api/`` only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tunnel_core.health import Condition
+from relay.guard import RelayGuards
+from relay.status import RelayStatus, SiteStatus
+from tunnel_core.health import Condition, Readiness
+from tunnel_link.associations import AssociationTracker
+from tunnel_link.gate import GatedTlsServer
 from tunnel_runtime.metrics import (
     PREFIX,
     association_families,
@@ -37,60 +41,58 @@ from tunnel_runtime.metrics import (
     tasks_family,
 )
 
-if TYPE_CHECKING:
-    from relay.guard import RelayGuards
-    from relay.server import Relay
-    from tunnel_link.gate import GatedTlsServer
 
-__all__ = ["RelayCollector", "handler", "registry_for"]
+class StatusReader(Protocol):
+    """What the collector reads of the relay (``relay.status.StatusSource``)."""
+
+    def snapshot(self) -> RelayStatus: ...
+
+    def readiness(self) -> Readiness: ...
 
 
-def registry_for(relay: Relay, guards: RelayGuards | None = None) -> CollectorRegistry:
+def registry_for(status: StatusReader, tracker: AssociationTracker, guards: RelayGuards | None = None,
+                 gate: GatedTlsServer | None = None) -> CollectorRegistry:
     """A registry of the relay's own metrics and the process's ``process_*`` metrics."""
-    return new_registry(RelayCollector(relay, guards))
+    return new_registry(RelayCollector(status, tracker, guards, gate))
 
 
-def handler(relay: Relay, guards: RelayGuards | None = None):
-    """The aiohttp handler for ``GET /metrics`` (``relay.admin`` routes it)."""
-    return metrics_handler(registry_for(relay, guards))
+def handler(status: StatusReader, tracker: AssociationTracker, guards: RelayGuards | None = None,
+            gate: GatedTlsServer | None = None):
+    """The aiohttp handler for ``GET /metrics`` (the composition root routes it on the admin port)."""
+    return metrics_handler(registry_for(status, tracker, guards, gate))
 
 
 class RelayCollector(Collector):
     """Collect at scrape time; call only on the relay's event loop (aiohttp handlers are). Without
-    ``guards`` the throttle and Host-refusal counters are left out."""
+    ``guards`` the throttle and Host-refusal counters are left out; without ``gate`` the tunnel port's."""
 
-    def __init__(self, relay: Relay, guards: RelayGuards | None = None) -> None:
-        self.relay = relay
+    def __init__(self, status: StatusReader, tracker: AssociationTracker, guards: RelayGuards | None = None,
+                 gate: GatedTlsServer | None = None) -> None:
+        self.status = status
+        self.tracker = tracker
         self.guards = guards
+        self.gate = gate
 
     def collect(self) -> Iterator[Metric]:
-        status = self.relay.status()
-        sites: list[dict[str, Any]] = status["sites"]
+        status = self.status.snapshot()
         yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when the relay is ready to take traffic (see /readyz)",
-                                value=1.0 if self.relay.readiness().ready else 0.0)
-        yield from _site_families(sites, self._active_by_site())
-        yield from association_families(self.relay.tracker)
-        reporting = [s for s in sites if s["connected"] and s["health"]]
-        yield from destination_families(
-            (([s["name"], d["route"]], d) for s in reporting for d in s["health"]["destinations"]), ["site"])
-        yield from host_families((([s["name"]], s["health"]["host"]) for s in reporting), ["site"])
+                                value=1.0 if self.status.readiness().ready else 0.0)
+        yield from _site_families(status)
+        yield from association_families(self.tracker)
+        # Report-derived series only while the site is connected: a stale "echo ok" would mislead.
+        reporting = [s for s in status.sites if s.connected and s.health is not None]
+        yield from destination_families((([s.name], d) for s in reporting for d in s.health.destinations), ["site"])
+        yield from host_families((([s.name], s.health.host) for s in reporting), ["site"])
         yield from _report_families(reporting)
-        yield from _wireguard_families(sites)
+        yield from _wireguard_families(status.sites)
         if self.guards is not None:
             yield from _guard_families(self.guards)
-        if self.relay.gate is not None:
-            yield from _gate_families(self.relay.gate)
-        yield tasks_family(status["process"]["tasks"])
-
-    def _active_by_site(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for assoc in self.relay.tracker.active.values():
-            if assoc.site:
-                counts[assoc.site] = counts.get(assoc.site, 0) + 1
-        return counts
+        if self.gate is not None:
+            yield from _gate_families(self.gate)
+        yield tasks_family(status.process.tasks)
 
 
-def _site_families(sites: list[dict[str, Any]], active: dict[str, int]) -> Iterator[Metric]:
+def _site_families(status: RelayStatus) -> Iterator[Metric]:
     up = GaugeMetricFamily(f"{PREFIX}_site_up", "1 while the site's agent has a tunnel to the relay",
                            labels=["site"])
     condition = GaugeMetricFamily(f"{PREFIX}_site_condition", "1 for the site's current condition "
@@ -107,36 +109,39 @@ def _site_families(sites: list[dict[str, Any]], active: dict[str, int]) -> Itera
                                "the site's live tunnel expires (Unix time)", labels=["site"])
     ignored = CounterMetricFamily(f"{PREFIX}_reports_ignored", "Health reports from the site's agent that did "
                                   "not parse and were ignored", labels=["site"])
-    for s in sites:
-        name = s["name"]
-        up.add_metric([name], 1.0 if s["connected"] else 0.0)
+    active: dict[str, int] = {}
+    for assoc in status.associations:
+        if assoc.site:
+            active[assoc.site] = active.get(assoc.site, 0) + 1
+    for s in status.sites:
+        up.add_metric([s.name], 1.0 if s.connected else 0.0)
         for c in Condition:
-            condition.add_metric([name, c.value], 1.0 if s["condition"] == c.value else 0.0)
-        if s["rtt_ms"] is not None:
-            rtt.add_metric([name], s["rtt_ms"] / 1000)
-        associations.add_metric([name], active.get(name, 0))
-        streams.add_metric([name], s["active_streams"])
-        connects.add_metric([name], s["connects"])
-        if s["certificate_not_after"] is not None:
-            expiry.add_metric([name], s["certificate_not_after"])
-        ignored.add_metric([name], s["reports_ignored"])
+            condition.add_metric([s.name, c.value], 1.0 if s.condition is c else 0.0)
+        if s.rtt_ms is not None:
+            rtt.add_metric([s.name], s.rtt_ms / 1000)
+        associations.add_metric([s.name], active.get(s.name, 0))
+        streams.add_metric([s.name], s.active_streams)
+        connects.add_metric([s.name], s.connects)
+        if s.certificate_not_after is not None:
+            expiry.add_metric([s.name], s.certificate_not_after)
+        ignored.add_metric([s.name], s.reports_ignored)
     yield from (up, condition, rtt, associations, streams, connects, expiry, ignored)
 
 
-def _wireguard_families(sites: list[dict[str, Any]]) -> Iterator[Metric]:
+def _wireguard_families(sites: Sequence[SiteStatus]) -> Iterator[Metric]:
     """Per site with a WireGuard peer, from ``wg show dump``: handshake age and bytes."""
     handshake = GaugeMetricFamily(f"{PREFIX}_wireguard_handshake_age_seconds", "Seconds since the latest "
                                   "WireGuard handshake with the site's agent", labels=["site"])
     transfer = CounterMetricFamily(f"{PREFIX}_wireguard_transfer_bytes", "Bytes through the site's WireGuard "
                                    "peer", labels=["site", "way"])
     for s in sites:
-        wg = s.get("wireguard")
-        if not wg:
+        wg = s.wireguard
+        if wg is None:
             continue
-        if wg["latest_handshake_age_s"] is not None:
-            handshake.add_metric([s["name"]], wg["latest_handshake_age_s"])
-        transfer.add_metric([s["name"], "rx"], wg["rx_bytes"])
-        transfer.add_metric([s["name"], "tx"], wg["tx_bytes"])
+        if wg.latest_handshake_age_s is not None:
+            handshake.add_metric([s.name], wg.latest_handshake_age_s)
+        transfer.add_metric([s.name, "rx"], wg.rx_bytes)
+        transfer.add_metric([s.name, "tx"], wg.tx_bytes)
     yield from (handshake, transfer)
 
 
@@ -161,7 +166,7 @@ def _gate_families(gate: GatedTlsServer) -> Iterator[Metric]:
                               "or did not finish within [tunnel] handshake_timeout", value=gate.handshake_failures)
 
 
-def _report_families(reporting: list[dict[str, Any]]) -> Iterator[Metric]:
+def _report_families(reporting: Sequence[SiteStatus]) -> Iterator[Metric]:
     age = GaugeMetricFamily(f"{PREFIX}_health_report_age_seconds", "Age of the latest health report from the "
                             "site's agent", labels=["site"])
     reconnects = CounterMetricFamily(f"{PREFIX}_agent_reconnects", "Reconnects the site's agent reports since "
@@ -169,11 +174,12 @@ def _report_families(reporting: list[dict[str, Any]]) -> Iterator[Metric]:
     info = GaugeMetricFamily(f"{PREFIX}_agent_info", "The version the site's agent reports (value 1)",
                              labels=["site", "version"])
     for s in reporting:
-        report = s["health"]
-        if s["health_age_s"] is not None:
-            age.add_metric([s["name"]], s["health_age_s"])
-        if report["tunnel"]["reconnects"] is not None:
-            reconnects.add_metric([s["name"]], report["tunnel"]["reconnects"])
-        info.add_metric([s["name"], report["version"]], 1.0)
+        report = s.health
+        assert report is not None
+        if s.health_age_s is not None:
+            age.add_metric([s.name], s.health_age_s)
+        if report.tunnel.reconnects is not None:
+            reconnects.add_metric([s.name], report.tunnel.reconnects)
+        info.add_metric([s.name, report.version], 1.0)
     yield from (age, reconnects, info)
 

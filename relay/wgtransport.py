@@ -22,18 +22,17 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from relay import pki
+from relay.config import RelaySettings
+from relay.registry import Registry
+from relay.status import WireGuardPeerStatus
 from tunnel_link.httpserver import serve_tcp
 from tunnel_wireguard.errors import WireGuardError
 from tunnel_wireguard.interface import WireGuardInterface
 from tunnel_wireguard.keys import generate_private_key, public_key_of, validate_key
-
-if TYPE_CHECKING:
-    from relay.server import Relay
 
 log = logging.getLogger("relay.wireguard")
 
@@ -41,20 +40,22 @@ KEY_FILE = "wg.key"
 
 
 class RelayWireGuard:
-    """Build with the relay; ``await start(stack)`` brings the interface up and serves the tunnel port."""
+    """Build with the settings and the open registry; ``await start(stack, app)`` brings the interface up and
+    serves ``app`` (the tunnel's WebSocket) on the relay's tunnel address."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.config = relay.settings.wireguard
+    def __init__(self, settings: RelaySettings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.config = settings.wireguard
         self.network = ipaddress.ip_interface(self.config.address).network
         self.interface = WireGuardInterface(implementation=self.config.implementation)
         self.public_key = ""
         self.by_address: dict[str, tuple[str, str]] = {}  # tunnel address -> (site, public key)
         self._lock = asyncio.Lock()
-        self._handshakes: dict[str, dict[str, object]] = {}
+        self._handshakes: dict[str, WireGuardPeerStatus] = {}
 
     async def start(self, stack: AsyncExitStack, app: web.Application) -> tuple[str, int]:
-        key_path = self.relay.settings.state_dir / KEY_FILE
+        key_path = self.settings.state_dir / KEY_FILE
         if not key_path.exists():
             generate_private_key(key_path)
         self.public_key = public_key_of(key_path)
@@ -66,7 +67,7 @@ class RelayWireGuard:
         await self.sync()
         await self.refresh()
         await serve_tcp(stack, app, c.relay_ip, c.tunnel_port,
-                        request_timeout=self.relay.settings.tunnel.request_deadline, logger_name="relay.http")
+                        request_timeout=self.settings.tunnel.request_deadline, logger_name="relay.http")
         log.info("wireguard up: interface %s (%s), udp %d, tunnel port %s:%d", c.interface,
                  self.interface.implementation, c.listen_port, c.relay_ip, c.tunnel_port)
         return c.relay_ip, c.tunnel_port
@@ -74,29 +75,29 @@ class RelayWireGuard:
     def endpoint(self) -> str:
         if self.config.endpoint:
             return self.config.endpoint
-        names = pki.relay_hostnames(self.relay.settings.state_dir)
+        names = pki.relay_hostnames(self.settings.state_dir)
         host = names[0] if names else "localhost"
         return f"[{host}]:{self.config.listen_port}" if ":" in host else f"{host}:{self.config.listen_port}"
 
     def register(self, site: str, public_key: str) -> dict[str, object]:
         """Record ``site``'s key (registry) and return what its agent needs; call ``sync()`` afterwards."""
         validate_key(public_key)
-        address = self.relay.registry.register_wg_peer(site, public_key, self.network, {self.config.relay_ip},
-                                                       time.time(), actor=f"wireguard:{site}")
+        address = self.registry.register_wg_peer(site, public_key, self.network, {self.config.relay_ip},
+                                                 time.time(), actor=f"wireguard:{site}")
         return {
             "site": site,
             "address_cidr": f"{address}/{self.network.prefixlen}",
             "relay_public_key": self.public_key,
             "relay_address": self.config.relay_ip,
             "endpoint": self.endpoint(),
-            "tunnel_url": f"ws://{self.config.relay_ip}:{self.config.tunnel_port}{self.relay.settings.tunnel.path}",
+            "tunnel_url": f"ws://{self.config.relay_ip}:{self.config.tunnel_port}{self.settings.tunnel.path}",
             "persistent_keepalive": self.config.persistent_keepalive,
         }
 
     async def sync(self) -> None:
         """Make the interface's peers equal to the registry's (unrevoked sites, current keys)."""
         async with self._lock:
-            wanted = {public_key: (site, address) for site, public_key, address in self.relay.registry.wg_peers()}
+            wanted = {public_key: (site, address) for site, public_key, address in self.registry.wg_peers()}
             try:
                 present = {p.public_key for p in (await asyncio.to_thread(self.interface.dump)).peers}
                 for public_key in present - wanted.keys():
@@ -115,7 +116,7 @@ class RelayWireGuard:
         entry = self.by_address.get(remote or "")
         return entry[0] if entry else None
 
-    def handshakes(self) -> dict[str, dict[str, object]]:
+    def handshakes(self) -> dict[str, WireGuardPeerStatus]:
         """Per site: latest handshake, bytes and endpoint, as of the last ``refresh()`` (the relay's sweep,
         once a second): status and metrics never run a subprocess on the event loop."""
         return self._handshakes
@@ -128,12 +129,12 @@ class RelayWireGuard:
             return
         now = time.time()
         sites = {public_key: site for site, public_key in self.by_address.values()}
-        result: dict[str, dict[str, object]] = {}
+        result: dict[str, WireGuardPeerStatus] = {}
         for peer in dump.peers:
             site = sites.get(peer.public_key)
             if site is not None:
                 age = peer.handshake_age(now)
-                result[site] = {"latest_handshake_age_s": round(age, 1) if age is not None else None,
-                                "rx_bytes": peer.transfer_rx, "tx_bytes": peer.transfer_tx,
-                                "endpoint": str(peer.endpoint) if peer.endpoint else None}
+                result[site] = WireGuardPeerStatus(latest_handshake_age_s=round(age, 1) if age is not None else None,
+                                                   rx_bytes=peer.transfer_rx, tx_bytes=peer.transfer_tx,
+                                                   endpoint=str(peer.endpoint) if peer.endpoint else None)
         self._handshakes = result

@@ -32,6 +32,7 @@ from relay.dashboard import (
     classify_outcome,
     is_data_path,
 )
+from relay.sites import SiteTable
 from tests.support.chromium import DevTools, start_chromium
 from tests.support.dcmtk import start_storescp, storescu
 from tests.support.ports import free_port
@@ -142,7 +143,7 @@ async def test_wrong_tokens_throttle_their_source_but_the_right_token_always_log
     """The login handler with its limiter wired in, in process (a stand-in relay: the login reads no relay
     state); one source on 127.0.0.1, another on 127.0.0.2. The real relay process: test_admin_hardening.py."""
     limiter = RateLimiter(RateLimits(per_source_burst=2, per_source_rate=1e-6, total_burst=1000))
-    board = dashboard.Dashboard(SimpleNamespace(tracker=AssociationTracker("t"), sites={}), "right-token", limiter)
+    board = dashboard.Dashboard(SimpleNamespace(), SiteTable([], []), AssociationTracker("t"), "right-token", limiter)
     app = web.Application()
     dashboard.add_routes(app, board)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client, \

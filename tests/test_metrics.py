@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.metrics import registry_for as relay_registry
+from relay.status import RelayStatus, SiteStatus
 from tests.support.dcmtk import echoscu, start_storescp, storescu
 from tests.support.ports import free_port
 from tests.support.procs import wait_until
@@ -32,9 +33,12 @@ from tests.support.stack import (
     start_relay,
 )
 from tunnel_agent.metrics import registry_for as agent_registry
+from tunnel_agent.status import AgentStatus, TransportStatus, WireGuardStatus
 from tunnel_core.dicom import AssociateRequest
+from tunnel_core.health import AgentState, Condition, parse_report
 from tunnel_demo.dataset import PHI_PATIENT_ID, PHI_PATIENT_NAME
 from tunnel_link.associations import DURATION_BUCKETS, AssociationTracker, DurationHistogram
+from tunnel_runtime.procstats import ProcessStats
 from tunnel_runtime.service import JsonFormatter
 
 ASSOCS = "dicom_tunnel_associations_total"
@@ -271,10 +275,13 @@ def test_duration_histogram_buckets_are_upper_bounds():
     assert hist.sum == pytest.approx(0.0 + 0.01 + 0.015 + DURATION_BUCKETS[-1] + 1)
 
 
-def _site(name: str, *, connected: bool, condition: str, report: dict | None = None) -> dict:
-    return {"name": name, "condition": condition, "connected": connected, "rtt_ms": 2.5 if connected else None,
-            "active_streams": 0, "connects": 3, "certificate_not_after": 1.9e9 if connected else None,
-            "health": report, "health_age_s": 4.0 if report else None, "reports_ignored": 0}
+def _site(name: str, *, connected: bool, condition: str, report: dict | None = None) -> SiteStatus:
+    return SiteStatus(name=name, condition=Condition(condition), reason="", transport=None, wireguard=None,
+                      health=parse_report(json.dumps(report).encode()) if report else None,
+                      health_age_s=4.0 if report else None, reports_ignored=0, connected=connected, peer=None,
+                      connected_since=None, rtt_ms=2.5 if connected else None, active_streams=0, connects=3,
+                      last_disconnect=None, last_disconnect_reason="", certificate_serial=None,
+                      certificate_not_after=1.9e9 if connected else None)
 
 
 REPORT = {
@@ -299,9 +306,10 @@ def test_relay_collector_reads_sites_and_health_reports():
     assoc.site = "hospital-a"
     sites = [_site("hospital-a", connected=True, condition="degraded", report=REPORT),
              _site("hospital-b", connected=False, condition="down", report=REPORT)]  # a stale report: not shown
-    relay = SimpleNamespace(tracker=tracker, gate=None, readiness=lambda: SimpleNamespace(ready=True),
-                            status=lambda: {"sites": sites, "process": {"tasks": 9}})
-    s = Scrape(generate_latest(relay_registry(relay)).decode())
+    snapshot = RelayStatus(started=0.0, sites=tuple(sites), associations=tuple(tracker.active.values()), outcomes={},
+                           process=ProcessStats(rss=1, fds=1, tasks=9))
+    relay = SimpleNamespace(readiness=lambda: SimpleNamespace(ready=True), snapshot=lambda: snapshot)
+    s = Scrape(generate_latest(relay_registry(relay, tracker)).decode())
     assert s.value("dicom_tunnel_site_up", site="hospital-a") == 1
     assert s.value("dicom_tunnel_site_up", site="hospital-b") == 0
     assert s.value("dicom_tunnel_site_condition", site="hospital-a", condition="degraded") == 1
@@ -324,17 +332,22 @@ def test_relay_collector_reads_sites_and_health_reports():
     assert s.value("dicom_tunnel_ready") == 1 and s.value("dicom_tunnel_asyncio_tasks") == 9
 
 
-def _agent_status(**extra) -> dict:
-    return {"state": "backoff", "last_error": "ConnectionRefusedError: x", "rtt_ms": None, "connects": 4,
-            "reconnects": 3, "associations": [], "active_streams": 0, "certificate_not_after": 1.9e9,
-            "renewals": 0, "renewal_error": "relay unreachable", "process": {"tasks": 5}, **extra}
+def _agent_status(**extra) -> AgentStatus:
+    fields = {"version": "0.1.0", "state": AgentState.BACKOFF, "relay_url": "wss://relay:8443/tunnel",
+              "connected_since": None, "rtt_ms": None, "active_streams": 0, "connects": 4,
+              "last_error": "ConnectionRefusedError: x", "next_attempt": None, "certificate_not_after": 1.9e9,
+              "renewals": 0, "renewal_error": "relay unreachable", "routes": (), "listener": None,
+              "associations": (), "outcomes": {}, "process": ProcessStats(rss=1, fds=1, tasks=5), "health": None,
+              "transport": TransportStatus()}
+    return AgentStatus(**{**fields, **extra})
 
 
-@pytest.mark.parametrize("health", [None, REPORT, {"destinations": "garbage", "host": 3}])
+# The last: a report with nothing in it where the agent's report has destinations and host numbers.
+@pytest.mark.parametrize("health", [None, REPORT, {"v": 1, "destinations": [], "host": 3}])
 def test_agent_collector_with_and_without_health(health):
-    extra = {} if health is None else {"health": health}
-    agent = SimpleNamespace(tracker=AssociationTracker("a"), status=lambda: _agent_status(**extra))
-    s = Scrape(generate_latest(agent_registry(agent)).decode())
+    extra = {} if health is None else {"health": parse_report(json.dumps(health).encode())}
+    assert _agent_status(**extra).reconnects == 3
+    s = Scrape(generate_latest(agent_registry(lambda: _agent_status(**extra), AssociationTracker("a"))).decode())
     assert s.value("dicom_tunnel_connected") == 0 and s.value("dicom_tunnel_ready") == 0
     assert s.value("dicom_tunnel_state", state="backoff") == 1
     assert s.value("dicom_tunnel_state", state="connected") == 0
@@ -356,22 +369,24 @@ def test_agent_transport_and_wireguard_metrics_come_from_its_status() -> None:
     from tunnel_agent.metrics import _transport_families
 
     class Fake:
-        def __init__(self, status):
-            self.status = status
+        def __init__(self, transport):
+            self.transport = transport
 
         def collect(self):
-            yield from _transport_families(self.status)
+            yield from _transport_families(self.transport)
 
-    def scrape(status) -> dict[tuple[str, tuple], float]:
+    def scrape(transport) -> dict[tuple[str, tuple], float]:
         registry = CollectorRegistry()
-        registry.register(Fake(status))
+        registry.register(Fake(transport))
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
 
-    wg = scrape({"transport": "wireguard",
-                 "wireguard": {"latest_handshake_age_s": 3.5, "rx_bytes": 100, "tx_bytes": 200}})
+    wg = scrape(TransportStatus("wireguard", "", WireGuardStatus(
+        interface="wgtunnel0", up=True, implementation="kernel", address="10.99.0.2/24", relay_address="10.99.0.1",
+        endpoint=None, latest_handshake_age_s=3.5, rx_bytes=100, tx_bytes=200, checked_at=None, retry_in_s=None,
+        last_error="")))
     assert wg[("dicom_tunnel_transport", (("transport", "wireguard"),))] == 1.0
     assert wg[("dicom_tunnel_wireguard_handshake_age_seconds", ())] == 3.5
     assert wg[("dicom_tunnel_wireguard_transfer_bytes_total", (("way", "tx"),))] == 200
-    plain = scrape({"transport": "websocket"})
+    plain = scrape(TransportStatus("websocket"))
     assert ("dicom_tunnel_wireguard_handshake_age_seconds", ()) not in plain

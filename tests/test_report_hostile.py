@@ -102,7 +102,7 @@ async def test_hostile_reports_are_ignored_in_one_line_and_the_tunnel_stays_up(r
 
 
 async def test_a_flood_of_bad_reports_cannot_flood_the_log(relay, tmp_path):
-    from relay.server import REPORT_LOG_BURST
+    from relay.sites import REPORT_LOG_BURST
 
     flood = 200
     async with raw_agent(relay.tunnel_port, tmp_path / "agent" / "certs") as raw:

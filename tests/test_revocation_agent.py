@@ -39,7 +39,7 @@ from tests.support.stack import (
 from tunnel_agent.cli import _human
 from tunnel_agent.connect import refusal_token
 from tunnel_core.codes import ErrorCode
-from tunnel_core.health import agent_readiness
+from tunnel_core.health import AgentState, agent_readiness
 from tunnel_core.refusal import (
     REFUSED_HEADER,
     RefusalKind,
@@ -141,9 +141,9 @@ def test_the_agent_reads_the_token_where_the_relay_puts_it():
 
 def test_readiness_and_the_human_status_say_revoked():
     line = refusal_from_token("site-revoked", site=SITE).describe()  # type: ignore[union-attr]
-    ready = agent_readiness(state="revoked", last_error=line)
+    ready = agent_readiness(state=AgentState.REVOKED, last_error=line)
     assert not ready.ready and ready.reason == line
-    assert agent_readiness(state="refused", last_error="").reason == "tunnel refused"
+    assert agent_readiness(state=AgentState.REFUSED, last_error="").reason == "tunnel refused"
     status = {"state": "revoked", "relay_url": "wss://relay.test:8443/tunnel", "reconnects": 0, "last_error": line,
               "next_attempt": time.time() + 3600, "routes": [], "listener": None, "associations": [], "health": None}
     text = _human(status)

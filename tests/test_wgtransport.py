@@ -228,9 +228,9 @@ def test_open_falls_back_with_the_reason_and_skips_wireguard_until_the_retry(tmp
     async def scenario() -> None:
         async with transport.open(fallback_opener(attempts)):
             status = transport.status()
-            assert status["transport"] == TRANSPORT_FALLBACK
-            assert "no tunnel over WireGuard within 1 s" in str(status["transport_reason"])
-            assert "UDP" in str(status["transport_reason"])
+            assert status.transport == TRANSPORT_FALLBACK
+            assert "no tunnel over WireGuard within 1 s" in status.reason
+            assert "UDP" in status.reason
         assert attempts == ["wireguard", "fallback"]
         clock.now += 30.0  # retry not due: straight to the fallback
         async with transport.open(fallback_opener(attempts)):
@@ -244,8 +244,8 @@ def test_open_falls_back_with_the_reason_and_skips_wireguard_until_the_retry(tmp
 
         transport._connect = works  # type: ignore[method-assign]
         async with transport.open(fallback_opener(attempts)):
-            assert transport.status()["transport"] == TRANSPORT_WIREGUARD
-            assert transport.status()["transport_reason"] == ""
+            assert transport.status().transport == TRANSPORT_WIREGUARD
+            assert transport.status().reason == ""
         assert attempts[-1] == "wireguard"
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
@@ -263,7 +263,7 @@ def test_open_registration_refused_falls_back_with_the_relays_reason(tmp_path: P
 
     async def scenario() -> None:
         async with transport.open(fallback_opener(attempts)):
-            assert transport.status()["transport_reason"] == "the relay does not offer WireGuard (404: not enabled)"
+            assert transport.status().reason == "the relay does not offer WireGuard (404: not enabled)"
         assert attempts == ["fallback"]
         assert transport.iface.name is None, "nothing was brought up"
 
@@ -284,8 +284,8 @@ def test_open_falls_back_whatever_breaks_the_wireguard_path(tmp_path: Path) -> N
 
     async def scenario() -> None:
         async with transport.open(fallback_opener(attempts)):
-            assert transport.status()["transport_reason"] == "tunnel over WireGuard failed: RuntimeError: " \
-                                                              "something unforeseen"
+            assert transport.status().reason == "tunnel over WireGuard failed: RuntimeError: " \
+                                                "something unforeseen"
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
     assert attempts == ["fallback"]
@@ -345,7 +345,7 @@ def test_status_shows_wireguard_health_from_the_dump(tmp_path: Path) -> None:
     dump = parse_dump(f"(none)\t{OUR_KEY}\t40000\toff\n{line}\n")
     transport.iface.dump = lambda: dump  # type: ignore[method-assign]
     asyncio.run(transport._refresh())
-    wg = transport.status()["wireguard"]
+    wg = transport.status().as_dict()["wireguard"]
     assert isinstance(wg, dict)
     assert (wg["endpoint"], wg["rx_bytes"], wg["tx_bytes"]) == ("192.0.2.7:51820", 1234, 5678)
     assert wg["address"] == "10.99.0.2/24" and wg["relay_address"] == "10.99.0.1"

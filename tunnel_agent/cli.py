@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from tunnel_agent.config import load_agent_settings
+from tunnel_core.health import AgentState
 from tunnel_link.tls import TlsConfigError, client_context
 from tunnel_runtime.service import run_service, setup_logging
 from tunnel_runtime.settings import ConfigError
@@ -139,14 +140,14 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         print(_human(status))
-    return 0 if status.get("state") == "connected" else 3
+    return 0 if status.get("state") == AgentState.CONNECTED else 3
 
 
 # What a state means for the on-call person, when the state's name alone does not say it.
 _STATE_NOTES = {
-    "revoked": "the relay revoked this site (or its certificate): it refuses the tunnel; see last error for "
+    AgentState.REVOKED: "the relay revoked this site (or its certificate): it refuses the tunnel; see last error for "
                "what to do",
-    "refused": "the relay refuses this site's certificate; see last error for what to do",
+    AgentState.REFUSED: "the relay refuses this site's certificate; see last error for what to do",
 }
 
 

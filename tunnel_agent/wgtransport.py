@@ -49,6 +49,7 @@ import aiohttp
 
 from tunnel_agent.connect import proxy_failure, target_of
 from tunnel_agent.proxy import choose_proxy
+from tunnel_agent.status import TransportStatus, WireGuardStatus
 from tunnel_core.codes import ErrorCode
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.session import MAX_MESSAGE_IN
@@ -291,28 +292,24 @@ class WireGuardTransport:
         await asyncio.to_thread(self._locked, self.iface.down)
         self._applied = None
 
-    def status(self) -> dict[str, object]:
-        """``transport``, ``transport_reason`` and ``wireguard`` (health from the latest dump) for the status."""
+    def status(self) -> TransportStatus:
+        """Which transport carries the tunnel, why, and the interface's health from the latest dump."""
         reg, peer, now = self.registration, self._peer, time.time()
         retry_in = None if self.plan.retry_at is None else max(0.0, self.plan.retry_at - self._clock())
-        return {
-            "transport": self.current,
-            "transport_reason": self.plan.reason,
-            "wireguard": {
-                "interface": self.config.interface,
-                "up": self.iface.name is not None,
-                "implementation": self.iface.implementation,
-                "address": reg.address_cidr if reg else None,
-                "relay_address": reg.relay_address if reg else None,
-                "endpoint": str(peer.endpoint) if peer and peer.endpoint else (reg.endpoint if reg else None),
-                "latest_handshake_age_s": _rounded(peer.handshake_age(now)) if peer else None,
-                "rx_bytes": peer.transfer_rx if peer else None,
-                "tx_bytes": peer.transfer_tx if peer else None,
-                "checked_at": self._peer_at,
-                "retry_in_s": _rounded(retry_in),
-                "last_error": self.last_error,
-            },
-        }
+        return TransportStatus(self.current, self.plan.reason, WireGuardStatus(
+            interface=self.config.interface,
+            up=self.iface.name is not None,
+            implementation=self.iface.implementation,
+            address=reg.address_cidr if reg else None,
+            relay_address=reg.relay_address if reg else None,
+            endpoint=str(peer.endpoint) if peer and peer.endpoint else (reg.endpoint if reg else None),
+            latest_handshake_age_s=_rounded(peer.handshake_age(now)) if peer else None,
+            rx_bytes=peer.transfer_rx if peer else None,
+            tx_bytes=peer.transfer_tx if peer else None,
+            checked_at=self._peer_at,
+            retry_in_s=_rounded(retry_in),
+            last_error=self.last_error,
+        ))
 
     async def probe(self) -> None:
         """Raise WireGuardPathError unless the relay's tunnel port answers a TCP connect through WireGuard."""

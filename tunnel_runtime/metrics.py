@@ -14,14 +14,14 @@ derived from a DICOM dataset (patient names, IDs, UIDs) is ever read here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from tunnel_core.health import DestinationReport, HostReport
 from tunnel_link.associations import AssociationTracker
 
 __all__ = [
@@ -79,11 +79,11 @@ def association_families(tracker: AssociationTracker) -> Iterator[Metric]:
     yield durations
 
 
-def destination_families(rows: Iterable[tuple[Sequence[str], Mapping[str, Any]]],
+def destination_families(rows: Iterable[tuple[Sequence[str], DestinationReport]],
                          labels: Sequence[str]) -> Iterator[Metric]:
-    """C-ECHO results of destinations behind an agent. ``rows``: (label values ending in the route name,
-    a destination dict of the health report: ``ok``, ``latency_ms``, ``last_success``, ``last_failure``).
-    A destination not checked yet (``ok`` is None) has no sample, rather than a misleading 0."""
+    """C-ECHO results of destinations behind an agent. ``rows``: (label values before the route name, a
+    destination of the health report). A destination not checked yet (``ok`` is None) has no sample,
+    rather than a misleading 0."""
     names = [*labels, "route"]
     ok = GaugeMetricFamily(f"{PREFIX}_destination_echo_ok", "1 if the latest C-ECHO of the destination "
                            "succeeded, 0 if it failed", labels=names)
@@ -93,19 +93,18 @@ def destination_families(rows: Iterable[tuple[Sequence[str], Mapping[str, Any]]]
                                 "When the destination last answered a C-ECHO (Unix time)", labels=names)
     failure = GaugeMetricFamily(f"{PREFIX}_destination_last_failure_timestamp_seconds",
                                 "When a C-ECHO of the destination last failed (Unix time)", labels=names)
-    for values, dest in rows:
-        values = list(values)
-        if isinstance(dest.get("ok"), bool):
-            ok.add_metric(values, 1.0 if dest["ok"] else 0.0)
-        _add(latency, values, dest.get("latency_ms"), scale=0.001)
-        _add(success, values, dest.get("last_success"))
-        _add(failure, values, dest.get("last_failure"))
+    for before, dest in rows:
+        values = [*before, dest.route]
+        if dest.ok is not None:
+            ok.add_metric(values, 1.0 if dest.ok else 0.0)
+        _add(latency, values, dest.latency_ms, scale=0.001)
+        _add(success, values, dest.last_success)
+        _add(failure, values, dest.last_failure)
     yield from (ok, latency, success, failure)
 
 
-def host_families(rows: Iterable[tuple[Sequence[str], Mapping[str, Any]]],
-                  labels: Sequence[str]) -> Iterator[Metric]:
-    """The agent's host metrics of a health report (``host``: cpu, memory, free disk, rss, fds)."""
+def host_families(rows: Iterable[tuple[Sequence[str], HostReport]], labels: Sequence[str]) -> Iterator[Metric]:
+    """The agent's host metrics of a health report (cpu, memory, free disk, rss, fds)."""
     specs = (
         ("cpu_percent", "agent_host_cpu_percent", "CPU use of the agent's host, percent"),
         ("memory_percent", "agent_host_memory_percent", "Memory use of the agent's host, percent"),
@@ -116,7 +115,7 @@ def host_families(rows: Iterable[tuple[Sequence[str], Mapping[str, Any]]],
     families = [(key, GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))) for key, name, doc in specs]
     for values, host in rows:
         for key, family in families:
-            _add(family, list(values), host.get(key))
+            _add(family, list(values), getattr(host, key))
     yield from (family for _, family in families)
 
 

@@ -1,0 +1,61 @@
+"""The relay's DICOM listeners: where cloud callers connect, as if to the hospital's PACS.
+
+Each ``[[listeners]]`` entry is one port. The A-ASSOCIATE-RQ is read (``tunnel_link.associations``),
+routed by called AE within that listener's own table (``tunnel_core.routing.decide_ingress``), the calling
+AE checked, and a stream opened to the site's agent carrying the request; refusals are A-ASSOCIATE-RJs
+the caller's DICOM tool understands. The table is looked up per association, so a route added or removed
+through the registry applies to the next association at once.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+from relay.config import ListenerConfig
+from relay.sites import SiteTable
+from tunnel_core.codes import TargetKind
+from tunnel_core.dicom import AssociateRequest, RejectReason
+from tunnel_core.frames import OpenPayload
+from tunnel_core.mux import ConnectionDraining, StreamLimitReached
+from tunnel_core.routing import Accept, decide_ingress
+from tunnel_link.associations import Association, AssociationTracker, IngressLimits, serve_caller
+from tunnel_link.errors import LinkError
+from tunnel_link.pipe import Pipe, PipeServer
+from tunnel_link.session import TunnelStream
+
+__all__ = ["route_caller", "serve_listener"]
+
+
+async def serve_listener(stack: AsyncExitStack, listener: ListenerConfig, sites: SiteTable,
+                         tracker: AssociationTracker) -> tuple[str, int]:
+    """Bind ``listener``'s port (closed with ``stack``); returns the address bound."""
+    limits = IngressLimits(listener.artim_timeout, listener.max_associate_rq)
+
+    async def on_caller(pipe: Pipe) -> None:
+        async def decide(req: AssociateRequest, assoc: Association) -> TunnelStream | RejectReason:
+            return await route_caller(sites, listener.name, req, assoc)
+        await serve_caller(pipe, limits=limits, decide=decide, tracker=tracker, direction="cloud-to-site")
+
+    server = PipeServer(on_caller)
+    bound = await server.start(listener.host, listener.port)
+    stack.push_async_callback(server.close)
+    return bound
+
+
+async def route_caller(sites: SiteTable, listener: str, req: AssociateRequest,
+                       assoc: Association) -> TunnelStream | RejectReason:
+    """A stream to the site the called AE names on ``listener``, carrying the request; else the reject."""
+    decision = decide_ingress(sites.tables.get(listener, {}), req.called_ae, req.calling_ae, sites.online())
+    if not isinstance(decision, Accept):
+        return decision.reason
+    assoc.site, assoc.route = decision.site, decision.route
+    site = sites.sites.get(decision.site)
+    session = site.session if site is not None else None
+    if session is None:
+        return RejectReason.SITE_OFFLINE
+    try:
+        return await session.open_stream(OpenPayload(TargetKind.ROUTE, decision.route, req.calling_ae))
+    except StreamLimitReached:
+        return RejectReason.CAPACITY
+    except (ConnectionDraining, LinkError):
+        return RejectReason.SITE_OFFLINE

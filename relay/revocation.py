@@ -1,0 +1,109 @@
+"""Live tunnels follow the registry: a revoked site or certificate, or an expired one, loses its tunnel.
+
+Theory of operation: the registry is the source of truth for who may connect, and any process may write
+it (the admin API, the CLI on the same state directory). :class:`RevocationSweep` re-checks every live
+tunnel against it and the clock once a second (``SWEEP_INTERVAL``), rebuilds the routing tables when
+another process wrote, and keeps the WireGuard peers equal to the registry's. The admin API runs
+:meth:`RevocationSweep.enforce` itself after a revocation, so the tunnel is gone when the command returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from relay.registry import Registry
+from relay.sites import SiteTable
+from tunnel_core.codes import ErrorCode
+from tunnel_link.aio import wait_for_events
+from tunnel_link.session import CLOSE_TIMEOUT, MuxSession
+
+__all__ = ["SWEEP_INTERVAL", "PeerSync", "RevocationSweep"]
+
+log = logging.getLogger("relay")
+
+SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the registry and the clock
+
+
+class PeerSync(Protocol):
+    """The WireGuard peers (``relay.wgtransport.RelayWireGuard``)."""
+
+    async def sync(self) -> None:
+        """Make the interface's peers equal to the registry's."""
+
+    async def refresh(self) -> None:
+        """Read the peers' handshakes and bytes for status and metrics."""
+
+
+class RevocationSweep:
+    """Build with the site table, the open registry and the WireGuard peers (None without ``[wireguard]``);
+    ``await run()`` until cancelled."""
+
+    def __init__(self, sites: SiteTable, registry: Registry, wireguard: PeerSync | None = None) -> None:
+        self.sites = sites
+        self.registry = registry
+        self.wireguard = wireguard
+
+    async def enforce(self, now: float | None = None, *, sync_wireguard: bool = True,
+                      wait: bool = True) -> list[str]:
+        """Close every live tunnel whose certificate is revoked, whose site is revoked, or that expired; and
+        (``sync_wireguard``) bring the WireGuard peers in line with the registry first. Returns the sites
+        closed.
+
+        Closing sends GOAWAY ``REVOKED`` and never waits on the peer (``MuxSession.close_nowait``), so one
+        stalled site cannot delay this for the others. Only WireGuard removals wait, all together and for
+        at most ``CLOSE_TIMEOUT``, so that the GOAWAY leaves through the tunnel before its peer goes.
+        With ``wait`` (the admin API: the tunnel is gone when the command returns) it then waits, again
+        for all together and bounded, until the closed sessions have ended; the sweep does not wait."""
+        now = time.time() if now is None else now
+        closed = await self._close_removed_wireguard_peers(sync_wireguard)
+        ending: list[MuxSession] = []
+        live = {s.serial: s for s in self.sites.live() if not s.session.closing and s.serial is not None}
+        refused = self.registry.refused_among(live)
+        for serial, site in live.items():
+            if serial in refused:
+                reason = f"certificate {serial} refused: {refused[serial].value}"
+            elif site.not_after is not None and now >= site.not_after:
+                reason = f"certificate {serial} expired"
+            else:
+                continue
+            session = site.session
+            assert session is not None
+            log.warning("tunnel=%s closing: %s", site.name, reason, extra={"tunnel": site.name, "reason": reason})
+            session.close_nowait(ErrorCode.REVOKED, reason)
+            ending.append(session)
+            closed.append(site.name)
+        if wait and ending:
+            await wait_for_events([s.ended for s in ending], 2 * CLOSE_TIMEOUT)
+        return closed
+
+    async def _close_removed_wireguard_peers(self, sync: bool) -> list[str]:
+        """WireGuard tunnels of sites the registry no longer lists as peers, closed (awaited, bounded) before
+        the peers are synced; returns their sites."""
+        if self.wireguard is None:
+            return []
+        allowed = {site for site, _key, _address in self.registry.wg_peers()}
+        closing = [site for site in self.sites.live() if not site.session.closing
+                   and site.transport == "wireguard" and site.name not in allowed]
+        for site in closing:
+            log.warning("tunnel=%s closing: WireGuard peer removed", site.name, extra={"tunnel": site.name})
+        await asyncio.gather(*(site.session.close(ErrorCode.REVOKED, "WireGuard peer removed (site revoked)")
+                               for site in closing))
+        if sync or closing:
+            await self.wireguard.sync()
+        return [site.name for site in closing]
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                changed = self.sites.routing_changed(self.registry)  # another process wrote
+                if changed:
+                    self.sites.reload_routing(self.registry)
+                await self.enforce(sync_wireguard=changed, wait=False)
+                if self.wireguard is not None:
+                    await self.wireguard.refresh()
+            except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry
+                log.exception("revocation sweep failed")
