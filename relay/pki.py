@@ -43,7 +43,7 @@ __all__ = [
     "ca_fingerprint",
     "certificate_fingerprint",
     "init_ca",
-    "issue_cert_for_tests",
+    "issue_client_cert",
     "issue_server_cert",
     "issue_site_cert",
     "relay_hostnames",
@@ -162,7 +162,7 @@ def issue_site_cert(state_dir: Path, site: str, out_dir: Path, days: int = 30) -
     """Issue a client certificate for ``site`` into ``out_dir`` (agent.key 0600, agent.crt, ca.crt)."""
     _check_site_name(site, PkiError)
     now = _now()
-    return issue_cert_for_tests(
+    return issue_client_cert(
         state_dir,
         out_dir,
         common_name=site,
@@ -171,7 +171,7 @@ def issue_site_cert(state_dir: Path, site: str, out_dir: Path, days: int = 30) -
     )
 
 
-def issue_cert_for_tests(
+def issue_client_cert(
     state_dir: Path,
     out_dir: Path,
     *,
@@ -181,11 +181,11 @@ def issue_cert_for_tests(
     extended_key_usages: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
     san_uris: Sequence[str] | None = None,
 ) -> SiteBundle:
-    """Issue an agent-style certificate with every knob exposed (expired, wrong EKU, odd SAN...).
+    """Issue an agent (client) certificate into ``out_dir`` with every field a parameter: the validity, the
+    extended key usages, the SAN URIs (default: the site URI for ``common_name``; ``[]`` for no SAN).
 
-    ``san_uris`` defaults to the site URI for ``common_name``; pass ``[]`` for no SAN at all.
-    Used by :func:`issue_site_cert`; tests call it directly to build bad certificates.
-    """
+    :func:`issue_site_cert` is the product's use (a valid site certificate); tests build odd ones with it
+    (expired, wrong EKU, no site URI) to check that the relay refuses them."""
     ca_cert, ca_key = _load_ca(state_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     uris = [SITE_URI_PREFIX + common_name] if san_uris is None else list(san_uris)

@@ -134,7 +134,7 @@ def test_exit_code_and_json():
 def site_certificate(tmp_path: Path, *, start: dt.datetime, end: dt.datetime) -> x509.Certificate:
     ca_dir = tmp_path / "ca"
     pki.init_ca(ca_dir)
-    bundle = pki.issue_cert_for_tests(ca_dir, tmp_path / "site", common_name=SITE, not_valid_before=start,
+    bundle = pki.issue_client_cert(ca_dir, tmp_path / "site", common_name=SITE, not_valid_before=start,
                                       not_valid_after=end)
     return x509.load_pem_x509_certificate(bundle.cert.read_bytes())
 
@@ -450,7 +450,7 @@ async def test_expired_certificate_fails_cert_and_skips_authentication(site):
     relay, agent, _pacs = site
     certs = agent.root / "certs"
     now = dt.datetime.now(dt.UTC)
-    pki.issue_cert_for_tests(relay.state_dir, certs, common_name=SITE, not_valid_before=now - dt.timedelta(days=2),
+    pki.issue_client_cert(relay.state_dir, certs, common_name=SITE, not_valid_before=now - dt.timedelta(days=2),
                              not_valid_after=now - dt.timedelta(days=1))
     steps = by_name(await diagnose(agent))
     assert steps["cert"].outcome is FAIL and "enroll again" in steps["cert"].hint

@@ -179,7 +179,7 @@ def _register(relay, bundle: pki.SiteBundle, kind: str = "manual") -> None:
 
 def _short_cert(relay, site: str, out: Path, *, age: float, left: float) -> pki.SiteBundle:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    bundle = pki.issue_cert_for_tests(relay.state_dir, out, common_name=site,
+    bundle = pki.issue_client_cert(relay.state_dir, out, common_name=site,
                                       not_valid_before=now - dt.timedelta(seconds=age),
                                       not_valid_after=now + dt.timedelta(seconds=left))
     _register(relay, bundle)
@@ -236,7 +236,7 @@ async def test_certificate_unknown_to_the_registry_is_refused(one_site, tmp_path
     relay, _agent = one_site
     # Signed by the relay CA but never recorded (e.g. a registry restored from an old backup).
     now = dt.datetime.now(dt.UTC)
-    pki.issue_cert_for_tests(relay.state_dir, tmp_path / "ghost", common_name="st-marys",
+    pki.issue_client_cert(relay.state_dir, tmp_path / "ghost", common_name="st-marys",
                              not_valid_before=now - dt.timedelta(minutes=1),
                              not_valid_after=now + dt.timedelta(days=1))
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:

@@ -130,7 +130,7 @@ def test_dlp_box_inner_mode_enrolls_and_renews(procs, tmp_path):
     assert result.returncode == 0, result.stderr
     # Renewal is due at once: replace the enrolled certificate by one two thirds through its life.
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    bundle = pki.issue_cert_for_tests(relay.state_dir, state, common_name="site-a",
+    bundle = pki.issue_client_cert(relay.state_dir, state, common_name="site-a",
                                       not_valid_before=now - dt.timedelta(hours=20),
                                       not_valid_after=now + dt.timedelta(hours=4))
     from relay.registry import Registry, serial_hex

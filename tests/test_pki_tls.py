@@ -26,7 +26,7 @@ from relay.pki import (
     SiteBundle,
     ca_fingerprint,
     init_ca,
-    issue_cert_for_tests,
+    issue_client_cert,
     issue_server_cert,
     issue_site_cert,
     site_from_certificate,
@@ -227,7 +227,7 @@ def test_site_from_certificate_rejects_odd_certs(pki: Pki, tmp_path: Path, kwarg
         "not_valid_before": _now(),
         "not_valid_after": _now() + dt.timedelta(days=1),
     }
-    bundle = issue_cert_for_tests(pki.state, tmp_path / "odd", **{**params, **kwargs})
+    bundle = issue_client_cert(pki.state, tmp_path / "odd", **{**params, **kwargs})
     with pytest.raises(CertificateIdentityError, match=why):
         site_from_certificate(_der(bundle.cert))
 
@@ -423,7 +423,7 @@ async def test_relay_rejects_cert_from_another_ca(pki: Pki, other_pki: Pki) -> N
 
 
 async def test_relay_rejects_expired_cert(pki: Pki, tmp_path: Path) -> None:
-    expired = issue_cert_for_tests(
+    expired = issue_client_cert(
         pki.state,
         tmp_path / "expired",
         common_name=SITE,
@@ -434,7 +434,7 @@ async def test_relay_rejects_expired_cert(pki: Pki, tmp_path: Path) -> None:
 
 
 async def test_relay_rejects_cert_without_client_auth(pki: Pki, tmp_path: Path) -> None:
-    wrong = issue_cert_for_tests(
+    wrong = issue_client_cert(
         pki.state,
         tmp_path / "server-eku",
         common_name=SITE,
