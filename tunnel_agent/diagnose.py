@@ -57,6 +57,7 @@ from tunnel_agent.peek import PeekError, describe_certificate, peek_certificate
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
 from tunnel_core.codes import ErrorCode
 from tunnel_core.errors import ProtocolError
+from tunnel_core.health import AgentState
 from tunnel_core.mux import Mux, PongReceived, Role, StreamOpened
 from tunnel_core.refusal import refusal_from_token
 from tunnel_link.errors import LinkError
@@ -322,6 +323,8 @@ async def run_diagnosis(settings: AgentSettings, environ: Mapping[str, str]) -> 
 
 
 class _Diagnosis:
+    """The steps in order (the module doc), each skipped when what it needs did not pass."""
+
     def __init__(self, settings: AgentSettings, environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.environ = environ
@@ -330,20 +333,19 @@ class _Diagnosis:
         self.ssl_ctx: ssl.SSLContext | None = None
         self.cert: x509.Certificate | None = None
         self.proxy: ProxyRoute | None = None
-        self.addresses: list[str] = []
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.path: _NetworkPath | None = None
 
     async def run(self) -> None:
         self._add(self._config())
         self._add(self._guarded("cert", ("config",), self._cert))
-        await self._step("DNS", ("config",), self._dns)
-        await self._step("TCP", ("DNS",), self._tcp)
+        path = self.path = _NetworkPath(self.settings, self.proxy, self.ssl_ctx, self.timeout)
+        await self._step("DNS", ("config",), path.dns)
+        await self._step("TCP", ("DNS",), path.tcp)
         if self.proxy is not None:
-            await self._step("proxy", ("TCP",), self._connect)
-        await self._step("TLS", ("TCP", "proxy"), self._tls)
+            await self._step("proxy", ("TCP",), path.connect)
+        await self._step("TLS", ("TCP", "proxy"), path.tls)
         await self.close()
-        await self._auth_and_relay()
+        await _TunnelCheck(self.settings, self.environ, self.ssl_ctx, self.cert, self.timeout).run(self.steps)
         for route in self.settings.routes:
             self._add(await self._echo(route))
         if not self.settings.routes:
@@ -360,13 +362,8 @@ class _Diagnosis:
         self._add(skipped or await check())
 
     async def close(self) -> None:
-        writer, self.writer, self.reader = self.writer, None, None
-        if writer is not None:
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), 2)
-            except (OSError, TimeoutError, ssl.SSLError):
-                pass
+        if self.path is not None:
+            await self.path.close()
 
     # --- config and certificate -------------------------------------------------------------------------
 
@@ -408,7 +405,39 @@ class _Diagnosis:
         key = self.settings.key_file
         return check_certificate(self.cert, key, stat.S_IMODE(key.stat().st_mode), dt.datetime.now(dt.UTC))
 
-    # --- the network path --------------------------------------------------------------------------------
+    # --- local destinations -------------------------------------------------------------------------------
+
+    async def _echo(self, route: AgentRoute) -> Step:
+        called = route.called_ae or DEFAULT_CALLED_AE
+        result = await asyncio.to_thread(partial(c_echo, route.host, route.port, called, CALLING_AE, ECHO_TIMEOUT,
+                                                 explain=_tcp_reason))
+        return echo_step(route.name, _hostport(route.host, route.port), called, result)
+
+
+
+
+class _NetworkPath:
+    """DNS, TCP, the proxy's CONNECT and TLS, on one connection to the relay (or the proxy), as this host
+    reaches it. Each check returns its step; ``close()`` ends the connection."""
+
+    def __init__(self, settings: AgentSettings, proxy: ProxyRoute | None, ssl_ctx: ssl.SSLContext | None,
+                 timeout: float) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.ssl_ctx = ssl_ctx
+        self.timeout = timeout
+        self.addresses: list[str] = []
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        writer, self.writer, self.reader = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except (OSError, TimeoutError, ssl.SSLError):
+                pass
 
     @property
     def _relay_target(self) -> str:
@@ -420,7 +449,7 @@ class _Diagnosis:
             return "proxy", self.proxy.host, self.proxy.port
         return "relay", self.settings.relay_host, urlsplit(self.settings.relay_url or "").port or 443
 
-    async def _dns(self) -> Step:
+    async def dns(self) -> Step:
         role, host, port = self._peer()
         began = time.monotonic()
         try:
@@ -437,7 +466,7 @@ class _Diagnosis:
         return Step("DNS", Outcome.OK,
                     f"{role} {host} -> {', '.join(self.addresses)} ({_ms(time.monotonic() - began)}{note})")
 
-    async def _tcp(self) -> Step:
+    async def tcp(self) -> Step:
         role, host, port = self._peer()
         failures: list[str] = []
         timed_out = False
@@ -469,7 +498,7 @@ class _Diagnosis:
                     f"firewall may also reject it: the hospital's firewall must allow outbound TCP to {where}")
         return Step("TCP", Outcome.FAIL, detail, hint)
 
-    async def _connect(self) -> Step:
+    async def connect(self) -> Step:
         """CONNECT to the relay over the TCP connection to the proxy (with the proxy's Basic credentials)."""
         proxy, target = self.proxy, self._relay_target
         assert proxy is not None and self.reader is not None and self.writer is not None
@@ -492,7 +521,7 @@ class _Diagnosis:
         return Step("proxy", Outcome.FAIL, f"proxy {proxy.address} refused CONNECT {target}: {status} {phrase}",
                     hint)
 
-    async def _tls(self) -> Step:
+    async def tls(self) -> Step:
         assert self.writer is not None and self.ssl_ctx is not None
         host = self.settings.relay_host
         if self.settings.tls_mode == "inner":
@@ -547,16 +576,33 @@ class _Diagnosis:
                   f"({exc.verify_message or _reason(exc)}): {presented}")
         return Step("TLS", Outcome.FAIL, detail, tls_failure_hint(host, der, ca_pem, dt.datetime.now(dt.UTC)))
 
-    # --- authentication and the relay ------------------------------------------------------------------------
 
-    async def _auth_and_relay(self) -> None:
+class _TunnelCheck:
+    """The ``auth`` and ``relay`` steps: the running agent's word if it is connected, else a tunnel of our
+    own and one mux PING through it."""
+
+    def __init__(self, settings: AgentSettings, environ: Mapping[str, str], ssl_ctx: ssl.SSLContext | None,
+                 cert: x509.Certificate | None, timeout: float) -> None:
+        self.settings = settings
+        self.environ = environ
+        self.ssl_ctx = ssl_ctx
+        self.cert = cert
+        self.timeout = timeout
+        self.steps: list[Step] = []
+
+    def _add(self, step: Step) -> None:
+        self.steps.append(step)
+
+    async def run(self, steps: list[Step]) -> None:
+        """Add the two steps to ``steps`` (the ones before them say whether to skip)."""
+        self.steps = steps
         skipped = skip_for("auth", self.steps, ("cert", "TLS"))
         if skipped is not None:
             self._add(skipped)
             self._add(Step("relay", Outcome.SKIP, skipped.detail))
             return
         status, status_url = await self._agent_status()
-        if status is not None and status.get("state") == "connected":
+        if status is not None and status.get("state") == AgentState.CONNECTED:
             rtt = status.get("rtt_ms")
             self._add(Step("auth", Outcome.OK, f"the running agent ({status_url}) is connected: the relay "
                                                "accepted this site's certificate"))
@@ -645,15 +691,6 @@ class _Diagnosis:
                         "the relay accepted the tunnel but does not speak the tunnel protocol through this path: "
                         "a proxy that buffers WebSockets? Check the relay's log")
         return Step("relay", Outcome.OK, f"the relay answered a tunnel PING, rtt {rtt * 1000:.1f} ms")
-
-    # --- local destinations -------------------------------------------------------------------------------
-
-    async def _echo(self, route: AgentRoute) -> Step:
-        called = route.called_ae or DEFAULT_CALLED_AE
-        result = await asyncio.to_thread(partial(c_echo, route.host, route.port, called, CALLING_AE, ECHO_TIMEOUT,
-                                                 explain=_tcp_reason))
-        return echo_step(route.name, _hostport(route.host, route.port), called, result)
-
 
 def _refused(exc: aiohttp.WSServerHandshakeError, relay_url: str) -> Step:
     if exc.status == 403:
