@@ -20,16 +20,14 @@ from tests.support.dcmtk import echoscu, start_storescp
 from tests.support.ports import free_port
 from tests.support.stack import AgentRoute, ListenerRoute, make_agent, make_relay, start_agent, start_relay
 from tunnel_agent.config import AgentSettings, load_agent_settings
-from tunnel_agent.wgtransport import (
-    TRANSPORT_FALLBACK,
-    TRANSPORT_WIREGUARD,
+from tunnel_agent.wgregistration import (
     Registration,
     WireGuardPathError,
-    WireGuardTransport,
     load_registration,
     parse_registration,
     save_registration,
 )
+from tunnel_agent.wgtransport import TRANSPORT_FALLBACK, TRANSPORT_WIREGUARD, WireGuardTransport
 from tunnel_core.codes import ErrorCode
 from tunnel_runtime.settings import ConfigError
 from tunnel_wireguard.plan import TransportPlan
