@@ -29,7 +29,7 @@ from tunnel_core.backoff import Backoff
 from tunnel_core.codes import ErrorCode
 from tunnel_core.health import AgentState
 from tunnel_core.mux import Mux, Role
-from tunnel_core.refusal import Refusal, refusal_from_goaway, refusal_from_token, retry_delay
+from tunnel_core.refusal import Refusal, RefusalKind, refusal_from_goaway, refusal_from_token, retry_delay
 from tunnel_link.session import MuxSession, TunnelStream
 from tunnel_link.tls import client_context
 
@@ -38,6 +38,7 @@ __all__ = ["CERTIFICATE_WATCH", "Tunnel"]
 log = logging.getLogger("agent")
 
 CERTIFICATE_WATCH = 2.0  # seconds between looks at cert_file while refused: a re-enrollment is tried at once
+_REFUSED_STATE = {RefusalKind.REVOKED: AgentState.REVOKED, RefusalKind.REFUSED: AgentState.REFUSED}
 
 
 class Tunnel:
@@ -90,7 +91,7 @@ class Tunnel:
             else:
                 delay = retry_delay(refusal, revoked_retry=self.settings.revoked_retry,
                                     refused_retry=self.settings.refused_retry)
-                self.state, self.last_error = AgentState(refusal.kind.value), refusal.describe()
+                self.state, self.last_error = _REFUSED_STATE[refusal.kind], refusal.describe()
                 log.error("%s; next attempt in %.0fs, or as soon as a new certificate is in place",
                           self.last_error, delay)
             self.next_attempt = time.time() + delay
