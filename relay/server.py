@@ -38,7 +38,7 @@ from relay.sites import SiteState, SiteTable
 from relay.status import StatusSource
 from relay.tunnel import TunnelEndpoints
 from relay.wgtransport import RelayWireGuard
-from tunnel_core.health import Readiness
+from tunnel_core.health import Readiness, relay_readiness
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import AssociationTracker
 from tunnel_link.gate import GatedTlsServer
@@ -168,7 +168,9 @@ class Relay:
         return self.table.online()
 
     def readiness(self) -> Readiness:
-        return self._started().status.readiness()
+        if self._running is None:
+            return relay_readiness(started=False, registry_ok=False)  # "starting"
+        return self._running.status.readiness()
 
     def status(self) -> dict[str, object]:
         """``GET /api/status`` (docs/api.md)."""
