@@ -35,6 +35,7 @@ from tunnel_link.associations import AssociationTracker, IngressLimits, serve_st
 from tunnel_link.innertls import InnerTlsError, InnerTlsFailure, InnerTlsWebSocket, inner_tls_server
 from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.sockets import tune
+from tunnel_link.transport import SUBPROTOCOLS
 
 __all__ = ["CONNECT_TIMEOUT", "INNER_HANDSHAKE_TIMEOUT", "PeerAddresses", "TunnelEndpoints"]
 
@@ -154,6 +155,6 @@ class TunnelEndpoints:
 async def _accept(request: web.Request) -> web.WebSocketResponse:
     """Upgrade to the tunnel's WebSocket: no compression, the mux's message bound, pings answered."""
     tune(request.transport)
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True)
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True, protocols=SUBPROTOCOLS)
     await ws.prepare(request)
     return ws

@@ -30,6 +30,7 @@ from tunnel_core.refusal import REFUSED_HEADER, token_of_close_message
 from tunnel_link.innertls import InnerTlsError, InnerTlsFailure, inner_tls_client
 from tunnel_link.session import MAX_MESSAGE_IN
 from tunnel_link.sockets import tune_socket
+from tunnel_link.transport import SUBPROTOCOLS
 
 if TYPE_CHECKING:
     from tunnel_agent.config import AgentSettings
@@ -114,7 +115,7 @@ async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings,
     via = proxy.request_kwargs() if proxy is not None else {}
     async with asyncio.timeout(settings.connect_timeout):
         return await http.ws_connect(tunnel_url(settings), compress=0, max_msg_size=MAX_MESSAGE_IN,
-                                     autoping=True, autoclose=True, **via)
+                                     autoping=True, autoclose=True, protocols=SUBPROTOCOLS, **via)
 
 
 def proxy_failure(proxy: ProxyRoute, target: str, exc: BaseException, timeout: float) -> ProxyError | None:

@@ -51,6 +51,7 @@ from tunnel_core.codes import ErrorCode
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.session import MAX_MESSAGE_IN
 from tunnel_link.sockets import tune_socket
+from tunnel_link.transport import SUBPROTOCOLS
 from tunnel_wireguard.dump import WgPeer
 from tunnel_wireguard.errors import WireGuardError
 from tunnel_wireguard.plan import TransportPlan
@@ -204,7 +205,7 @@ class WireGuardTransport:
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False))
         async with asyncio.timeout_at(deadline):
             ws = await http.ws_connect(reg.tunnel_url, compress=0, max_msg_size=MAX_MESSAGE_IN,
-                                       autoping=True, autoclose=True)
+                                       autoping=True, autoclose=True, protocols=SUBPROTOCOLS)
         tune_socket(ws.get_extra_info("socket"))
         return ws
 
