@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pydantic
 from aiohttp import web
@@ -58,25 +56,7 @@ from tunnel_core.ratelimit import RateLimiter
 from tunnel_core.token import EnrollmentToken
 from tunnel_runtime.settings import NAME_PATTERN
 
-ADMIN_TOKEN_FILE = "admin.token"
 MAX_BODY = 16 * 1024
-
-
-def admin_token(state_dir: Path) -> str:
-    """Read the admin token, creating it (0600, never overwritten) if it does not exist yet."""
-    path = state_dir / ADMIN_TOKEN_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    token = secrets.token_urlsafe(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    return token
 
 
 def public_url(settings: RelaySettings, tunnel_port: int) -> str:

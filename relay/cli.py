@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from relay import pki
-from relay.admin import admin_token
+from relay.admintoken import admin_token
 from relay.config import RelaySettings, load_relay_settings
 from relay.registry import Registry, RegistryError, serial_hex
 from tunnel_link.tls import TlsConfigError

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from relay import admin, dashboard, enroll, guard, listeners, metrics
+from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.identity import Admission
 from relay.registry import DestinationRecord, Registry, RouteRecord
@@ -140,7 +141,7 @@ class Relay:
     def _admin_app(self, running: _Running) -> web.Application:
         """The admin port: the API, ``/metrics`` and the dashboard, all reading ``running.status``."""
         s = self.settings
-        token = admin.admin_token(s.state_dir)
+        token = admin_token(s.state_dir)
         board = dashboard.Dashboard(running.status, self.table, self.tracker, token, self.guards.login)
         api = admin.AdminApi(s, running.registry, self.table, running.status, running.revocations,
                              self.bound["tunnel"][1])

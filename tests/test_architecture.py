@@ -136,3 +136,44 @@ def test_the_checker_sees_a_circle_and_a_floor_break() -> None:
     assert _circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert _circles({"a": {"b"}, "b": set()}) == []
     assert list(_imports("relay.server", ROOT / "relay" / "server.py"))  # it reads real imports
+
+
+# --- the size of the rooms ---------------------------------------------------------------------------
+
+MODULE_LINES = 800  # STYLE.md: modules under ~800 lines
+PROGRAM_CLASS_LINES = 200  # issue 11: no class over ~200 lines in the two programs
+# The relay's satellites: only its composition root (relay/server.py) knows them all and wires them up.
+RELAY_SATELLITES = {"relay.admin", "relay.dashboard", "relay.enroll", "relay.listeners", "relay.metrics",
+                    "relay.tunnel", "relay.wgtransport"}
+
+
+@pytest.mark.parametrize("package", sorted(PRODUCT))
+def test_no_module_of_the_product_is_a_god_module(package: str) -> None:
+    big = [f"{module}: {n} lines" for module, path in _modules(package)
+           if (n := len(path.read_text().splitlines())) > MODULE_LINES]
+    assert not big, "\n".join(big)
+
+
+@pytest.mark.parametrize("package", ["relay", "tunnel_agent"])
+def test_no_class_of_the_programs_is_a_hub(package: str) -> None:
+    big = []
+    for module, path in _modules(package):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and (n := node.end_lineno - node.lineno + 1) > PROGRAM_CLASS_LINES:
+                big.append(f"{module}.{node.name}: {n} lines")
+    assert not big, "\n".join(big)
+
+
+def test_only_the_relay_composition_root_knows_its_satellites() -> None:
+    wrong = []
+    for module, path in _modules("relay"):
+        if module in {"relay.server", *RELAY_SATELLITES}:
+            continue
+        wrong += [f"{module} imports {name}" for name in set(_imports(module, path)) & RELAY_SATELLITES]
+    server = set(_imports("relay.server", ROOT / "relay" / "server.py"))
+    assert RELAY_SATELLITES <= server, f"relay.server does not wire up {sorted(RELAY_SATELLITES - server)}"
+    for satellite in RELAY_SATELLITES:
+        path = ROOT / (satellite.replace(".", "/") + ".py")
+        wrong += [f"{satellite} imports {name}" for name in set(_imports(satellite, path))
+                  & (RELAY_SATELLITES | {"relay.server"}) - {satellite}]
+    assert not wrong, "satellites are wired by relay.server alone:\n" + "\n".join(wrong)
