@@ -65,3 +65,9 @@ class InvalidAeTitle(MalformedPdu):
         self.which = which
         self.title = title
         self.reason = reason
+
+
+class DatasetError(DicomError):
+    """The first bytes of a dataset are not well-formed in its transfer syntax (an element out of order, an
+    invalid VR, an undefined length where none may be, sequences nested too deep), or they are deflated.
+    Raised by ``tunnel_core.dicom.dataset.peek_elements`` only; a caller treats the elements as unknown."""
