@@ -18,13 +18,14 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from tunnel_core.dicom import dataset as ds
+from tunnel_core.dicom import uids
 from tunnel_core.errors import DatasetError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1234567890123456789"
 SYNTAXES = {
-    ds.IMPLICIT_VR_LITTLE_ENDIAN: (True, True),
-    ds.EXPLICIT_VR_LITTLE_ENDIAN: (False, True),
-    ds.EXPLICIT_VR_BIG_ENDIAN: (False, False),
+    uids.IMPLICIT_VR_LITTLE_ENDIAN: (True, True),
+    uids.EXPLICIT_VR_LITTLE_ENDIAN: (False, True),
+    uids.EXPLICIT_VR_BIG_ENDIAN: (False, False),
 }
 
 
@@ -79,8 +80,8 @@ def test_every_prefix_is_either_incomplete_or_right(syntax: str, undefined: bool
 
 
 def test_a_tag_that_is_absent_is_known_absent_once_the_walk_passed_it() -> None:
-    data = encoded(ds.EXPLICIT_VR_LITTLE_ENDIAN, undefined_sequences=False)
-    peek = ds.peek_elements(data, ds.EXPLICIT_VR_LITTLE_ENDIAN, [0x00200010])  # StudyID: not in the dataset
+    data = encoded(uids.EXPLICIT_VR_LITTLE_ENDIAN, undefined_sequences=False)
+    peek = ds.peek_elements(data, uids.EXPLICIT_VR_LITTLE_ENDIAN, [0x00200010])  # StudyID: not in the dataset
     assert peek == ds.Peek({}, True)
 
 
@@ -90,7 +91,7 @@ def test_the_whole_dataset_with_nothing_after_the_wanted_tag_is_incomplete() -> 
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, True
     write_dataset(buffer, d)
-    peek = ds.peek_elements(buffer.getvalue(), ds.IMPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
+    peek = ds.peek_elements(buffer.getvalue(), uids.IMPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
     assert peek.values == {ds.STUDY_INSTANCE_UID: STUDY.encode()}
     assert not peek.complete  # the stream may hold more: the caller knows when the dataset ended
 
@@ -102,19 +103,19 @@ def element(tag: int, vr: bytes, value: bytes) -> bytes:
 def test_elements_out_of_order_are_refused() -> None:
     data = element(0x00100010, b"PN", b"AB") + element(0x00080060, b"CS", b"CT")
     with pytest.raises(DatasetError, match="out of order"):
-        ds.peek_elements(data, ds.EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
+        ds.peek_elements(data, uids.EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
 
 
 def test_an_invalid_vr_is_refused() -> None:
     with pytest.raises(DatasetError, match="VR"):
-        ds.peek_elements(element(0x00080060, b"c\x00", b"CT"), ds.EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
+        ds.peek_elements(element(0x00080060, b"c\x00", b"CT"), uids.EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
 
 
 def test_an_undefined_length_on_a_short_vr_is_refused() -> None:
     # (0008,1140) with VR OB reserved + undefined length, whose first "item" is not an item tag.
     data = struct.pack("<HH", 0x0008, 0x1140) + b"OB\x00\x00" + b"\xff\xff\xff\xff" + element(0x00080060, b"CS", b"CT")
     with pytest.raises(DatasetError, match="item was expected"):
-        ds.peek_elements(data, ds.EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
+        ds.peek_elements(data, uids.EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
 
 
 def test_nesting_is_bounded() -> None:
@@ -122,12 +123,12 @@ def test_nesting_is_bounded() -> None:
     level = struct.pack("<HHI", 0x0008, 0x1140, ds.UNDEFINED_LENGTH) + struct.pack("<HHI", 0xFFFE, 0xE000,
                                                                                   ds.UNDEFINED_LENGTH)
     with pytest.raises(DatasetError, match="nested deeper"):
-        ds.peek_elements(level * (ds.MAX_DEPTH + 2), ds.IMPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
+        ds.peek_elements(level * (ds.MAX_DEPTH + 2), uids.IMPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
 
 
 def test_a_deflated_dataset_is_refused_up_front() -> None:
     with pytest.raises(DatasetError, match="deflated"):
-        ds.peek_elements(b"", ds.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
+        ds.peek_elements(b"", uids.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, [ds.STUDY_INSTANCE_UID])
 
 
 @settings(max_examples=400, deadline=None)
