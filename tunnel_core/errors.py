@@ -71,3 +71,10 @@ class DatasetError(DicomError):
     """The first bytes of a dataset are not well-formed in its transfer syntax (an element out of order, an
     invalid VR, an undefined length where none may be, sequences nested too deep), or they are deflated.
     Raised by ``tunnel_core.dicom.dataset.peek_elements`` only; a caller treats the elements as unknown."""
+
+
+class DimseError(DicomError):
+    """A DIMSE command set (PS3.7 §9.3, §10.3) that cannot be read: bytes outside group 0000, out of
+    order, cut short or wrong for their VR, a mandatory element missing, an unknown command field. The
+    only exception ``tunnel_core.dicom.dimse.decode_command`` lets escape, whatever the bytes. It is a
+    peer's fault: the message cannot be understood, so the association cannot go on in step (A-ABORT)."""
