@@ -18,14 +18,15 @@ or "C"); every other field is mandatory ("M") and its absence is an error. Whate
 ``DimseError`` escapes ``decode_command``.
 
 What is read leniently, and why (a tunnel carries other people's devices' traffic): trailing NUL and
-space padding are dropped from UI, AE and LO values, leading spaces from AE (PS3.5 §6.2: not
-significant); a zero-length value of a UI, AE, LO or AT element counts as absent; Priority, Status and
-the type IDs are carried as any 16-bit value, not refused when this module has no name for them; an
-ErrorComment is read byte for byte as Latin-1, so a comment in a national character set survives. What
-is refused: a UID that is not 1-64 printable ASCII characters without a backslash, an AE title that is
-not 1-16 of them, an ErrorComment over 64 characters, and a CommandDataSetType that contradicts the
-message type (a C-ECHO with a dataset, a C-STORE-RQ without one): the layer above would otherwise take
-the peer's dataset fragments for the next command.
+space padding are dropped from UI, AE and LO values, leading spaces from UI and AE (PS3.5 §6.2: not
+significant in AE, not allowed in UI); a zero-length value counts as absent (PS3.5 §7.1.1: no value), an
+error only where the element is mandatory; Priority, Status and the type IDs are carried as any 16-bit
+value, not refused when this module has no name for them; an ErrorComment is read byte for byte as
+Latin-1, so a comment in a national character set survives. What is refused: a UID that is not 1-64
+printable ASCII characters without a backslash, an AE title that is not 1-16 of them, an ErrorComment
+over 64 characters, and a CommandDataSetType that contradicts the message type (a C-ECHO with a dataset,
+a C-STORE-RQ without one): the layer above would otherwise take the peer's dataset fragments for the
+next command.
 
 Encoding writes the elements in ascending tag order, pads UI values with NUL and AE and LO values with a
 space to even length, and writes CommandDataSetType as 0x0101 (none) or 0x0001 (present; what dcmtk and
@@ -44,12 +45,12 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import ClassVar
 
+from tunnel_core.dicom.uids import COMMON_STORAGE_SOP_CLASSES, STORAGE_COMMITMENT_PUSH, VERIFICATION
 from tunnel_core.errors import DimseError
 
 DEFAULT_MAX_COMMAND_SET = 65536  # command sets are a few hundred bytes; anything near this is hostile
 DATASET_ABSENT = 0x0101  # CommandDataSetType: no dataset follows
 DATASET_PRESENT = 0x0001  # what we send when one does; on receipt any value but 0x0101 means one does
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 
 class CommandField(IntEnum):
@@ -167,43 +168,20 @@ def category(status: int) -> StatusCategory:
     return StatusCategory.FAILURE
 
 
-# SOP class names for describe(); pydicom's names. SOP class UIDs are not PHI, so others appear as is.
-SOP_CLASS_NAMES = {
-    "1.2.840.10008.1.1": "Verification SOP Class",
-    "1.2.840.10008.1.20.1": "Storage Commitment Push Model SOP Class",
-    "1.2.840.10008.3.1.2.3.3": "Modality Performed Procedure Step SOP Class",
-    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
-    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State Storage",
-    "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
-    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
-    "1.2.840.10008.5.1.4.1.1.20": "Nuclear Medicine Image Storage",
-    "1.2.840.10008.5.1.4.1.1.66": "Raw Data Storage",
-    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection Document Storage",
-    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage",
-    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
-    "1.2.840.10008.5.1.4.1.1.481.1": "RT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose Storage",
-    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set Storage",
-    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan Storage",
-    "1.2.840.10008.5.1.4.1.2.1.1": "Patient Root Query/Retrieve Information Model - FIND",
-    "1.2.840.10008.5.1.4.1.2.1.2": "Patient Root Query/Retrieve Information Model - MOVE",
-    "1.2.840.10008.5.1.4.1.2.1.3": "Patient Root Query/Retrieve Information Model - GET",
-    "1.2.840.10008.5.1.4.1.2.2.1": "Study Root Query/Retrieve Information Model - FIND",
-    "1.2.840.10008.5.1.4.1.2.2.2": "Study Root Query/Retrieve Information Model - MOVE",
-    "1.2.840.10008.5.1.4.1.2.2.3": "Study Root Query/Retrieve Information Model - GET",
-    "1.2.840.10008.5.1.4.31": "Modality Worklist Information Model - FIND",
+# SOP class names for describe(), as pydicom's keywords: the storage classes of ``uids`` and the services
+# below. SOP class UIDs are not PHI, so an unnamed one appears as is.
+SOP_CLASS_NAMES: dict[str, str] = {
+    VERIFICATION: "Verification",
+    STORAGE_COMMITMENT_PUSH: "StorageCommitmentPushModel",
+    "1.2.840.10008.3.1.2.3.3": "ModalityPerformedProcedureStep",
+    "1.2.840.10008.5.1.4.1.2.1.1": "PatientRootQueryRetrieveInformationModelFind",
+    "1.2.840.10008.5.1.4.1.2.1.2": "PatientRootQueryRetrieveInformationModelMove",
+    "1.2.840.10008.5.1.4.1.2.1.3": "PatientRootQueryRetrieveInformationModelGet",
+    "1.2.840.10008.5.1.4.1.2.2.1": "StudyRootQueryRetrieveInformationModelFind",
+    "1.2.840.10008.5.1.4.1.2.2.2": "StudyRootQueryRetrieveInformationModelMove",
+    "1.2.840.10008.5.1.4.1.2.2.3": "StudyRootQueryRetrieveInformationModelGet",
+    "1.2.840.10008.5.1.4.31": "ModalityWorklistInformationModelFind",
+    **{uid: keyword for keyword, uid in COMMON_STORAGE_SOP_CLASSES.items()},
 }
 
 
@@ -242,7 +220,7 @@ class _Message:
             parts.append(f"to={self.responded_to}")
         sop_class = getattr(self, "affected_sop_class_uid", None) or getattr(self, "requested_sop_class_uid", None)
         if sop_class is not None:
-            parts.append(f"class='{SOP_CLASS_NAMES.get(sop_class, sop_class)}'")
+            parts.append(f"class={SOP_CLASS_NAMES.get(sop_class, sop_class)}")
         status = getattr(self, "status", None)
         if status is not None:
             parts.append(f"status=0x{status:04X}({category(status).value})")
@@ -277,7 +255,7 @@ class _Response(_Message):
 @dataclass(frozen=True, slots=True)
 class CEchoRQ(_Request):
     message_id: int
-    affected_sop_class_uid: str = VERIFICATION_SOP_CLASS
+    affected_sop_class_uid: str = VERIFICATION
     command_field: ClassVar[CommandField] = CommandField.C_ECHO_RQ
     has_dataset: ClassVar[bool] = False
 
@@ -609,10 +587,10 @@ def _split(data: bytes) -> dict[int, bytes]:
 
 
 def _mandatory_us(elements: dict[int, bytes], element: int, name: str) -> int:
-    raw = elements.get(element)
-    if raw is None:
+    value = _read_us(elements.get(element, b""), name)
+    if value is None:
         raise DimseError(f"command set lacks {name} (0000,{element:04X})")
-    return _read_us(raw, name)
+    return value
 
 
 def _read_ul(raw: bytes, name: str) -> int:
@@ -621,21 +599,24 @@ def _read_ul(raw: bytes, name: str) -> int:
     return _UL.unpack(raw)[0]
 
 
-def _read_us(raw: bytes, name: str) -> int:
+def _read_us(raw: bytes, name: str) -> int | None:
+    if not raw:
+        return None
     if len(raw) != _US.size:
         raise DimseError(f"{name} (US) has value length {len(raw)}, not 2")
     return _US.unpack(raw)[0]
 
 
 def _read_ui(raw: bytes, name: str) -> str | None:
-    return _read_text(raw.rstrip(b"\x00 "), name, _MAX_UI)
+    return _read_text(raw, name, _MAX_UI)
 
 
 def _read_ae(raw: bytes, name: str) -> str | None:
-    return _read_text(raw.rstrip(b"\x00 ").lstrip(b" "), name, _MAX_AE)
+    return _read_text(raw, name, _MAX_AE)
 
 
 def _read_text(raw: bytes, name: str, limit: int) -> str | None:
+    raw = raw.rstrip(b"\x00 ").lstrip(b" ")
     if not raw:
         return None
     value = raw.decode("latin-1")  # never fails; the character check below refuses what is not ASCII
