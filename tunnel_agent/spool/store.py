@@ -28,10 +28,17 @@ The write path, step by step, and why each fsync is there:
 
 The forward path makes no fsync of its own, by design: ``claim`` (``ready/`` → ``sending/``),
 ``retry`` (back) and ``delivered`` (unlink) can each be lost only with the operating system (a power loss,
-a kernel crash), and losing one only makes an entry come back and be sent again. A process crash
-(SIGKILL, the OOM killer) loses nothing the kernel was already told, so ``possible_duplicates`` is exact
-for those and a lower bound after a power loss. ``quarantine`` does fsync (reason file, then its rename),
-because an operator must find both the entry and why it is there.
+a kernel crash), and losing one only makes an entry come back and be sent again — a duplicate, never a
+loss. After a process crash (SIGKILL, the OOM killer), which loses nothing the kernel was already told,
+replay's ``possible_duplicates`` is exactly the number of entries that were claimed and not yet settled
+(some of them may not have been sent at all); after a power loss it can miss entries whose claim or
+unlink was lost. ``quarantine`` does fsync (reason file, then its rename), because an operator must find
+both the entry and why it is there.
+
+After a restart, :meth:`Spool.open` replays the areas (:mod:`~tunnel_agent.spool.replay`) before anything
+else may happen. Errors: :class:`~tunnel_agent.spool.errors.SpoolFull` (answer 0xA700),
+:class:`~tunnel_agent.spool.errors.SpoolIOError`, :class:`~tunnel_agent.spool.errors.SpoolStateError` (a
+caller out of turn); after any of them nothing half-done is kept and the spool stays usable.
 
 Threading: every method may be called from any thread (the asyncio callers use ``asyncio.to_thread``).
 The spool's state is one :class:`~tunnel_agent.spool.ledger.Ledger` under one lock that is never held
