@@ -601,17 +601,16 @@ KILLS = 24
 KILL_DEADLINE = 120.0  # seconds for the whole loop; each kill takes well under one
 
 
-def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> tuple[str, bytes]:
-    """The child's first line, and what it wrote after it so far (read raw: nothing is left buffered)."""
+def _read_lines(proc: subprocess.Popen[bytes], count: int, timeout: float) -> bytes:
+    """Read the child's output (raw: nothing is left buffered) until it holds ``count`` whole lines."""
     assert proc.stdout is not None
     fd, got, end = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while b"\n" not in got:
+    while got.count(b"\n") < count:
         ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
         chunk = os.read(fd, 65536) if ready else b""
-        assert chunk, f"the spool writer said no first line in {timeout} s"
+        assert chunk, f"the spool writer wrote {len(got.splitlines())} of {count} lines in {timeout} s"
         got += chunk
-    line, _, rest = got.partition(b"\n")
-    return line.decode(), rest
+    return got
 
 
 def _check_after_kill(root: Path, lines: list[str], expected: set[str],
@@ -674,9 +673,10 @@ def test_sigkill_at_random_moments_loses_no_committed_entry(tmp_path: Path) -> N
             proc = subprocess.Popen([sys.executable, str(HELPER), str(root), "--first", str(kills * 10**6),
                                      "--seed", str(rng.randrange(2**32))], stdout=subprocess.PIPE, stderr=err)
         try:
-            first, out = _first_line(proc, timeout=30.0)
-            assert first == "open 0 0", first  # our own replay left nothing to replay
-            time.sleep(rng.uniform(0.0, 0.25))  # a random moment: the kill is what is tested, not a wait
+            # A random moment: after a random number of the child's lines (so it made progress however
+            # slow the disk), and a random fraction of an entry later.
+            out = _read_lines(proc, rng.randint(2, 40), timeout=30.0)
+            time.sleep(rng.uniform(0.0, 0.02))
             proc.send_signal(signal.SIGKILL)
             assert proc.stdout is not None
             out += proc.stdout.read()
@@ -690,7 +690,8 @@ def test_sigkill_at_random_moments_loses_no_committed_entry(tmp_path: Path) -> N
         assert proc.returncode == -signal.SIGKILL, \
             f"the writer died on its own (seed {seed}): {errors.read_text()[-2000:]}"
         kills += 1
-        lines = [first, *out.decode().split("\n")[:-1]]  # the last piece has no newline: dropped
+        lines = out.decode().split("\n")[:-1]  # the last piece has no newline: dropped
+        assert lines[0] == "open 0 0", lines[0]  # our own replay left nothing to replay
         committed += sum(1 for line in lines if line.startswith("C "))
         expected, report = _check_after_kill(root, lines, expected, gone)
         torn += report.removed_incoming
