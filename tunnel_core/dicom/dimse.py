@@ -43,7 +43,7 @@ import dataclasses
 import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tunnel_core.dicom.uids import COMMON_STORAGE_SOP_CLASSES, STORAGE_COMMITMENT_PUSH, VERIFICATION
 from tunnel_core.errors import DimseError
@@ -233,9 +233,12 @@ class _Message:
         return " ".join(parts)
 
 
+_PRIORITY_NAMES = {priority.value: priority.name for priority in Priority}
+
+
 def _describe_value(attribute: str, value: object) -> str:
-    if attribute == "priority" and value in Priority._value2member_map_:
-        return Priority(value).name
+    if attribute == "priority" and isinstance(value, int):
+        return _PRIORITY_NAMES.get(value, str(value))
     return str(value)
 
 
@@ -539,7 +542,7 @@ def decode_command(data: bytes, *, max_length: int = DEFAULT_MAX_COMMAND_SET) ->
     if spec is None:
         raise DimseError(f"command field 0x{field:04X} is unknown or not supported")
     has_dataset = _mandatory_us(elements, COMMAND_DATA_SET_TYPE, "CommandDataSetType") != DATASET_ABSENT
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # each value of the VR its field is typed with
     for name, element, vr, mandatory in spec.elements:
         raw = elements.get(element)
         value = None if raw is None else _READERS[vr](raw, name)
@@ -552,7 +555,7 @@ def decode_command(data: bytes, *, max_length: int = DEFAULT_MAX_COMMAND_SET) ->
     elif has_dataset != spec.dataset:
         announced = "announces a dataset" if has_dataset else "announces no dataset"
         raise DimseError(f"{spec.cls.command_field.wire_name} {announced}, which it never does")
-    return spec.cls(**values)  # type: ignore[arg-type]  # the table holds each class's own fields
+    return spec.cls(**values)
 
 
 def _split(data: bytes) -> dict[int, bytes]:
