@@ -78,3 +78,31 @@ class DimseError(DicomError):
     order, cut short or wrong for their VR, a mandatory element missing, an unknown command field. The
     only exception ``tunnel_core.dicom.dimse.decode_command`` lets escape, whatever the bytes. It is a
     peer's fault: the message cannot be understood, so the association cannot go on in step (A-ABORT)."""
+
+
+class UnrecognizedPdu(MalformedPdu):
+    """A PDU header whose type is none of the seven of PS3.8 §9.3 (A-ABORT reason 1, unrecognized PDU)."""
+
+
+class UnrecognizedPduParameter(MalformedPdu):
+    """An item or sub-item type where it is not allowed, e.g. a presentation-context result in an
+    A-ASSOCIATE-RQ (A-ABORT reason 4, unrecognized PDU parameter)."""
+
+
+class AssociationError(DicomError):
+    """The peer broke the upper-layer protocol of an association (PS3.8 §9): it must be aborted.
+
+    ``source`` and ``reason`` are the A-ABORT's (§9.3.8): source 2, the service provider, with reason
+    1 unrecognized PDU, 2 unexpected PDU, 4 unrecognized PDU parameter, 5 unexpected PDU parameter or
+    6 invalid PDU parameter value. ``abort_pdu`` is that A-ABORT: write it, then close the transport.
+    """
+
+    def __init__(self, message: str, *, source: int = 2, reason: int = 0) -> None:
+        super().__init__(message)
+        self.source = source
+        self.reason = reason
+
+    @property
+    def abort_pdu(self) -> bytes:
+        # type 0x07, reserved, length 4, reserved, reserved, source, reason
+        return bytes([0x07, 0, 0, 0, 0, 4, 0, 0, self.source, self.reason])
