@@ -9,6 +9,11 @@ from __future__ import annotations
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
+# The product's implementation class UID (a UUID-derived UID, PS3.5 §B.2): one value for every version;
+# the version name says which (the agent fills in its version).
+IMPLEMENTATION_CLASS_UID = "2.25.57736118667123254350919962985700389220"
+IMPLEMENTATION_VERSION_PREFIX = "DICOMTUNNEL_"  # + the version, cut to the field's 16 characters
+
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"  # retired, still sent by old devices
