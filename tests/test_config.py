@@ -173,6 +173,45 @@ def test_agent_routes(tmp_path: Path) -> None:
     assert settings.route("elsewhere") is None
 
 
+SPOOL_TOML = """relay_url = "wss://relay.example.org/tunnel"
+state_dir = "/srv/agent"
+[[destinations]]
+name = "cloud-ai"
+called_ae = "CLOUD-AI"
+mode = "spool"
+[[destinations]]
+name = "archive"
+called_ae = "ARCHIVE"
+"""
+
+
+def test_agent_destinations_default_to_passthrough_and_the_spool_to_the_state_dir(tmp_path: Path) -> None:
+    settings = load_agent_settings(_write(tmp_path, SPOOL_TOML))
+    assert [d.name for d in settings.spooled()] == ["cloud-ai"]
+    spool = settings.spooled()[0]
+    assert (spool.parallel, spool.max_attempts, spool.max_bytes) == (8, 10, 0)
+    assert spool.transfer_syntaxes == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    assert "1.2.840.10008.5.1.4.1.1.2" in spool.sop_classes  # CT Image Storage
+    assert settings.destinations[1].mode == "passthrough"
+    assert settings.spool.directory == Path("/srv/agent/spool")
+    assert settings.spool.max_bytes == 10 * 1024**3
+
+
+@pytest.mark.parametrize(("extra", "key", "reason"), [
+    ('[[destinations]]\nname = "cloud-ai"\ncalled_ae = "OTHER"\n', "destinations.2.name", "duplicate destination name"),
+    ('[[destinations]]\nname = "other"\ncalled_ae = "CLOUD-AI"\n', "destinations.2.called_ae",
+     "duplicate destination called_ae"),
+    ('[[destinations]]\nname = "x"\ncalled_ae = "X"\nsop_classes = ["1.2.x"]\n', "destinations.2.sop_classes",
+     "not UIDs"),
+    ('[[destinations]]\nname = "x"\ncalled_ae = "X"\nmode = "store"\n', "destinations.2.mode", "passthrough"),
+    ('[[destinations]]\nname = "x"\ncalled_ae = "X"\nparallel = 0\n', "destinations.2.parallel", "1"),
+])
+def test_agent_destination_errors_name_the_key(tmp_path: Path, extra: str, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_agent_settings(_write(tmp_path, SPOOL_TOML + extra))
+    assert key in str(caught.value) and reason in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("name", "loader"),
     [("relay.example.toml", load_relay_settings), ("agent.example.toml", load_agent_settings)],

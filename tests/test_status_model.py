@@ -33,7 +33,7 @@ SITE_KEYS = ["name", "condition", "reason", "transport", "wireguard", "health", 
              "last_disconnect_reason", "certificate_serial", "certificate_not_after"]
 AGENT_KEYS = ["version", "state", "relay_url", "connected_since", "rtt_ms", "active_streams", "connects",
               "reconnects", "last_error", "next_attempt", "certificate_not_after", "renewals", "renewal_error",
-              "routes", "listener", "associations", "outcomes", "process", "health", "transport",
+              "routes", "listener", "associations", "outcomes", "process", "health", "spool", "transport",
               "transport_reason"]
 REPORT = HealthReport(
     version="0.1.0", sent_at=100.0, report_interval=30.0,
@@ -114,7 +114,7 @@ def test_the_agent_status_is_shown_as_docs_api_md_says():
                       "last_error": "refused", "next_attempt": 99.0, "certificate_not_after": 1.9e9, "renewals": 1,
                       "renewal_error": "x", "routes": ["pacs"], "listener": "0.0.0.0:11112", "associations": [],
                       "outcomes": {"completed": 12}, "process": {"rss": 1, "fds": 2, "tasks": 3}, "health": None,
-                      "transport": "websocket", "transport_reason": ""}
+                      "spool": {}, "transport": "websocket", "transport_reason": ""}
     assert json.loads(json.dumps(answer))["state"] == "backoff"
     assert _agent(health=REPORT).as_dict()["health"] == REPORT.as_dict()
     assert _agent(connects=0).reconnects == 0

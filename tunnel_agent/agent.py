@@ -26,16 +26,19 @@ from tunnel_agent.config import AgentSettings
 from tunnel_agent.enroll import relay_url_mismatch, with_enrollment
 from tunnel_agent.health import HealthMonitor
 from tunnel_agent.renewal import Renewal
+from tunnel_agent.spool.service import SpoolService
 from tunnel_agent.status import AgentStatus, TransportStatus
 from tunnel_agent.tunnel import Tunnel
 from tunnel_agent.version import __version__
 from tunnel_agent.wgtransport import WireGuardTransport
+from tunnel_core.frames import OpenPayload
 from tunnel_core.health import AgentState, agent_readiness
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import AssociationTracker
+from tunnel_link.errors import LinkError
 from tunnel_link.httpserver import serve_tcp
 from tunnel_link.pipe import PipeServer
-from tunnel_link.session import MuxSession
+from tunnel_link.session import MuxSession, TunnelStream
 from tunnel_runtime.procstats import process_stats
 
 log = logging.getLogger("agent")
@@ -54,7 +57,9 @@ class Agent:
         self.renewal = Renewal(settings)
         self.wireguard = (WireGuardTransport(settings, session=lambda: self.tunnel.session)
                           if settings.transport == "wireguard" else None)
-        self.carrier = Carrier(settings, self.tracker, session=lambda: self.tunnel.session)
+        self.spool = SpoolService(settings, open_stream=self._open_stream) if settings.spooled() else None
+        self.carrier = Carrier(settings, self.tracker, session=lambda: self.tunnel.session,
+                               ingest=lambda: self.spool.ingest if self.spool else None)
         self.tunnel = Tunnel(settings, on_stream=self.carrier.relay_stream, site_name=self.renewal.site_name,
                              stopping=self._stopping, wireguard=self.wireguard, rand=rand)
         self.health = HealthMonitor(self.tunnel, self.renewal, settings.health, settings.routes,
@@ -73,7 +78,10 @@ class Agent:
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
             await self.start(stack)
-            for job in (self.tunnel.run(), self.renewal.run(), self.health.run()):
+            jobs = [self.tunnel.run(), self.renewal.run(), self.health.run()]
+            if self.spool is not None:
+                jobs.append(self.spool.run())
+            for job in jobs:
                 stack.push_async_callback(cancel_and_wait, asyncio.create_task(job))
             await self._stopping.wait()
             await self.tunnel.close("agent shutting down")
@@ -83,6 +91,9 @@ class Agent:
         s = self.settings
         if self.wireguard is not None:
             stack.push_async_callback(self.wireguard.close)  # the interface goes last, after the tunnel
+        if self.spool is not None:
+            await self.spool.start()  # replay before the listener takes a new instance
+            stack.callback(self.spool.close)
         self.bound["status"] = await serve_tcp(stack, self._status_app(), s.status.host, s.status.port,
                                                request_timeout=s.heartbeat_interval, logger_name="agent.http")
         if s.listener.enabled:
@@ -100,6 +111,13 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _open_stream(self, open_payload: OpenPayload) -> TunnelStream:
+        """A stream to the relay for the spool's forwarders; LinkError when there is no live tunnel."""
+        session = self.tunnel.session
+        if session is None or session.draining:
+            raise LinkError("no tunnel to the relay")
+        return await session.open_stream(open_payload)
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -127,6 +145,7 @@ class Agent:
             process=process_stats(),
             health=self.health.latest,
             transport=self.wireguard.status() if self.wireguard else TransportStatus(),
+            spool=self.spool.snapshot() if self.spool is not None and self.spool.ingest is not None else (),
         )
 
     def status(self) -> dict[str, object]:

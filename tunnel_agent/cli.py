@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from tunnel_agent.config import load_agent_settings
+from tunnel_agent.spool.errors import SpoolError
 from tunnel_core.health import AgentState
 from tunnel_link.tls import TlsConfigError, client_context
 from tunnel_runtime.service import run_service, setup_logging
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel-agent: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    except (TlsConfigError, OSError) as exc:  # unreadable certificates, a port already in use
+    except (TlsConfigError, OSError, SpoolError) as exc:  # unreadable certificates, a port in use, the spool
         print(f"tunnel-agent: cannot start: {exc}", file=sys.stderr)
         return 1
 

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tunnel_agent.proxy import ProxyConfig
+from tunnel_core.dicom.uids import COMMON_STORAGE_SOP_CLASSES, DEFAULT_TRANSFER_SYNTAXES, is_uid
 from tunnel_runtime.settings import (
     AETitle,
     DicomIngressConfig,
@@ -33,10 +34,12 @@ from tunnel_runtime.settings import (
 )
 
 __all__ = [
+    "AgentDestination",
     "AgentListenerConfig",
     "AgentRoute",
     "AgentSettings",
     "HealthConfig",
+    "SpoolConfig",
     "StatusConfig",
     "WireGuardAgentConfig",
     "load_agent_settings",
@@ -108,6 +111,52 @@ class AgentRoute(StrictModel):
     called_ae: AETitle | None = None
 
 
+Bytes = Annotated[int, Field(ge=0)]
+
+
+def _validate_uids(values: list[str]) -> list[str]:
+    bad = [v for v in values if not is_uid(v)]
+    if bad:
+        raise ValueError(f"not UIDs: {', '.join(repr(v[:70]) for v in bad[:3])}")
+    if len(set(values)) != len(values):
+        raise ValueError("lists a UID twice")
+    return values
+
+
+UidList = Annotated[list[str], Field(min_length=1), AfterValidator(_validate_uids)]
+
+
+class SpoolConfig(StrictModel):
+    """``[spool]``: where and how much the agent may hold for ``mode = "spool"`` destinations."""
+
+    directory: Path = Path()  # empty: {state_dir}/spool (0700; it holds patient data)
+    max_bytes: Bytes = 10 * 1024**3  # all destinations together; a full spool answers 0xA700
+    min_free_bytes: Bytes = 1024**3  # refuse new instances while the filesystem has less free than this
+    learn_interval: Seconds = 3600.0  # seconds between negotiations that learn what a destination accepts
+
+
+class AgentDestination(StrictModel):
+    """``[[destinations]]``: a cloud destination modalities send to through the agent (by ``called_ae``).
+
+    ``mode = "passthrough"`` (the default, and what an AE title without an entry gets) splices the
+    association to the cloud as it is. ``mode = "spool"``: the agent accepts the association itself, stores
+    each instance durably before answering, and forwards from the spool over ``parallel`` associations.
+    """
+
+    name: Name
+    called_ae: AETitle
+    mode: Literal["passthrough", "spool"] = "passthrough"
+    parallel: Annotated[int, Field(ge=1, le=64)] = 8
+    max_bytes: Bytes = 0  # 0: only [spool] max_bytes applies
+    retry_initial: Seconds = 1.0  # first retry delay of an instance (full-jitter exponential backoff)
+    retry_max: Seconds = 300.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10  # transient DIMSE failures before quarantine
+    # What the agent accepts from modalities until it has learned what the cloud destination accepts
+    # (a cold start with the relay offline), and what it asks the destination about when it learns.
+    sop_classes: UidList = Field(default_factory=lambda: list(COMMON_STORAGE_SOP_CLASSES.values()))
+    transfer_syntaxes: UidList = Field(default_factory=lambda: list(DEFAULT_TRANSFER_SYNTAXES))
+
+
 class AgentSettings(TomlSettings):
     """The whole agent configuration. Build with :func:`load_agent_settings`."""
 
@@ -146,6 +195,8 @@ class AgentSettings(TomlSettings):
     health: HealthConfig = Field(default_factory=HealthConfig)
     wireguard: WireGuardAgentConfig = Field(default_factory=WireGuardAgentConfig)
     routes: list[AgentRoute] = Field(default_factory=list)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    destinations: list[AgentDestination] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -161,6 +212,11 @@ class AgentSettings(TomlSettings):
                 data["wireguard"] = wireguard.model_copy(update={"key_file": state_dir / "wg.key"})
             elif wireguard is None:
                 data["wireguard"] = {"key_file": state_dir / "wg.key"}
+            spool = data.get("spool")
+            if spool is None or (isinstance(spool, dict) and not spool.get("directory")):
+                data["spool"] = {**(spool or {}), "directory": state_dir / "spool"}
+            elif isinstance(spool, SpoolConfig) and spool.directory == Path():
+                data["spool"] = spool.model_copy(update={"directory": state_dir / "spool"})
         return data
 
     @model_validator(mode="after")
@@ -168,6 +224,8 @@ class AgentSettings(TomlSettings):
         if self.backoff_initial > self.backoff_max:
             raise KeyProblem(("backoff_initial",), "must not exceed backoff_max")
         require_unique(self.routes, "name", ("routes",), "route name")
+        require_unique(self.destinations, "name", ("destinations",), "destination name")
+        require_unique(self.destinations, "called_ae", ("destinations",), "destination called_ae")
         listener, status = self.listener, self.status
         if listener.enabled and listener.port == status.port and hosts_overlap(listener.host, status.host):
             raise KeyProblem(("status", "port"), f"port {status.port} is already used by listener.port")
@@ -181,6 +239,10 @@ class AgentSettings(TomlSettings):
         host = urlsplit(self.relay_url or "").hostname
         assert host is not None  # guaranteed by _validate_relay_url
         return host
+
+    def spooled(self) -> list[AgentDestination]:
+        """The destinations in spool mode."""
+        return [d for d in self.destinations if d.mode == "spool"]
 
     def route(self, name: str) -> AgentRoute | None:
         return next((r for r in self.routes if r.name == name), None)

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tunnel_agent.spool.service import DestinationStatus
 from tunnel_agent.status import AgentStatus, TransportStatus
 from tunnel_core.health import AgentState
 from tunnel_link.associations import AssociationTracker
@@ -60,7 +61,41 @@ class AgentCollector(Collector):
         yield from destination_families((([], d) for d in (health.destinations if health else ())), [])
         yield from host_families([([], health.host)] if health else [], [])
         yield from _transport_families(status.transport)
+        yield from _spool_families(status.spool)
         yield tasks_family(status.process.tasks)
+
+
+# (name, kind, help, field of DestinationStatus): one sample per spool destination. Documented alerts
+# (docs/spool.md): oldest age above what the link should take, quarantine non-empty, bytes near the limit.
+_SPOOL = (
+    ("spool_instances", GaugeMetricFamily, "Instances held in the spool, not yet delivered", "instances"),
+    ("spool_bytes", GaugeMetricFamily, "Bytes held in the spool, not yet delivered", "bytes"),
+    ("spool_oldest_age_seconds", GaugeMetricFamily, "Age of the oldest instance still held", "oldest_age"),
+    ("spool_in_flight", GaugeMetricFamily, "Instances being forwarded now", "in_flight"),
+    ("spool_forwarded", CounterMetricFamily, "Instances delivered since the agent started", "forwarded"),
+    ("spool_forwarded_bytes", CounterMetricFamily, "Dataset bytes delivered since the agent started",
+     "forwarded_bytes"),
+    ("spool_retries", CounterMetricFamily, "Instances put back for a later try since the spool opened", "retries"),
+    ("spool_quarantined", GaugeMetricFamily, "Instances in quarantine (the destination refused them for good)",
+     "quarantined"),
+    ("spool_quarantined_bytes", GaugeMetricFamily, "Bytes in quarantine", "quarantined_bytes"),
+    ("spool_possible_duplicates", GaugeMetricFamily, "Instances in flight at the last crash, sent again",
+     "possible_duplicates"),
+    ("spool_forwarding_associations", GaugeMetricFamily, "Forwarding associations open now",
+     "associations_active"),
+)
+
+
+def _spool_families(destinations: tuple[DestinationStatus, ...]) -> Iterator[Metric]:
+    if not destinations:
+        return
+    for name, kind, doc, field in _SPOOL:
+        family = kind(f"{PREFIX}_{name}", doc, labels=["destination"])
+        for destination in destinations:
+            value = getattr(destination, field)
+            if value is not None:
+                family.add_metric([destination.name], value)
+        yield family
 
 
 def _transport_families(transport: TransportStatus) -> Iterator[Metric]:

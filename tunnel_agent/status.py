@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tunnel_agent.spool.service import DestinationStatus
 from tunnel_core.health import AgentState, HealthReport, Readiness, agent_readiness
 from tunnel_link.associations import Association
 from tunnel_runtime.procstats import ProcessStats
@@ -78,6 +79,7 @@ class AgentStatus:
     process: ProcessStats
     health: HealthReport | None  # the report last sent to the relay
     transport: TransportStatus
+    spool: tuple[DestinationStatus, ...] = ()  # the mode = "spool" destinations, by name
 
     @property
     def reconnects(self) -> int:
@@ -109,5 +111,6 @@ class AgentStatus:
             "outcomes": dict(self.outcomes),
             "process": self.process.as_dict(),
             "health": self.health.as_dict() if self.health is not None else None,
+            "spool": {d.name: d.as_dict() for d in self.spool},
             **self.transport.as_dict(),
         }

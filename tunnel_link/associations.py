@@ -181,7 +181,17 @@ def log_record(assoc: Association, duration: float) -> dict[str, object]:
 _RESET_FOR_INVALID_AE = {RejectReason.CALLED_AE_UNKNOWN: ErrorCode.UNKNOWN_ROUTE,
                          RejectReason.CALLING_AE_NOT_ALLOWED: ErrorCode.CALLING_AE_REFUSED}
 
-Decision = TunnelStream | RejectReason
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """A decision to answer the caller here instead of carrying it (the agent's spool destinations):
+    ``serve(pipe, first_bytes, association_id)`` runs the association to its end and returns
+    (outcome, bytes from the caller, bytes to the caller). ``route`` names it in status and logs."""
+
+    serve: Callable[[Pipe, bytes, str], Awaitable[tuple[str, int, int]]]
+    route: str
+
+
+Decision = TunnelStream | RejectReason | LocalAnswer
 Decide = Callable[[AssociateRequest, Association], Awaitable[Decision]]
 Choose = Callable[[AssociateRequest], Destination | ErrorCode]
 
@@ -202,6 +212,11 @@ async def serve_caller(pipe: Pipe, *, limits: IngressLimits, decide: Decide, tra
             if isinstance(decision, RejectReason):
                 outcome = f"rejected:{decision.name.lower()}"
                 await _answer_reject(pipe, decision, limits)
+                return
+            if isinstance(decision, LocalAnswer):
+                assoc.route = decision.route
+                outcome, assoc.bytes_from_caller, assoc.bytes_to_caller = await decision.serve(
+                    pipe, req.pdu + rest, assoc.id)
                 return
             assoc.bytes_from_caller = len(req.pdu) + len(rest)
             assoc.stream = decision.id
