@@ -6,7 +6,8 @@ start and wait). The mux settings are the programs' defaults: we measure what sh
     site -> cloud:  storescu -> agent listener (CLOUD | CLOUDECHO | CLOUDACC) -> relay destination -> sink
 
 The WAN measurement adds agents of their own sites (``wan-0``...) whose ``relay_url`` points at a delay
-proxy in front of the relay's tunnel port (the relay certificate carries IP SAN 127.0.0.1).
+proxy in front of the relay's tunnel port (the relay certificate carries IP SAN 127.0.0.1); each also has a
+spool destination (``CLOUDSPOOL``, forwarded to the same bulk sink).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from devkit.stack import (
 from tunnel_bench.paths import BenchPath, Endpoint
 from tunnel_bench.peers import Sinks
 
-__all__ = ["TunnelStack"]
+__all__ = ["SPOOL_AE", "TunnelStack"]
 
 SITE = "bench"
+SPOOL_AE = "CLOUDSPOOL"  # a WAN agent's spool destination (mode = "spool"), forwarded to the bulk sink
 START_TIMEOUT_S = 20.0
 AGENT_CONNECT_TIMEOUT_S = 10.0
 # (called AE on the relay listener, agent route name, called AE on the agent listener, sink attribute)
@@ -58,12 +60,18 @@ class TunnelStack:
         """The relay's config (one listener route per sink, the bench site, the WAN sites) and its CA."""
         routes = [ListenerRoute(relay_ae, SITE, route) for relay_ae, route, _, _ in ROUTES]
         sites = {SITE: [SiteDest(agent_ae, getattr(self.sinks, attr)) for _, _, agent_ae, attr in ROUTES]}
-        sites.update({site: [SiteDest("CLOUD", self.sinks.bulk_port)] for site in self.wan_sites})
+        sites.update({site: [SiteDest("CLOUD", self.sinks.bulk_port), SiteDest(SPOOL_AE, self.sinks.bulk_port)]
+                      for site in self.wan_sites})
         return make_relay(self.root / "relay", listener_routes=routes, sites=sites, procs=self.procs)
 
-    def _make_agent(self, site: str, routes: list[AgentRoute], relay_url: str | None = None) -> AgentHandle:
-        return make_agent(self.relay, site, self.root / f"agent-{site}", routes=routes, relay_url=relay_url,
-                          connect_timeout=AGENT_CONNECT_TIMEOUT_S, procs=self.procs)
+    def _make_agent(self, site: str, routes: list[AgentRoute], relay_url: str | None = None, *,
+                    spool: bool = False) -> AgentHandle:
+        root = self.root / f"agent-{site}"
+        extra = [f'state_dir = "{root / "state"}"'] if spool else []
+        sections = ["[[destinations]]", 'name = "cloud-spool"', f'called_ae = "{SPOOL_AE}"', 'mode = "spool"',
+                    "[spool]", "min_free_bytes = 0"] if spool else []
+        return make_agent(self.relay, site, root, routes=routes, relay_url=relay_url, extra=extra,
+                          sections=sections, connect_timeout=AGENT_CONNECT_TIMEOUT_S, procs=self.procs)
 
     @property
     def tunnel_port(self) -> int:
@@ -100,8 +108,9 @@ class TunnelStack:
         self.start()
 
     def wan_agent(self, index: int, proxy_port: int) -> AgentHandle:
-        """An agent for site ``wan-<index>`` whose relay_url is the delay proxy at ``proxy_port``."""
-        return self._make_agent(self.wan_sites[index], [], f"wss://127.0.0.1:{proxy_port}/tunnel")
+        """An agent for site ``wan-<index>`` whose relay_url is the delay proxy at ``proxy_port``. Its
+        listener carries ``CLOUD`` through (passthrough) and answers ``SPOOL_AE`` from its spool."""
+        return self._make_agent(self.wan_sites[index], [], f"wss://127.0.0.1:{proxy_port}/tunnel", spool=True)
 
     # --- the two paths ---------------------------------------------------------------------------------
 
