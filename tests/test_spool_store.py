@@ -259,6 +259,28 @@ def test_spool_full_mid_write_discards_the_writer_and_gives_its_bytes_back(root:
         assert put(spool, b"y" * 45_000).record.size == 45_000  # the bytes were released
 
 
+def test_every_way_out_of_the_spool_gives_its_bytes_back(root: Path) -> None:
+    root.parent.mkdir()
+    with Spool(root, max_bytes=10_000, min_free_bytes=0) as spool:
+        delivered = put(spool, b"d" * 4000, i=1)
+        assert spool.claim(delivered)
+        spool.delivered(delivered)
+        dropped = put(spool, b"q" * 4000, i=2)
+        spool.quarantine(dropped, "test")
+        spool.drop_quarantine(DEST, dropped.name)
+        released = put(spool, b"r" * 4000, i=3, destination="dest-b")
+        spool.quarantine(released, "test")
+        spool.release_quarantine("dest-b", released.name)
+        assert spool.claim(released) and spool.retry(released, 0.0, "test") == 1
+        assert spool.claim(released)
+        spool.delivered(released)
+        spool.begin(make_record(4)).discard()
+        assert spool.stats() == dataclasses.replace(SpoolStats(), delivered_total=2, retries_total=1)
+        assert put(spool, b"f" * 9700, i=5).record.size == 9700  # the whole limit is free again
+        with pytest.raises(SpoolFull):
+            spool.begin(make_record(6, "dest-b"))
+
+
 def test_concurrent_writers_cannot_overshoot_the_limits(root: Path) -> None:
     root.parent.mkdir()
     limit, dest_limit = 400_000, 250_000

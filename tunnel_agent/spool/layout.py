@@ -137,7 +137,7 @@ class Layout:
         except OSError as exc:
             raise translate_os_error(exc, "create", where) from None
         try:
-            write_all(fd, data)
+            write_all(fd, data, len(data))
             os.fsync(fd)
         except OSError as exc:
             raise translate_os_error(exc, "write", where) from None
@@ -189,9 +189,11 @@ class Layout:
             raise translate_os_error(exc, "fsync", where) from None
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """``os.write`` until every byte is written (a regular file may take fewer at a time)."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def write_all(fd: int, data: bytes | bytearray | memoryview, length: int) -> None:
+    """``os.write`` until all ``length`` bytes of ``data`` are written (a regular file may take fewer at a
+    time, e.g. when a signal interrupts a large write). No copy: the rest is a memoryview slice."""
+    written = os.write(fd, data)
+    if written < length:
+        view = memoryview(data).cast("B")[written:]
+        while view:
+            view = view[os.write(fd, view):]

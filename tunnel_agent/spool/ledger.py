@@ -162,6 +162,7 @@ class Ledger:
         self._max = max_bytes
         self._limits = {validate_destination(name): limit for name, limit in limits.items()}
         self._dest: dict[str, _Destination] = {}
+        self._total = 0  # the sum of every destination's ``used``, kept as they change (reserve is hot)
         self._next_sequence = 0
 
     # --- loading (replay) and names ------------------------------------------------------------------
@@ -170,10 +171,12 @@ class Ledger:
              possible_duplicates: int) -> None:
         with self._lock:
             state = self._state(destination)
+            before = state.used
             for item in held:
                 state.add(item)
             for aside in quarantined:
                 state.set_aside(aside)
+            self._total += state.used - before
             state.possible_duplicates += possible_duplicates
             names = [*state.held, *state.quarantine]
             sequences = [s for s in map(entry_sequence, names) if s is not None]
@@ -201,14 +204,15 @@ class Ledger:
             if state.limit and state.used + count > state.limit:
                 raise SpoolFull(f"spool destination {destination} is full ({state.used} of {state.limit} "
                                 "bytes)", limit="destination")
-            total = sum(s.used for s in self._dest.values())
-            if self._max and total + count > self._max:
-                raise SpoolFull(f"spool is full ({total} of {self._max} bytes)", limit="total")
+            if self._max and self._total + count > self._max:
+                raise SpoolFull(f"spool is full ({self._total} of {self._max} bytes)", limit="total")
             state.reserved += count
+            self._total += count
 
     def unreserve(self, destination: str, count: int) -> None:
         with self._lock:
             self._dest[destination].reserved -= count
+            self._total -= count
 
     def commit(self, destination: str, item: Held, reserved: int) -> SpoolEntry:
         """A writer's file is in ready/: its reservation becomes a held entry."""
@@ -216,6 +220,7 @@ class Ledger:
             state = self._dest[destination]
             state.reserved -= reserved
             state.add(item)
+            self._total += item.file_bytes - reserved
             return item.entry(destination)
 
     # --- the forward path -----------------------------------------------------------------------------
@@ -276,7 +281,9 @@ class Ledger:
         with self._lock:
             state = self._dest[entry.destination]
             state.delivered_total += delivered
-            return state.remove(entry.name)
+            item = state.remove(entry.name)
+            self._total -= item.file_bytes
+            return item
 
     # --- quarantine -----------------------------------------------------------------------------------
 
@@ -313,9 +320,11 @@ class Ledger:
         """The quarantined entry was dropped, or requeued as ``requeued`` (its file is in ready/ now)."""
         with self._lock:
             state = self._dest[destination]
+            before = state.used
             state.quarantined_bytes -= state.quarantine.pop(name).file_bytes
             if requeued is not None:
                 state.add(requeued)
+            self._total += state.used - before
 
     # --- stats ----------------------------------------------------------------------------------------
 

@@ -143,7 +143,7 @@ class Spool:
         fd = -1
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            write_all(fd, header)
+            write_all(fd, header, len(header))
         except OSError as exc:
             if fd >= 0:  # created (O_EXCL: it is ours), then the header failed
                 _close_quietly(fd)
@@ -299,7 +299,7 @@ class SpoolWriter:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append dataset bytes. SpoolFull when they would pass a limit or the filesystem is full;
         SpoolIOError for another write error; either way the writer is discarded."""
-        count = memoryview(data).nbytes
+        count = len(data) if isinstance(data, bytes | bytearray) else memoryview(data).nbytes
         with self._lock:
             self._require_active()
             try:
@@ -309,7 +309,7 @@ class SpoolWriter:
                 raise
             self._reserved += count
             try:
-                write_all(self._fd, data)
+                write_all(self._fd, data, count)
             except OSError as exc:
                 self._discard()
                 raise translate_os_error(exc, "write", self._where(Area.INCOMING)) from None
