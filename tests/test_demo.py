@@ -28,7 +28,7 @@ DEMO = [sys.executable, "-m", "tunnel_demo"]  # a development package: run from 
 DEMO_MAIN = ROOT / "tunnel_demo" / "__main__.py"
 DEMO_TIMEOUT_S = 180
 STOP_GRACE_S = 15
-STEPS = 9
+STEPS = 10
 SUMMARY_ROW = re.compile(r"^\s+(\d+)\s{2}(.+?)\s{2,}(✔ ok|✘ FAILED|✘ interrupted|– not run)(?:\s|$)")
 
 
@@ -107,9 +107,11 @@ def test_demo_runs_every_step_without_phi_and_leaves_no_process(tmp_path: Path) 
 
         printed = result.stdout + result.stderr
         logs = {p.name: p.read_text(errors="replace") for p in (work / "logs").glob("*.log")}
-        assert {"relay.log", "agent.log"} <= set(logs)
+        assert {"relay.log", "agent.log", "agent-wan.log"} <= set(logs)
         secrets = {PHI_PATIENT_NAME, PHI_PATIENT_ID, "CANARY"} | study_uids(work / "data" / "pacs")
         secrets |= study_uids(work / "data" / "modality")
+        for path in ("direct", "passthrough", "spool"):  # the WAN step's studies, spooled ones included
+            secrets |= study_uids(work / "data" / f"wan-{path}")
         assert len(secrets) > 40 + 5  # the UIDs were found, so the check below means something
         for secret in secrets:
             assert secret not in printed, f"PHI/UID {secret!r} printed by tunnel-demo"
@@ -127,7 +129,7 @@ def test_demo_removes_its_temporary_directory(tmp_path: Path) -> None:
     scratch.mkdir()
     result = run_demo("--instances", "3", env={"TMPDIR": str(scratch)})
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert "All 9 steps succeeded" in result.stdout
+    assert f"All {STEPS} steps succeeded" in result.stdout
     assert list(scratch.iterdir()) == []
 
 
@@ -149,7 +151,7 @@ def test_demo_failure_is_reported_and_ends_children(tmp_path: Path) -> None:
     try:
         assert result.returncode == 1, f"{result.stdout}\n{result.stderr}"
         rows = summary_rows(result.stdout)
-        assert [state for _, _, state in rows] == ["✔ ok"] * 3 + ["✘ FAILED"] + ["– not run"] * 5
+        assert [state for _, _, state in rows] == ["✔ ok"] * 3 + ["✘ FAILED"] + ["– not run"] * (STEPS - 4)
         assert "relay exited" in result.stdout and "last lines of" in result.stdout
         assert "Demo FAILED - step 4" in result.stdout
         assert_all_ended(pids)
@@ -166,7 +168,7 @@ def test_demo_sigterm_mid_transfer_ends_children(tmp_path: Path) -> None:
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     pids: list[int] = []
     try:
-        wait_until(lambda: "[7/9]" in out_path.read_text(errors="replace") or proc.poll() is not None,
+        wait_until(lambda: f"[7/{STEPS}]" in out_path.read_text(errors="replace") or proc.poll() is not None,
                    DEMO_TIMEOUT_S, interval=0.05, message=lambda: f"the C-MOVE step\n{out_path.read_text()}")
         assert proc.poll() is None, out_path.read_text()
         pids = recorded_pids(work)

@@ -45,7 +45,7 @@ from pynetdicom.dul import DULServiceProvider
 from devkit.errors import DevkitError, WaitTimeout
 from devkit.ports import LOOPBACK, free_ports
 from devkit.procs import ProcessTracker, StopFailed
-from devkit.programs import program
+from devkit.programs import CHECKOUT, program
 from devkit.stack import (
     AgentHandle,
     AgentRoute,
@@ -58,7 +58,7 @@ from devkit.stack import (
     start_agent,
     start_relay,
 )
-from devkit.waits import wait_until
+from devkit.waits import wait_for_port, wait_until
 from tunnel_demo.dataset import StudyInfo, generate_study
 from tunnel_demo.pacs import DemoPacs, PacsError, enable_nodelay, quiet_pynetdicom
 from tunnel_demo.store_scp import StoreScp
@@ -74,6 +74,12 @@ ROWS = COLS = 256
 DEFAULT_INSTANCES = 40
 MAX_INSTANCES = 5000
 MODALITY_INSTANCES = 5
+# Step 9: a second site behind an emulated WAN (tunnel_bench.wanproxy), spool mode beside passthrough/direct.
+WAN_SITE = "hospital-b"
+WAN_RTT_MS = 80
+WAN_RATE_MBIT = 200.0
+WAN_INSTANCES = 20
+SPOOL_AE = "CLOUD_SPOOL"  # hospital-b's spool destination: the agent answers, then forwards to the store SCP
 
 PIDS_FILE = "pids.txt"
 CONNECT_TIMEOUT_S = 20.0  # relay and agent up, tunnel connected
@@ -243,6 +249,7 @@ class Demo:
         self.store: StoreScp | None = None
         self.study: StudyInfo | None = None
         self.modality_study: StudyInfo | None = None
+        self.wan_studies: dict[str, StudyInfo] = {}
         self.study_uid: str | None = None
         self._scu_aes: list[AE] = []
 
@@ -256,6 +263,7 @@ class Demo:
             ("C-FIND studies on the hospital PACS", self.step_find),
             ("C-MOVE the study to CLOUD_STORE", self.step_move),
             ("C-STORE from a hospital modality to the cloud", self.step_store),
+            (f"Spool mode over an emulated {WAN_RTT_MS} ms WAN, beside the direct path", self.step_wan),
             ("tunnel-agent status", self.step_status),
         ]
 
@@ -305,7 +313,10 @@ class Demo:
         with failing_step():
             self.relay = make_relay(
                 lay.root / "relay", listener_routes=[ListenerRoute(RELAY_CALLED_AE, SITE, ROUTE, [CLOUD_SCU_AE])],
-                sites={SITE: [SiteDest(CLOUD_STORE_AE, lay.store, [PACS_AE, MODALITY_AE])]}, procs=self.procs)
+                sites={SITE: [SiteDest(CLOUD_STORE_AE, lay.store, [PACS_AE, MODALITY_AE])],
+                       WAN_SITE: [SiteDest(CLOUD_STORE_AE, lay.store, [MODALITY_AE]),
+                                  SiteDest(SPOOL_AE, lay.store, [MODALITY_AE, "TUNNEL-HEALTH"])]},
+                procs=self.procs)
             # Enrollment fills the agent's state directory: relay URL, key, certificate, pinned CA.
             self.agent = make_agent(self.relay, SITE, lay.root / "agent", routes=[AgentRoute(ROUTE, lay.pacs, PACS_AE)],
                                     backoff_max=2.0, enrolled=True, procs=self.procs)
@@ -333,6 +344,9 @@ class Demo:
         self.study = generate_study(self.layout.data("pacs") / "study", self.instances, rows=ROWS, cols=COLS)
         self.modality_study = generate_study(self.layout.data("modality"), MODALITY_INSTANCES,
                                              rows=ROWS, cols=COLS, seed=1)
+        self.wan_studies = {path: generate_study(self.layout.data(f"wan-{path}"), WAN_INSTANCES, rows=ROWS,
+                                                 cols=COLS, seed=seed)
+                            for seed, path in enumerate(("direct", "passthrough", "spool"), start=2)}
         mb = self.study.total_bytes / 1e6
         self.console.detail(f"on the PACS:  {self.instances} CT instances {ROWS}x{COLS}, {mb:.1f} MB")
         self.console.detail(f"at the modality: {MODALITY_INSTANCES} new CT instances (a second study)")
@@ -463,7 +477,7 @@ class Demo:
                 return status
         raise StepFailed("C-MOVE ended without a final status")
 
-    def _verify_arrival(self, study: StudyInfo) -> None:
+    def _verify_arrival(self, study: StudyInfo, *, quiet: bool = False) -> None:
         """Every instance of ``study`` is at the cloud store SCP, with the same pixel data."""
         assert self.store is not None
         expected = dict(zip(study.sop_instance_uids, study.files, strict=True))
@@ -480,8 +494,9 @@ class Demo:
                         if dcmread(received[uid]).PixelData != dcmread(src).PixelData)
         if differing:
             raise StepFailed(f"{differing} instance(s) arrived with different pixel data")
-        self.console.detail(f"verified at {CLOUD_STORE_AE}: all {len(expected)} instances arrived, "
-                            "pixel data identical")
+        if not quiet:
+            self.console.detail(f"verified at {CLOUD_STORE_AE}: all {len(expected)} instances arrived, "
+                                "pixel data identical")
 
     # ---- 8. C-STORE from a modality ----
     def step_store(self) -> str:
@@ -501,7 +516,64 @@ class Demo:
         self._verify_arrival(self.modality_study)
         return f"{count} instances"
 
-    # ---- 9. tunnel-agent status ----
+    # ---- 9. spool mode over an emulated WAN ----
+    def step_wan(self) -> str:
+        relay, lay = self.relay, self.layout
+        assert relay is not None
+        tunnel_proxy = self._wan_proxy("wanproxy-tunnel", relay.tunnel_port)  # hospital-b's link to the relay
+        direct_proxy = self._wan_proxy("wanproxy-direct", lay.store)  # the same link, straight to the cloud
+        root = lay.root / "agent-wan"
+        agent = make_agent(relay, WAN_SITE, root, routes=[], relay_url=f"wss://{LOOPBACK}:{tunnel_proxy}/tunnel",
+                           extra=[f'state_dir = "{root / "state"}"'], procs=self.procs,
+                           sections=["[[destinations]]", 'name = "cloud-spool"', f'called_ae = "{SPOOL_AE}"',
+                                     'mode = "spool"'])
+        with failing_step():
+            start_agent(self.procs, agent, relay, wait_listener=True, name="agent-wan", timeout=CONNECT_TIMEOUT_S)
+        self.console.detail(f"site {WAN_SITE}: its agent reaches the relay through an emulated WAN "
+                            f"({WAN_RTT_MS} ms RTT, {WAN_RATE_MBIT:.0f} Mbit/s); the direct path crosses the same link")
+        rows = [("direct (no tunnel)", direct_proxy, CLOUD_STORE_AE, "direct"),
+                ("tunnel, passthrough", agent.listener_port, CLOUD_STORE_AE, "passthrough"),
+                (f"tunnel, spool ({SPOOL_AE})", agent.listener_port, SPOOL_AE, "spool")]
+        times = {}
+        for label, port, called, key in rows:
+            done, at_cloud = self._timed_store(self.wan_studies[key], port, called)
+            times[key] = at_cloud
+            self.console.detail(f"{label:<28} modality done in {_seconds(done):>7}, cloud holds all "
+                                f"{WAN_INSTANCES} after {_seconds(at_cloud):>7}")
+        gain = times["direct"] / times["spool"]
+        self.console.detail(f"spool mode: the modality is answered at LAN speed from the agent's disk, and the "
+                            f"cloud has the study {gain:.1f}x sooner than direct")
+        return f"cloud holds all {gain:.1f}x sooner than direct"
+
+    def _wan_proxy(self, name: str, target_port: int) -> int:
+        port, = free_ports(1)
+        proc = self.procs.spawn([sys.executable, "-m", "tunnel_bench.wanproxy", "--listen-port", str(port),
+                                 "--target-port", str(target_port), "--delay-ms", str(WAN_RTT_MS / 2),
+                                 "--rate-mbit", str(WAN_RATE_MBIT)], name=name, cwd=CHECKOUT)
+        with failing_step():
+            wait_for_port(LOOPBACK, port, CONNECT_TIMEOUT_S, proc=proc)
+        return port
+
+    def _timed_store(self, study: StudyInfo, port: int, called_ae: str) -> tuple[float, float]:
+        """(seconds until the modality had every C-STORE-RSP, seconds until the store SCP held them all)."""
+        ae = self._scu(MODALITY_AE, sc.CTImageStorage)
+        started = time.monotonic()
+        with associated(ae, port, called_ae) as assoc:
+            for path in study.files:
+                code = _status_code(assoc.send_c_store(path), "C-STORE")
+                if code != _SUCCESS:
+                    raise StepFailed(f"C-STORE to {called_ae} status 0x{code:04X}")
+        done = time.monotonic() - started
+        assert self.store is not None
+        wanted = set(study.sop_instance_uids)
+        with contextlib.suppress(WaitTimeout):  # _verify_arrival says what is missing
+            wait_until(lambda: wanted <= {p.stem for p in self.store.received}, ARRIVAL_TIMEOUT_S,
+                       interval=0.01)
+        at_cloud = time.monotonic() - started
+        self._verify_arrival(study, quiet=True)
+        return done, at_cloud
+
+    # ---- 10. tunnel-agent status ----
     def step_status(self) -> str:
         assert self.agent is not None
         config = self.agent.config
