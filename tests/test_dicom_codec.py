@@ -1,11 +1,13 @@
 """tunnel_core.dicom.pdu: every upper-layer PDU, decoded and encoded, and the bounded PDU reader.
 
 Annotated hex vectors, every reader whole / byte by byte / with trailing bytes, hypothesis round trips,
-differential checks against pynetdicom's PDU classes both ways, and hostile inputs.
+differential checks against pynetdicom's PDU classes both ways, hostile inputs, and the fuzz target run over
+generated inputs (tests/fuzz/fuzz_dicom_pdu.py runs the same body under atheris).
 """
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -16,6 +18,7 @@ from pynetdicom import pdu_items as pni
 from pynetdicom import pdu_primitives as pnp
 from pynetdicom.presentation import PresentationContext as PnContext
 
+from tests.fuzz.fuzz_dicom_pdu import SEEDS, fuzz_one
 from tunnel_core.codes import RejectReason
 from tunnel_core.dicom import pdu
 from tunnel_core.dicom.pdu import (
@@ -327,6 +330,12 @@ HOSTILE = [
      UnrecognizedPduParameter),
     ("ac-identity-in-ac", _replace(AC_VECTOR, bytes.fromhex("59 00 0006 0004"), bytes.fromhex("58 00 0006 0004")),
      UnrecognizedPduParameter),
+    ("two-abstract-syntaxes", _rq_variable(APP, bytes.fromhex("20 00 0043 01 000000") + CTX[8:29] + CTX[8:], USER),
+     MalformedPdu),
+    ("ac-abstract-syntax-in-result", _with_ac_items(APP, bytes.fromhex("21 00 0008 01 00 00 00 30 00 0000"), USER),
+     UnrecognizedPduParameter),
+    ("ac-two-transfer-syntaxes", _with_ac_items(APP, bytes.fromhex("21 00 002e 01 00 00 00") + CTX[29:] * 2, USER),
+     MalformedPdu),
     ("pdv-length-below-2", bytes.fromhex("04 00 00000006 00000001 0100"), MalformedPdu),
     ("pdv-beyond-pdu", bytes.fromhex("04 00 00000007 00000004 01 02 00"), MalformedPdu),
     ("p-data-without-pdv", bytes.fromhex("04 00 00000000"), MalformedPdu),
@@ -420,6 +429,7 @@ BAD_ENCODES = [
     ("accepted-without-syntax", AssociateAC("A", "B", (PresentationContextResult(1, ContextResult.ACCEPTANCE, ""),))),
     ("identity-over-16-bits", AssociateRQ("A", "B", RQ.contexts,
                                           UserInformation(user_identity=UserIdentity(1, False, bytes(70000))))),
+    ("sub-item-over-16-bits", AssociateRQ("A", "B", RQ.contexts, UserInformation(unknown=((0x7F, bytes(70000)),)))),
     ("empty-p-data", PDataTF(())),
     ("context-id-over-8-bits", PDataTF((PDV(256, True, True, b""),))),
     ("reject-field-over-8-bits", AssociateRJ(256, 1, 1)),
@@ -756,6 +766,40 @@ def test_pynetdicom_request_round_trips_byte_for_byte() -> None:
 
     wire = pynetdicom_rq(contexts=5)
     assert pdu.encode(pdu.decode(wire)) == wire
+
+
+# --- the fuzz target, exercised without atheris ----------------------------------------------------------
+
+
+def test_fuzz_target_over_mutated_seeds() -> None:
+    """Thousands of inputs, each a seed with random bytes flipped, cut, spliced or appended: only
+    DicomError escapes (the target itself asserts the rest)."""
+    rng = random.Random(12)
+    for _ in range(3000):
+        data = bytearray(rng.choice(SEEDS))
+        for _ in range(rng.randint(0, 4)):
+            op = rng.randrange(4)
+            if op == 0 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif op == 1:
+                del data[rng.randrange(len(data) + 1):]
+            elif op == 2:
+                data += rng.choice(SEEDS)
+            else:
+                data += rng.randbytes(rng.randint(1, 16))
+        fuzz_one(bytes(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_fuzz_target_over_random_bytes(data: bytes) -> None:
+    fuzz_one(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(pdus, min_size=1, max_size=4))
+def test_fuzz_target_over_generated_pdus(values: list[pdu.Pdu]) -> None:
+    fuzz_one(b"".join(pdu.encode(v) for v in values))
 
 
 @pytest.mark.parametrize(("name", "wire", "value"), VECTORS, ids=IDS)
