@@ -149,6 +149,45 @@ def test_a_dataset_is_streamed_one_event_per_pdu_as_it_arrives() -> None:
         assert isinstance(fragment, DatasetFragment) and len(fragment.data) == len(wire) - 12
 
 
+def test_a_whole_conversation_fed_one_byte_at_a_time() -> None:
+    """The acceptor side of associate, echo, a dataset and release, every byte in its own call: the same
+    events as the whole wire in one call, each on the byte that completes its PDU."""
+    requestor = Association(Role.REQUESTOR)
+    requestor.request(REQUEST)
+    wire = first = requestor.data_to_send()
+    requestor.receive_data(pdu.encode(replace(ANSWER, user=UserInformation(max_pdu_length=100))))
+    requestor.send_command(1, ECHO_RQ)
+    requestor.send_command(3, b"store")
+    requestor.send_dataset(3, bytes(range(250)), last=True)
+    requestor.release()
+    wire += requestor.data_to_send()
+    whole = Association(Role.ACCEPTOR)
+    expected = whole.receive_data(first)
+    whole.accept(ANSWER)
+    expected += whole.receive_data(wire[len(first):])
+    acceptor = Association(Role.ACCEPTOR)
+    got: list[Event] = []
+    for i in range(len(wire)):
+        events = acceptor.receive_data(wire[i:i + 1])
+        if any(isinstance(e, AssociateRequested) for e in events):
+            acceptor.accept(ANSWER)
+        got += events
+    assert got == expected
+    assert [type(e) for e in got] == [AssociateRequested, CommandReceived, CommandReceived] + [DatasetFragment] * 3 + [
+        ReleaseRequested]
+
+
+def test_bytes_after_a_final_pdu_are_not_read() -> None:
+    """After A-RELEASE-RP (or A-ABORT) the association is over: what follows in the same chunk, even
+    garbage, is left unread instead of turning a clean release into an abort."""
+    requestor, acceptor = pair()
+    requestor.release()
+    acceptor.receive_data(requestor.data_to_send())
+    acceptor.release_response()
+    assert requestor.receive_data(acceptor.data_to_send() + b"\xff garbage") == [ReleaseConfirmed()]
+    assert requestor.state is State.CLOSED
+
+
 def test_an_unlimited_peer_gets_pdus_capped_at_our_own_maximum() -> None:
     requestor = Association(Role.REQUESTOR, max_pdu_send=2000)
     requestor.request(REQUEST)
