@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tunnel_agent.config import AgentDestination
-from tunnel_agent.spool.errors import SpoolError
+from tunnel_agent.spool.errors import SpoolError, SpoolStateError
 from tunnel_agent.spool.learned import LearnedContexts
 from tunnel_agent.spool.ledger import SpoolEntry
 from tunnel_agent.spool.store import Spool
@@ -63,6 +63,10 @@ CHUNK = 1024 * 1024  # dataset bytes read from the spool file and handed to the 
 
 class Unavailable(Exception):
     """The destination cannot be reached now (no tunnel, refused, dropped): not the instance's fault."""
+
+
+class _EntryBroken(Exception):
+    """The entry's own file cannot be read back whole: it goes to quarantine, the association is aborted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,10 @@ class Forwarder:
             except Unavailable as exc:
                 self.stats.last_error = str(exc)
                 await asyncio.sleep(backoff.next_delay())
+            except Exception as exc:  # a bug or a disk error must not stop the destination's forwarding
+                self.stats.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log.error("spool destination %s: forwarding failed: %s", self.name, self.stats.last_error)
+                await asyncio.sleep(backoff.next_delay())
 
     async def _idle(self) -> None:
         self._wakeup.clear()
@@ -161,14 +169,15 @@ class Forwarder:
             return taken
 
     async def _forward(self, batch: list[SpoolEntry]) -> None:
-        """One association: the batch, then whatever else it can carry. Unavailable puts back what is left."""
+        """One association: the batch, then whatever else it can carry. On any failure what is left goes
+        back to ready (an entry already settled is left as it is)."""
         queue = collections.deque(batch)
         calling_ae = batch[0].record.calling_ae
+        current: SpoolEntry | None = None
         try:
             contexts = probe_contexts(dict.fromkeys(_pair(e) for e in batch))[0]
             proposed = {(c.abstract_syntax, c.transfer_syntaxes[0]) for c in contexts}
-            leftovers = [e for e in batch if _pair(e) not in proposed]
-            for entry in leftovers:  # more pairs than one association proposes: for the next one
+            for entry in [e for e in batch if _pair(e) not in proposed]:  # more pairs than fit: next time
                 queue.remove(entry)
                 await self._put_back(entry, "")
             async with _Associated(self, calling_ae, contexts) as conn:
@@ -176,25 +185,33 @@ class Forwarder:
                 message_id = 0
                 while queue or (queue := collections.deque(
                         await self._take(self.limits.batch, calling_ae=calling_ae, pairs=frozenset(by_pair)))):
-                    entry = queue.popleft()
+                    current = queue.popleft()
                     message_id = message_id % 0xFFFF + 1
-                    await self._store(conn, by_pair[_pair(entry)], entry, message_id, queue)
-        except Unavailable as exc:
-            for entry in queue:
-                await self._put_back(entry, str(exc))
+                    await self._store(conn, by_pair[_pair(current)], current, message_id, queue)
+                    current = None
+        except Exception as exc:
+            for entry in [*queue, *([current] if current is not None else [])]:
+                await self._put_back(entry, str(exc) if isinstance(exc, Unavailable) else "")
             raise
 
     async def _store(self, conn: DicomConnection, context_id: int, entry: SpoolEntry, message_id: int,
                      queue: collections.deque[SpoolEntry]) -> None:
         record = entry.record
+        if conn.association.state is not ua.State.ESTABLISHED:  # the destination aborted or released
+            queue.appendleft(entry)
+            raise Unavailable(f"destination {self.name} ended the association")
         command = CStoreRQ(message_id, record.sop_class_uid, record.sop_instance_uid)
         conn.association.send_command(context_id, encode_command(command))
         try:
-            await self._send_dataset(conn, context_id, entry)
-            response = await self._response(conn, message_id)
+            await _send_dataset(self, conn, context_id, entry)
+            response = await _response(self, conn, message_id)
         except Unavailable:
             queue.appendleft(entry)  # put back with the rest: the outage is not the instance's fault
             raise
+        except _EntryBroken as exc:
+            await self._quarantine(entry, str(exc))
+            await conn.abort()  # part of its dataset may have gone out
+            raise Unavailable(f"destination {self.name}: association aborted after {exc}") from None
         except TimeoutError:
             what = f"no C-STORE-RSP within {self.limits.response_timeout:.0f}s"
             await self._judged(entry, judge_no_response(what, attempts=self._failed(entry),
@@ -208,40 +225,6 @@ class Forwarder:
         if judgement.verdict is Verdict.RETRY:
             self._failures[entry.name] = attempts
         await self._judged(entry, judgement)
-
-    async def _send_dataset(self, conn: DicomConnection, context_id: int, entry: SpoolEntry) -> None:
-        try:
-            source = await asyncio.to_thread(self.spool.open_dataset, entry)
-        except SpoolError as exc:
-            raise Unavailable(f"spool entry unreadable: {exc}") from exc
-        try:
-            left = entry.record.size
-            while True:
-                chunk = await asyncio.to_thread(source.read, min(CHUNK, left) if left else 0)
-                left -= len(chunk)
-                if not chunk and left > 0:
-                    raise Unavailable("spool entry shorter than its header says")
-                conn.association.send_dataset(context_id, chunk, last=left <= 0)
-                await self._flush(conn)
-                if left <= 0:
-                    return
-        finally:
-            source.close()
-
-    async def _response(self, conn: DicomConnection, message_id: int) -> CStoreRSP:
-        async with asyncio.timeout(self.limits.response_timeout):
-            event = await self._event(conn, self.limits.response_timeout)
-        if not isinstance(event, ua.CommandReceived):
-            raise Unavailable(f"destination {self.name} ended the association ({type(event).__name__})")
-        try:
-            response = decode_command(event.command)
-        except DicomError as exc:
-            await conn.abort()
-            raise Unavailable(f"destination {self.name} sent a bad command set: {exc}") from exc
-        if not isinstance(response, CStoreRSP) or response.responded_to != message_id:
-            await conn.abort()
-            raise Unavailable(f"destination {self.name} answered {response.describe()} to C-STORE {message_id}")
-        return response
 
     # --- verdicts -----------------------------------------------------------------------------------------
 
@@ -271,8 +254,12 @@ class Forwarder:
         log.warning("spool destination %s: an instance was quarantined: %s", self.name, reason)
 
     async def _put_back(self, entry: SpoolEntry, reason: str) -> None:
-        """Back to ready at once, no attempt counted (the spool's own retry count still grows)."""
-        await asyncio.to_thread(self.spool.retry, entry, self.clock(), reason or "not sent")
+        """Back to ready at once, no attempt counted (the spool's own retry count still grows); an entry
+        that is no longer claimed (settled meanwhile) is left alone."""
+        try:
+            await asyncio.to_thread(self.spool.retry, entry, self.clock(), reason or "not sent")
+        except SpoolStateError:
+            pass
 
     # --- the association ----------------------------------------------------------------------------------
 
@@ -370,7 +357,8 @@ class _Associated:
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.f.stats.active -= 1
-        if exc_type is None:
+        assert self.conn is not None
+        if exc_type is None and self.conn.association.state is ua.State.ESTABLISHED:
             try:
                 await self._release()
                 return
@@ -425,6 +413,42 @@ async def _sort_out(f: Forwarder, conn: DicomConnection, contexts: tuple[Present
         else:
             await f._put_back(entry, judgement.reason)
     return by_pair
+
+
+async def _send_dataset(f: Forwarder, conn: DicomConnection, context_id: int, entry: SpoolEntry) -> None:
+    try:
+        source = await asyncio.to_thread(f.spool.open_dataset, entry)
+    except SpoolError as exc:
+        raise _EntryBroken(f"spool entry unreadable: {exc}") from exc
+    try:
+        left = entry.record.size
+        while True:
+            chunk = await asyncio.to_thread(source.read, min(CHUNK, left) if left else 0)
+            left -= len(chunk)
+            if not chunk and left > 0:
+                raise _EntryBroken("spool entry shorter than its header says")
+            conn.association.send_dataset(context_id, chunk, last=left <= 0)
+            await f._flush(conn)
+            if left <= 0:
+                return
+    finally:
+        source.close()
+
+
+async def _response(f: Forwarder, conn: DicomConnection, message_id: int) -> CStoreRSP:
+    async with asyncio.timeout(f.limits.response_timeout):
+        event = await f._event(conn, f.limits.response_timeout)
+    if not isinstance(event, ua.CommandReceived):
+        raise Unavailable(f"destination {f.name} ended the association ({type(event).__name__})")
+    try:
+        response = decode_command(event.command)
+    except DicomError as exc:
+        await conn.abort()
+        raise Unavailable(f"destination {f.name} sent a bad command set: {exc}") from exc
+    if not isinstance(response, CStoreRSP) or response.responded_to != message_id:
+        await conn.abort()
+        raise Unavailable(f"destination {f.name} answered {response.describe()} to C-STORE {message_id}")
+    return response
 
 
 def _pair(entry: SpoolEntry) -> Pair:

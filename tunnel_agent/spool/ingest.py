@@ -142,6 +142,8 @@ class _Session:
     async def run(self) -> str:
         while True:
             event = await self.conn.next_event(self.ingest.limits.idle_timeout)
+            if self.conn.association.state is ua.State.CLOSED and not isinstance(event, ua.Aborted):
+                continue  # a batch that ended in the caller's A-ABORT: what came before it is void
             if isinstance(event, ua.CommandReceived):
                 outcome = await self._command(event)
                 if outcome is not None:
