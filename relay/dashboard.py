@@ -347,6 +347,7 @@ class Dashboard:
             "site": self._site_row(row) if row else None,
             "registry": record.as_dict() if record else None,
             "echo_destinations": [asdict(d) for d in report.destinations] if report else [],
+            "spool_destinations": [asdict(d) for d in report.spool] if report else [],
             "relay_destinations": [
                 {"called_ae": d.name, "host": d.host, "port": d.port,
                  "allowed_calling_aes": sorted(d.allowed_calling_aes)}

@@ -176,7 +176,11 @@ def stack(module_procs, tmp_path_factory):
     start_storescp(module_procs, pacs_port, "PACS", root / "pacs")
     relay = make_relay(root / "relay", listener_routes=[ListenerRoute("HOSP_PACS", UP_SITE, "pacs")],
                        sites={UP_SITE: [SiteDest("CLOUD", free_port())], DOWN_SITE: []})
-    agent = make_agent(relay, UP_SITE, root / "agent", routes=[AgentRoute("pacs", pacs_port, "PACS")])
+    # A spool destination too, so its summary travels in the health report to the site page.
+    agent = make_agent(relay, UP_SITE, root / "agent", routes=[AgentRoute("pacs", pacs_port, "PACS")],
+                       extra=[f'state_dir = "{root / "agent" / "state"}"'],
+                       sections=["[[destinations]]", 'name = "cloud-spool"', 'called_ae = "CLOUDSPOOL"',
+                                 'mode = "spool"'])
     start_relay(module_procs, relay)
     start_agent(module_procs, agent, relay)
     return relay, agent
@@ -453,6 +457,8 @@ async def test_chromium_logs_in_and_shows_the_relays_state(stack, procs, tmp_pat
             await page.wait_for("Number(document.body.dataset.polls || 0) >= 1", PAGE_TIMEOUT)
             routes = await page.evaluate("document.querySelector('#listener-routes tbody').textContent")
             assert "HOSP_PACS" in routes and "pacs" in routes
+            spool = await page.evaluate("document.querySelector('#spool-destinations tbody').textContent")
+            assert "cloud-spool" in spool and "CLOUDSPOOL" in spool and "empty" in spool, spool
             _assert_no_phi("the site page", await page.evaluate("document.body.innerText"))
             await page.screenshot(tmp_path / "site-up.png")
 

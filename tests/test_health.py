@@ -32,6 +32,7 @@ from tunnel_core.health import (
     AgentState,
     Condition,
     ReportError,
+    SpoolReport,
     agent_readiness,
     parse_report,
     relay_readiness,
@@ -245,7 +246,7 @@ def test_any_bytes_give_a_bounded_report_or_a_report_error(payload):
         parsed = parse_report(payload).as_dict()
     except ReportError:
         return
-    assert set(parsed) == set(_report())
+    assert set(_report()) <= set(parsed) <= set(_report()) | {"spool"}
     text = json.dumps(parsed, allow_nan=False)
     assert len(text) < 100_000
 
@@ -368,12 +369,28 @@ def test_built_report_is_exactly_what_the_relay_parses():
 def test_the_largest_report_fits_a_report_frame():
     dest = DestinationHealth("r" * 64, "h" * 253, 65535, "ANY-SCP")
     dest.record("x" * 10_000, None, NOW)
+    spool = SpoolReport("s" * 63, "A" * 16, 1e12, 1e15, 1e9, 1e12, 1e12, "e" * 10_000)
     report = build_report(version="0.1.0", now=NOW, interval=30.0, destinations=[dest] * 100,
                           host=host_metrics(Path("/"), psutil.Process()), rtt_ms=None, reconnects=0,
-                          not_after=None, renewal_error="y" * 10_000)
+                          not_after=None, renewal_error="y" * 10_000, spool=(spool,) * 100)
     payload = report.encode()
     assert len(payload) <= MAX_REPORT
-    assert len(parse_report(payload).destinations) == 64
+    parsed = parse_report(payload)
+    assert len(parsed.destinations) == 64 and len(parsed.spool) == 16
+    assert parsed.spool[0].last_error == "e" * 200
+
+
+def test_spool_entries_are_read_with_the_same_care_as_the_rest():
+    report = _report()
+    report["spool"] = [{"name": "cloud\x07", "called_ae": 5, "instances": "12", "bytes": float("inf"),
+                        "oldest_age": 3.5, "forwarded": True, "quarantined": 2, "last_error": "x" * 1000},
+                       "not an object"]
+    parsed = parse_report(json.dumps(report).encode()).spool
+    assert parsed[0] == SpoolReport("cloud?", "", None, None, 3.5, None, 2.0, "x" * 300)
+    assert parsed[1] == SpoolReport()
+    report["spool"] = {"not": "a list"}
+    assert parse_report(json.dumps(report).encode()).spool == ()
+    assert "spool" not in parse_report(json.dumps(_report()).encode()).as_dict()  # an agent without a spool
 
 
 def test_host_metrics_use_the_nearest_existing_directory(tmp_path):

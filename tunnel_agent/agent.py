@@ -63,7 +63,8 @@ class Agent:
         self.tunnel = Tunnel(settings, on_stream=self.carrier.relay_stream, site_name=self.renewal.site_name,
                              stopping=self._stopping, wireguard=self.wireguard, rand=rand)
         self.health = HealthMonitor(self.tunnel, self.renewal, settings.health, settings.routes,
-                                    state_dir=settings.state_dir, version=__version__)
+                                    state_dir=settings.state_dir, version=__version__,
+                                    spool=self.spool.report if self.spool is not None else tuple)
 
     @property
     def state(self) -> AgentState:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +27,14 @@ import psutil
 from tunnel_agent.config import AgentRoute, HealthConfig
 from tunnel_agent.echo import EchoAttempt, c_echo
 from tunnel_core.errors import UsageError
-from tunnel_core.health import CertificateReport, DestinationReport, HealthReport, HostReport, TunnelReport
+from tunnel_core.health import (
+    CertificateReport,
+    DestinationReport,
+    HealthReport,
+    HostReport,
+    SpoolReport,
+    TunnelReport,
+)
 from tunnel_link.session import MuxSession
 
 __all__ = [
@@ -47,6 +55,7 @@ SESSION_POLL = 0.5  # seconds between looks for a new tunnel, to report to it at
 ECHO_STAGES = 4  # connect, association, C-ECHO, release: each bounded by echo_timeout
 MAX_REPORTED = 64  # destinations in one report (the relay refuses more)
 MAX_REASON = 200
+MAX_SPOOL_REPORTED = 16  # spool destinations in one report: with 64 destinations it still fits 64 KiB
 
 
 def echo_reason(attempt: EchoAttempt, timeout: float) -> str:
@@ -104,7 +113,7 @@ class DestinationHealth:
 
 def build_report(*, version: str, now: float, interval: float, destinations: list[DestinationHealth],
                  host: HostReport, rtt_ms: float | None, reconnects: int, not_after: float | None,
-                 renewal_error: str) -> HealthReport:
+                 renewal_error: str, spool: tuple[SpoolReport, ...] = ()) -> HealthReport:
     """The version-1 report (``docs/protocol.md`` §3.8); send its ``encode()`` as a REPORT frame."""
     return HealthReport(
         version=version,
@@ -114,6 +123,7 @@ def build_report(*, version: str, now: float, interval: float, destinations: lis
         host=host,
         tunnel=TunnelReport(rtt_ms=rtt_ms, reconnects=reconnects),
         certificate=CertificateReport(not_after=not_after, renewal_error=renewal_error[:MAX_REASON]),
+        spool=tuple(replace(d, last_error=d.last_error[:MAX_REASON]) for d in spool[:MAX_SPOOL_REPORTED]),
     )
 
 
@@ -160,8 +170,10 @@ class HealthMonitor:
     cancelled. ``latest`` is the most recent report (None before the first round), for the agent's status."""
 
     def __init__(self, tunnel: TunnelFacts, certificate: CertificateFacts, config: HealthConfig,
-                 routes: list[AgentRoute], *, state_dir: Path, version: str) -> None:
+                 routes: list[AgentRoute], *, state_dir: Path, version: str,
+                 spool: Callable[[], tuple[SpoolReport, ...]] = tuple) -> None:
         self.tunnel = tunnel
+        self.spool = spool  # the spool destinations' summary, sent with each report
         self.certificate = certificate
         self.config = config
         self.state_dir = state_dir
@@ -227,7 +239,7 @@ class HealthMonitor:
             destinations=self.destinations, host=host_metrics(self.state_dir, self._process),
             rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
             reconnects=max(0, self.tunnel.connects - 1), not_after=self.certificate.certificate_not_after(),
-            renewal_error=self.certificate.renewal_error)
+            renewal_error=self.certificate.renewal_error, spool=self.spool())
 
     def send_report(self) -> None:
         """Rebuild the report and send it over the tunnel, if one is up."""

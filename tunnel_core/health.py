@@ -34,6 +34,7 @@ __all__ = [
     "CertificateReport",
     "Condition",
     "DestinationReport",
+    "SpoolReport",
     "HealthReport",
     "HostReport",
     "Readiness",
@@ -138,6 +139,21 @@ class CertificateReport:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolReport:
+    """One ``mode = "spool"`` destination of the agent: what it holds and how forwarding goes. Counts,
+    bytes and ages only: never a study or an instance."""
+
+    name: str = ""
+    called_ae: str = ""
+    instances: float | None = None
+    bytes: float | None = None
+    oldest_age: float | None = None  # seconds since the oldest instance held arrived
+    forwarded: float | None = None
+    quarantined: float | None = None
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class HealthReport:
     """A version-1 health report. The agent builds one and sends :meth:`encode`; :func:`parse_report`
     reads one back; :meth:`as_dict` is the JSON object both status APIs show."""
@@ -149,10 +165,12 @@ class HealthReport:
     host: HostReport
     tunnel: TunnelReport
     certificate: CertificateReport
+    spool: tuple[SpoolReport, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """The report's JSON object, keys in the order of ``docs/protocol.md`` §3.8."""
-        return {
+        """The report's JSON object, keys in the order of ``docs/protocol.md`` §3.8 (``spool`` only when the
+        agent has spool destinations)."""
+        answer = {
             "v": REPORT_VERSION,
             "version": self.version,
             "sent_at": self.sent_at,
@@ -162,6 +180,9 @@ class HealthReport:
             "tunnel": asdict(self.tunnel),
             "certificate": asdict(self.certificate),
         }
+        if self.spool:
+            answer["spool"] = [asdict(d) for d in self.spool]
+        return answer
 
     def encode(self) -> bytes:
         """The REPORT frame's payload."""
@@ -185,6 +206,8 @@ def parse_report(payload: bytes, *, max_depth: int = MAX_REPORT_DEPTH,
     if not isinstance(destinations, list) or len(destinations) > _MAX_DESTINATIONS:
         raise ReportError("report destinations must be a list")
     host, tunnel, certificate = (_dict(raw.get(k)) for k in ("host", "tunnel", "certificate"))
+    spool = raw.get("spool")
+    spool = spool[:_MAX_DESTINATIONS] if isinstance(spool, list) else []  # optional: older agents send none
     return HealthReport(
         version=_text(raw.get("version")),
         sent_at=_number(raw.get("sent_at")),
@@ -194,6 +217,7 @@ def parse_report(payload: bytes, *, max_depth: int = MAX_REPORT_DEPTH,
         tunnel=TunnelReport(rtt_ms=_number(tunnel.get("rtt_ms")), reconnects=_number(tunnel.get("reconnects"))),
         certificate=CertificateReport(not_after=_number(certificate.get("not_after")),
                                       renewal_error=_text(certificate.get("renewal_error"))),
+        spool=tuple(_spool(d) for d in spool),
     )
 
 
@@ -298,6 +322,12 @@ def _destination(raw: object) -> DestinationReport:
         last_failure_reason=_text(d.get("last_failure_reason")),
         checked_at=_number(d.get("checked_at")),
     )
+
+
+def _spool(raw: object) -> SpoolReport:
+    d = _dict(raw)
+    texts = {f.name for f in fields(SpoolReport) if f.type == "str"}
+    return SpoolReport(**{f.name: (_text if f.name in texts else _number)(d.get(f.name)) for f in fields(SpoolReport)})
 
 
 def _dict(value: object) -> dict[str, Any]:

@@ -298,6 +298,16 @@
       function (d) { return d.last_failure_reason; },
       function (d) { return fmtTime(d.checked_at); },
     ], site && site.health_age_s !== null ? "no destinations" : "no health report from the agent");
+    fillTable(document.getElementById("spool-destinations"), data.spool_destinations || [], [
+      function (d) { return d.name; },
+      function (d) { return d.called_ae; },
+      function (d) { return d.instances === null ? "" : d.instances; },
+      function (d) { return d.bytes === null ? "" : fmtBytes(d.bytes); },
+      function (d) { return d.oldest_age === null ? "empty" : fmtDuration(d.oldest_age); },
+      function (d) { return d.forwarded === null ? "" : d.forwarded; },
+      function (d) { return d.quarantined === null ? "" : d.quarantined; },
+      function (d) { return d.last_error; },
+    ], "no spool destinations");
     fillTable(document.getElementById("relay-destinations"), data.relay_destinations, [
       function (d) { return d.called_ae; },
       function (d) { return d.host + ":" + d.port; },

@@ -23,6 +23,7 @@ from tunnel_agent.spool.learned import LearnedContexts
 from tunnel_agent.spool.replay import ReplayReport
 from tunnel_agent.spool.store import Spool
 from tunnel_agent.spool.studykey import StudyKeys
+from tunnel_core.health import SpoolReport
 
 __all__ = ["DestinationStatus", "SpoolService"]
 
@@ -105,6 +106,13 @@ class SpoolService:
         forwarder = self.forwarders.get(destination)
         if forwarder is not None:
             forwarder.wake()
+
+    def report(self) -> tuple[SpoolReport, ...]:
+        """The spool's part of the health report the relay shows (docs/protocol.md §3.8)."""
+        if self.ingest is None:
+            return ()
+        return tuple(SpoolReport(d.name, d.called_ae, d.instances, d.bytes, d.oldest_age, d.forwarded,
+                                 d.quarantined, d.last_error) for d in self.snapshot())
 
     def snapshot(self) -> tuple[DestinationStatus, ...]:
         now = self.clock()

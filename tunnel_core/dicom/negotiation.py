@@ -27,7 +27,8 @@ Acceptable = Mapping[str, Sequence[str]]  # abstract syntax -> the transfer synt
 _ALWAYS: dict[str, Sequence[str]] = {VERIFICATION: DEFAULT_TRANSFER_SYNTAXES}
 
 
-def answer_contexts(offered: Iterable[PresentationContext], acceptable: Acceptable) -> tuple[PresentationContextResult, ...]:
+def answer_contexts(offered: Iterable[PresentationContext],
+                    acceptable: Acceptable) -> tuple[PresentationContextResult, ...]:
     """One result per offered context, in the order offered (see the module docstring)."""
     results = []
     for context in offered:
