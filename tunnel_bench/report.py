@@ -323,6 +323,11 @@ def _wan_targets(results: dict) -> list[dict]:
                              f"{_x(spool['of_link'])} ({_num(spool['delivered']['mb_s'])} of "
                              f"{_num(spool['link_mb_s'])} MB/s; {_x(spool['vs_direct'])} direct)",
                              _at_least(spool["of_link"], 0.8), "target" if bar else "reference"))
+        if whole := point.get("spool_whole_set"):
+            rows.append(_row(f"emulated WAN {point['rtt_ms']} ms RTT: the whole set ({whole['bytes'] / 1e9:.1f} GB) "
+                             "through the spool within 1.25x size / bandwidth",
+                             f"{whole['delivered_s']:.0f} s for {whole['ideal_s']:.0f} s: {_x(whole['of_ideal'])}",
+                             _at_most(whole["of_ideal"], 1.25), "target"))
         if par := point.get("parallel"):
             rows.append(_row(f"emulated WAN {point['rtt_ms']} ms RTT: {par['associations']} assoc >= 0.9x direct "
                              "(no collapse with many streams)",

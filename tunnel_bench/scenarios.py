@@ -51,6 +51,7 @@ class Settings:
     wan_runs: int
     store_timeout_s: float
     wireguard_instances: int = 0  # WireGuard row: the first N instances (0: the whole workload)
+    wan_whole_set: bool = False  # also send the whole workload once into the spool at the largest RTT
 
 
 @dataclass

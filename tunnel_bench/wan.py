@@ -103,6 +103,19 @@ def _spool_runs(ctx: BenchContext, rtt_ms: int, port: int, rate_mbit: float, age
             "agent_peak_rss": peak_rss, "forwarding_associations": SPOOL_PARALLEL}
 
 
+def _whole_set(ctx: BenchContext, rtt_ms: int, port: int, rate_mbit: float, agent_pid: int) -> dict:
+    """The whole workload (the prototype's ~6 GB) once into the spool: against size / bandwidth."""
+    workload = ctx.workload
+    returned, delivered, usage = _spool_once(ctx, port, list(workload.files), len(workload.files), agent_pid)
+    ideal = workload.total_bytes / (rate_mbit * 1e6 / 8)
+    ctx.progress(f"WAN {rtt_ms} ms RTT whole set into the spool: {workload.total_bytes / MB:.0f} MB, storescu "
+                 f"done in {returned:.0f} s, cloud holds all after {delivered:.0f} s (size / bandwidth "
+                 f"{ideal:.0f} s)")
+    return {"instances": len(workload.files), "bytes": workload.total_bytes, "returned_s": round(returned, 3),
+            "delivered_s": round(delivered, 3), "ideal_s": round(ideal, 3), "of_ideal": ratio(delivered, ideal),
+            "agent_peak_rss": usage["peak_rss"], "agent_cpu_s": usage["cpu_s"]}
+
+
 def _point(ctx: BenchContext, rtt_ms: int, direct: Endpoint, tunnel: Endpoint, rate_mbit: float,
            agent_pid: int) -> dict:
     endpoints = {"direct": direct, "tunnel": tunnel}
@@ -112,6 +125,8 @@ def _point(ctx: BenchContext, rtt_ms: int, direct: Endpoint, tunnel: Endpoint, r
              **_runs(ctx, rtt_ms, endpoints, 1),
              "spool": _spool_runs(ctx, rtt_ms, tunnel.port, rate_mbit, agent_pid),
              "parallel": {"associations": parallel, **_runs(ctx, rtt_ms, endpoints, parallel)}}
+    if ctx.settings.wan_whole_set and rtt_ms == max(ctx.settings.wan_rtts_ms):
+        point["spool_whole_set"] = _whole_set(ctx, rtt_ms, tunnel.port, rate_mbit, agent_pid)
     spool_mb_s = point["spool"]["delivered"]["mb_s"]
     point["spool"]["vs_direct"] = ratio(spool_mb_s, point["direct"]["mb_s"])
     point["spool"]["vs_passthrough"] = ratio(spool_mb_s, point["tunnel"]["mb_s"])
