@@ -7,7 +7,8 @@ the protocol, the machine's A-ABORT is written (best effort, bounded) and the ch
 :class:`~tunnel_core.errors.AssociationError` reaches the caller.
 
 Outcomes a caller handles, all of them documented exceptions: ``TimeoutError`` (the peer was silent past
-the deadline: abort and end), :class:`~tunnel_link.channels.ChannelClosed` (the connection broke, the
+the read deadline, or left our bytes untaken for ``write_timeout``: abort and end),
+:class:`~tunnel_link.channels.ChannelClosed` (the connection broke, the
 stream was reset, or the peer ended without releasing), ``AssociationError`` (the peer broke the protocol;
 already aborted here).
 """
@@ -21,17 +22,20 @@ from tunnel_core.dicom.association import Association, Event, State
 from tunnel_core.errors import AssociationError
 from tunnel_link.channels import ByteChannel, ChannelClosed
 
-__all__ = ["ABORT_WRITE_TIMEOUT", "DicomConnection"]
+__all__ = ["ABORT_WRITE_TIMEOUT", "WRITE_TIMEOUT", "DicomConnection"]
 
 ABORT_WRITE_TIMEOUT = 2.0  # seconds an A-ABORT may take to leave before the channel is cut anyway
+WRITE_TIMEOUT = 60.0  # seconds a peer may leave what we queued for it untaken (a full window, no credit)
 
 
 class DicomConnection:
     """Build with the channel and a fresh ``Association``; ``feed`` any bytes already read (a sniffed
     A-ASSOCIATE-RQ), then loop on :meth:`next_event`, act on the association, and :meth:`flush`."""
 
-    def __init__(self, channel: ByteChannel, association: Association) -> None:
+    def __init__(self, channel: ByteChannel, association: Association, *,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         self.channel = channel
+        self.write_timeout = write_timeout
         self.association = association
         self.bytes_in = 0
         self.bytes_out = 0
@@ -57,11 +61,12 @@ class DicomConnection:
         return self._events.popleft()
 
     async def flush(self) -> None:
-        """Write what the association queued (waits for the channel to take it)."""
+        """Write what the association queued, waiting at most ``write_timeout`` for the channel to take it."""
         data = self.association.data_to_send()
         if data:
             self.bytes_out += len(data)
-            await self.channel.write(data)
+            async with asyncio.timeout(self.write_timeout):
+                await self.channel.write(data)
 
     async def abort(self, source: int = 2, reason: int = 0) -> None:
         """A-ABORT the association (bounded), then cut the channel; a closed association only cuts it."""

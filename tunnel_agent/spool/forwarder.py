@@ -84,13 +84,9 @@ class ForwardLimits:
 @dataclass(slots=True)
 class ForwardStats:
     forwarded: int = 0
-    forwarded_bytes: int = 0
-    retried: int = 0
-    quarantined: int = 0
-    associations: int = 0  # opened, since start
+    forwarded_bytes: int = 0  # retries and quarantine are counted by the spool itself (Spool.stats)
     active: int = 0  # associations open now
     last_error: str = ""
-    last_forwarded: float | None = None
 
 
 class Forwarder:
@@ -154,19 +150,24 @@ class Forwarder:
 
     async def _take(self, limit: int, *, calling_ae: str | None = None,
                     pairs: frozenset[Pair] | None = None) -> list[SpoolEntry]:
-        """Claim up to ``limit`` ready entries (of one calling AE title; with ``pairs``, only those)."""
+        """Claim up to ``limit`` ready entries (of one calling AE title; with ``pairs``, only those), in one
+        trip to a worker thread (each claim is a rename)."""
         async with self._taking:
             candidates = self.spool.ready(self.name, limit * 4, self.clock())
-            taken: list[SpoolEntry] = []
-            for entry in candidates:
-                calling_ae = calling_ae or entry.record.calling_ae
-                if entry.record.calling_ae != calling_ae or (pairs is not None and _pair(entry) not in pairs):
-                    continue
-                if await asyncio.to_thread(self.spool.claim, entry):
-                    taken.append(entry)
-                if len(taken) >= limit:
-                    break
-            return taken
+            return await asyncio.to_thread(self._claim, candidates, limit, calling_ae, pairs)
+
+    def _claim(self, candidates: list[SpoolEntry], limit: int, calling_ae: str | None,
+               pairs: frozenset[Pair] | None) -> list[SpoolEntry]:
+        taken: list[SpoolEntry] = []
+        for entry in candidates:
+            calling_ae = calling_ae or entry.record.calling_ae
+            if entry.record.calling_ae != calling_ae or (pairs is not None and _pair(entry) not in pairs):
+                continue
+            if self.spool.claim(entry):
+                taken.append(entry)
+            if len(taken) >= limit:
+                break
+        return taken
 
     async def _forward(self, batch: list[SpoolEntry]) -> None:
         """One association: the batch, then whatever else it can carry. On any failure what is left goes
@@ -238,19 +239,16 @@ class Forwarder:
             await asyncio.to_thread(self.spool.delivered, entry)
             self.stats.forwarded += 1
             self.stats.forwarded_bytes += entry.record.size
-            self.stats.last_forwarded = self.clock()
         elif judgement.verdict is Verdict.QUARANTINE:
             await self._quarantine(entry, judgement.reason)
         else:
             delay = retry_delay(self._failures.get(entry.name, 1), initial=self.destination.retry_initial,
                                 cap=self.destination.retry_max, rand=self.rand)
             await asyncio.to_thread(self.spool.retry, entry, self.clock() + delay, judgement.reason)
-            self.stats.retried += 1
 
     async def _quarantine(self, entry: SpoolEntry, reason: str) -> None:
         self._failures.pop(entry.name, None)
         await asyncio.to_thread(self.spool.quarantine, entry, reason)
-        self.stats.quarantined += 1
         log.warning("spool destination %s: an instance was quarantined: %s", self.name, reason)
 
     async def _put_back(self, entry: SpoolEntry, reason: str) -> None:
@@ -274,6 +272,8 @@ class Forwarder:
             await conn.flush()
         except ChannelClosed as exc:
             raise Unavailable(f"destination {self.name}: {exc}") from exc
+        except TimeoutError:  # the tunnel gave no credit for write_timeout: not the instance's fault
+            raise Unavailable(f"destination {self.name}: nothing could be sent for {conn.write_timeout:.0f}s") from None
 
 class _Learner:
     """Asks the destination what it accepts when it never did, or the answer is older than
@@ -351,7 +351,6 @@ class _Associated:
         if not isinstance(event, ua.AssociateAccepted):
             await self._close(failed=True)
             raise Unavailable(f"destination {f.name} answered the A-ASSOCIATE-RQ with {type(event).__name__}")
-        f.stats.associations += 1
         f.stats.active += 1
         return conn
 
@@ -408,7 +407,7 @@ async def _sort_out(f: Forwarder, conn: DicomConnection, contexts: tuple[Present
         judgement = judge_context(results.get(context.id, ContextResult.NO_REASON))
         assert judgement is not None
         if judgement.verdict is Verdict.QUARANTINE:
-            f.learned.refused(f.name, *_pair(entry))
+            await asyncio.to_thread(f.learned.refused, f.name, *_pair(entry))  # it writes and fsyncs a file
             await f._quarantine(entry, judgement.reason)
         else:
             await f._put_back(entry, judgement.reason)
@@ -436,7 +435,7 @@ async def _send_dataset(f: Forwarder, conn: DicomConnection, context_id: int, en
 
 
 async def _response(f: Forwarder, conn: DicomConnection, message_id: int) -> CStoreRSP:
-    async with asyncio.timeout(f.limits.response_timeout):
+    async with asyncio.timeout(f.limits.response_timeout):  # in all, however the bytes trickle in
         event = await f._event(conn, f.limits.response_timeout)
     if not isinstance(event, ua.CommandReceived):
         raise Unavailable(f"destination {f.name} ended the association ({type(event).__name__})")
