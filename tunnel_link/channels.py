@@ -25,7 +25,7 @@ import collections
 from typing import Protocol
 
 from tunnel_core.codes import ErrorCode
-from tunnel_link.errors import LinkError, StreamResetError
+from tunnel_link.errors import LinkError
 from tunnel_link.pipe import Pipe
 from tunnel_link.session import TunnelStream
 
@@ -142,11 +142,3 @@ class StreamChannel:
     def stream_writable(self) -> None:
         self._writable.set()
 
-
-def reset_code(exc: BaseException) -> ErrorCode | None:
-    """The reset code behind a channel or stream error, if there was one."""
-    if isinstance(exc, ChannelClosed):
-        return exc.code
-    if isinstance(exc, StreamResetError):
-        return exc.code
-    return None

@@ -78,8 +78,6 @@ class Ingest:
         self.on_commit = on_commit
         self.limits = limits
         self.clock = clock
-        self.stored = 0  # instances answered success, since start
-        self.refused = 0  # instances answered a failure
 
     def wants(self, called_ae: str) -> bool:
         return called_ae in self.destinations
@@ -203,10 +201,7 @@ class _Session:
         assert instance is not None
         status = instance.failure if instance.failure is not None else Status.SUCCESS
         if status == Status.SUCCESS:
-            self.ingest.stored += 1
             self.ingest.on_commit(self.destination.name)
-        else:
-            self.ingest.refused += 1
         command = instance.command
         reply = CStoreRSP(command.message_id, status, command.affected_sop_class_uid, command.affected_sop_instance_uid)
         self.conn.association.send_command(instance.context_id, encode_command(reply))
