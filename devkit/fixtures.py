@@ -9,6 +9,8 @@ Calling contract:
 - ``open_lab(request, tmp_path)`` is a context manager for a fixture: it checks the lab's prerequisites
   (``require_lab``), yields a :class:`~devkit.netns.NetnsLab` and closes it, printing its processes' logs
   if the test failed.
+- ``small_tmpfs(directory, size)`` is a context manager: a tmpfs of ``size`` (``"1m"``) mounted at a new
+  ``directory`` (root only: else a missing prerequisite), unmounted on every exit path.
 - ``missing_prerequisite(reason)``: under CI (env CI true/1/yes) a missing prerequisite fails the test;
   elsewhere the test is skipped and says why.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -26,7 +29,8 @@ import pytest
 from devkit.netns import NetnsLab, missing_prerequisites
 from devkit.procs import ProcessTracker
 
-__all__ = ["PHASE_REPORTS", "in_ci", "missing_prerequisite", "module_procs", "open_lab", "procs", "require_lab"]
+__all__ = ["PHASE_REPORTS", "in_ci", "missing_prerequisite", "module_procs", "open_lab", "procs", "require_lab",
+           "small_tmpfs"]
 
 # A conftest hook stores each test phase's report here so fixtures can tell whether the test failed.
 PHASE_REPORTS: pytest.StashKey[dict[str, pytest.TestReport]] = pytest.StashKey()
@@ -94,3 +98,20 @@ def open_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetnsLa
         finally:
             if lab.tracker.processes and _failed(request):
                 print(f"--- processes started in the lab's namespaces ---\n{lab.report()}")
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's syntax, e.g. ``"2m"``) at ``directory`` (created, 0700), for tests that
+    need a filesystem to fill up; lazily unmounted on every exit path."""
+    if os.geteuid() != 0:
+        missing_prerequisite(f"mounting a {size} tmpfs needs root")
+    directory.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        pytest.fail(f"mount -t tmpfs failed as root: {done.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=30, check=True)

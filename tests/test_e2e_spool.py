@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from devkit.fixtures import missing_prerequisite
+from devkit.fixtures import small_tmpfs
 from tests.support.dcmtk import start_storescp, storescu
 from tests.support.orthanc import start_orthanc
 from tests.support.ports import free_ports
@@ -113,18 +112,8 @@ def test_relay_down_during_the_send(procs: ProcessTracker, tmp_path: Path, study
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs of the test's own, unmounted afterwards (also when the test fails)."""
-    if os.geteuid() != 0:
-        missing_prerequisite("mounting a 2 MiB tmpfs for a full spool needs root")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True, timeout=30)
-    if done.returncode:
-        pytest.fail(f"mount -t tmpfs failed as root: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30, check=True)
 
 
 def store_responses(log: str) -> tuple[list[str], list[str]]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from devkit.fixtures import small_tmpfs
 from tests.support import missing_prerequisite
 from tests.support.spoolwriter import DESTINATIONS, pattern
 from tunnel_agent.spool import (
@@ -324,18 +325,8 @@ def test_concurrent_writers_cannot_overshoot_the_limits(root: Path) -> None:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs of the test's own, unmounted afterwards."""
-    if os.geteuid() != 0:
-        missing_prerequisite("mounting a 1 MiB tmpfs needs root")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True, timeout=30)
-    if done.returncode:
-        pytest.fail(f"mount -t tmpfs failed as root: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30, check=True)
 
 
 def test_a_full_filesystem_is_spool_full_and_the_store_stays_usable(small_fs: Path) -> None:
