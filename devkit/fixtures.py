@@ -9,6 +9,10 @@ Calling contract:
 - ``open_lab(request, tmp_path)`` is a context manager for a fixture: it checks the lab's prerequisites
   (``require_lab``), yields a :class:`~devkit.netns.NetnsLab` and closes it, printing its processes' logs
   if the test failed.
+- ``postgres`` (function scope) is a fixture yielding a started :class:`~devkit.postgres.PostgresServer` of
+  the test's own (new cluster, free port on 127.0.0.1, database ``registry`` owned by ``tunnel``, random
+  password), its postmaster started through ``procs`` and ended by PID at teardown. Without the Debian
+  package ``postgresql`` (binaries, the ``postgres`` user when root) it is a missing prerequisite.
 - ``small_tmpfs(directory, size)`` is a context manager: a tmpfs of ``size`` (``"1m"``) mounted at a new
   ``directory`` (root only: else a missing prerequisite), unmounted on every exit path.
 - ``missing_prerequisite(reason)``: under CI (env CI true/1/yes) a missing prerequisite fails the test;
@@ -27,10 +31,11 @@ from typing import NoReturn
 import pytest
 
 from devkit.netns import NetnsLab, missing_prerequisites
+from devkit.postgres import PostgresServer, missing_postgres, postgres_server
 from devkit.procs import ProcessTracker
 
-__all__ = ["PHASE_REPORTS", "in_ci", "missing_prerequisite", "module_procs", "open_lab", "procs", "require_lab",
-           "small_tmpfs"]
+__all__ = ["PHASE_REPORTS", "in_ci", "missing_prerequisite", "module_procs", "open_lab", "postgres", "procs",
+           "require_lab", "small_tmpfs"]
 
 # A conftest hook stores each test phase's report here so fixtures can tell whether the test failed.
 PHASE_REPORTS: pytest.StashKey[dict[str, pytest.TestReport]] = pytest.StashKey()
@@ -76,6 +81,17 @@ def module_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessTr
         yield tracker
     finally:
         tracker.stop_all()
+
+
+@pytest.fixture
+def postgres(procs: ProcessTracker, tmp_path: Path) -> Iterator[PostgresServer]:
+    """A started PostgreSQL server of this test's own (see :func:`devkit.postgres.postgres_server`):
+    ``postgres.url``, ``postgres.password``, ``postgres.psql(sql)``; stopped, by PID, at teardown."""
+    reason = missing_postgres()
+    if reason is not None:
+        missing_prerequisite(reason)
+    with postgres_server(procs, tmp_path) as server:
+        yield server
 
 
 def require_lab() -> None:

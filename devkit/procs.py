@@ -18,12 +18,17 @@ A :class:`ProcessTracker` owns the children of one test, demo run or benchmark r
 
 ``spawn()`` (a context manager) is the one-process form. ``raise_nofile_limit`` lifts this process's
 descriptor limit, which every child started afterwards inherits.
+
+``user=`` (``ManagedProcess``, ``spawn``/``run`` of a tracker, ``run_command``) runs the child as that
+system user, with that user's primary group and no supplementary groups: a server that refuses to run as
+root (PostgreSQL) started while we are root. Naming the user we already are changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import resource
 import signal
 import subprocess
@@ -31,6 +36,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from devkit.errors import DevkitError
 
@@ -50,6 +56,19 @@ LOG_TAIL_CHARS = 4000
 
 Argv = Sequence[str | os.PathLike[str]]
 Env = Mapping[str, str] | None
+
+
+def _identity(user: str | None) -> dict[str, Any]:
+    """Popen's user=/group=/extra_groups= for running a child as ``user`` (None or ourselves: nothing)."""
+    if user is None:
+        return {}
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError as exc:
+        raise DevkitError(f"no system user {user!r} to run a child process as") from exc
+    if entry.pw_uid == os.geteuid() and entry.pw_gid == os.getegid():
+        return {}  # already that user; setgroups() would need privileges we may not have
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 @dataclass(frozen=True)
@@ -86,8 +105,9 @@ class ManagedProcess:
     """A child process with a log file, ended by PID. Call :meth:`stop` (or use ``with``) when done."""
 
     def __init__(self, argv: Argv, *, log_path: Path, name: str | None = None, env: Env = None,
-                 cwd: str | os.PathLike[str] | None = None) -> None:
-        """Start ``argv`` now. ``env`` is layered over os.environ (None: inherit it unchanged)."""
+                 cwd: str | os.PathLike[str] | None = None, user: str | None = None) -> None:
+        """Start ``argv`` now. ``env`` is layered over os.environ (None: inherit it unchanged); ``user``:
+        run it as that system user (its primary group, no supplementary groups)."""
         self.argv = [os.fspath(arg) for arg in argv]
         self.name = name or Path(self.argv[0]).name
         self.log_path = Path(log_path)
@@ -96,7 +116,7 @@ class ManagedProcess:
         with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
             self._popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                            stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env},
-                                           cwd=cwd, start_new_session=True)
+                                           cwd=cwd, start_new_session=True, **_identity(user))
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.name} pid={self.pid} returncode={self.returncode}>"
@@ -175,21 +195,24 @@ class ProcessTracker:
         self._live: list[ManagedProcess] = []  # those not ended yet, oldest first
 
     def spawn(self, argv: Argv, *, env: Env = None, cwd: str | os.PathLike[str] | None = None,
-              name: str | None = None, log_path: str | os.PathLike[str] | None = None) -> ManagedProcess:
-        """Start ``argv`` (log: ``<log_dir>/<name>.log`` unless ``log_path``); it is ended by stop_all()."""
+              name: str | None = None, log_path: str | os.PathLike[str] | None = None,
+              user: str | None = None) -> ManagedProcess:
+        """Start ``argv`` (log: ``<log_dir>/<name>.log`` unless ``log_path``; as ``user`` if given); it is
+        ended by stop_all()."""
         name = name or Path(os.fspath(argv[0])).name
         proc = ManagedProcess(argv, log_path=Path(log_path) if log_path else self._log_path(name), name=name,
-                              env=env, cwd=cwd)
+                              env=env, cwd=cwd, user=user)
         self.processes.append(proc)
         self._live.append(proc)
         self._record(proc.pid, name)
         return proc
 
     def run(self, argv: Argv, *, timeout: float, name: str | None = None, input: str | None = None,
-            env: Env = None, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+            env: Env = None, cwd: str | os.PathLike[str] | None = None,
+            user: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a short command to completion; see :func:`run_command`. Its PID goes to the pids file too."""
         label = name or Path(os.fspath(argv[0])).name
-        return run_command(argv, timeout=timeout, input=input, env=env, cwd=cwd,
+        return run_command(argv, timeout=timeout, input=input, env=env, cwd=cwd, user=user,
                            on_start=lambda pid: self._record(pid, label))
 
     def stop(self, proc: ManagedProcess, grace: float = STOP_GRACE_SECONDS) -> Ended:
@@ -225,16 +248,19 @@ class ProcessTracker:
 
 def run_command(argv: Argv, *, timeout: float, input: str | None = None, env: Env = None,
                 cwd: str | os.PathLike[str] | None = None,
-                on_start: Callable[[int], object] | None = None) -> subprocess.CompletedProcess[str]:
+                on_start: Callable[[int], object] | None = None,
+                user: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to completion: ``input`` on its standard input (secrets go there, never into argv),
-    stdout and stderr captured as text. Returns the finished process whatever its exit status.
+    stdout and stderr captured as text, as system ``user`` if given. Returns the finished process
+    whatever its exit status.
 
     After ``timeout`` s it is ended by its PID (SIGTERM, grace, SIGKILL) and ``subprocess.TimeoutExpired``
     is raised. ``on_start(pid)`` is called as soon as the PID exists."""
     full_env = None if env is None else {**os.environ, **env}
     stdin = subprocess.DEVNULL if input is None else subprocess.PIPE
     popen = subprocess.Popen([os.fspath(a) for a in argv], stdin=stdin, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd, start_new_session=True,
+                             **_identity(user))
     try:
         if on_start is not None:
             on_start(popen.pid)

@@ -15,7 +15,7 @@
 set -euo pipefail
 
 # The one list of Debian packages the project needs.
-DEB_PACKAGES=(dcmtk orthanc iproute2 procps squid chromium wireguard-tools wireguard-go nftables)
+DEB_PACKAGES=(dcmtk orthanc iproute2 procps squid chromium wireguard-tools wireguard-go nftables postgresql)
 
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT_DIR"

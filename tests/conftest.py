@@ -3,6 +3,8 @@
 - `procs`: function-scoped tracker of subprocesses, each ended by its own PID at teardown
   (the dev kit's, devkit/fixtures.py, via tests/support/procs.py); `module_procs` is the same for peers
   shared by a module's tests.
+- `postgres`: a started PostgreSQL server of the test's own on 127.0.0.1 (devkit/postgres.py), ended by
+  its PID at teardown; a missing `postgresql` package is a missing prerequisite.
 - `ct_study_small`: a small generated CT study (session-scoped, read-only for tests).
 - `in_ci()`: under CI=true a missing prerequisite fails instead of skipping.
 
@@ -24,9 +26,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import in_ci, missing_prerequisite  # noqa: E402
-from tests.support.procs import PHASE_REPORTS, module_procs, procs  # noqa: E402
+from tests.support.procs import PHASE_REPORTS, module_procs, postgres, procs  # noqa: E402
 
-__all__ = ["in_ci", "procs", "module_procs", "ct_study_small"]
+__all__ = ["in_ci", "procs", "module_procs", "postgres", "ct_study_small"]
 
 pytest_plugins = ["pytester"]
 
