@@ -1,12 +1,13 @@
 """The forwarder: drains one spool destination through the tunnel to its cloud destination.
 
-Theory of operation: ``parallel`` workers each take a batch of ready entries (oldest first, claimed in
-the spool so no other worker takes them), open one tunnel stream to the destination's called AE title (the
-relay routes it as it routes any association from this site), associate proposing exactly the
-presentation contexts the batch needs, one (SOP class, transfer syntax) pair each, and C-STORE the entries
-one after the other, streaming each dataset from its file. While the association is up a worker keeps
-taking entries it can send on it, so a busy destination reuses associations; across workers the link is
-kept full, within a study and across studies, as stop-and-wait DICOM allows.
+Theory of operation: ``parallel`` workers each claim the oldest ready entry (claimed in the spool so no
+other worker takes it), open one tunnel stream to the destination's called AE title (the relay routes it
+as it routes any association from this site), associate proposing the presentation contexts that entry and
+the next ready ones of the same calling AE need (``lookahead``), one (SOP class, transfer syntax) pair
+each, and C-STORE, streaming each dataset from its file. While the association is up a worker keeps
+claiming the next entry it can send on it, one at a time, so a busy destination reuses associations and
+no worker sits on entries another idle one could send: across workers the link is kept full to the last
+instance, within a study and across studies, as stop-and-wait DICOM allows.
 
 After each C-STORE-RSP the verdict is ``tunnel_core.delivery``'s: delivered (the entry is removed from the
 spool: only now), retried later with jittered backoff, or quarantined with its reason. A context the
@@ -71,7 +72,7 @@ class _EntryBroken(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ForwardLimits:
-    batch: int = 16  # entries a worker claims at a time
+    lookahead: int = 64  # ready entries looked at to choose an association's presentation contexts
     associate_timeout: float = 30.0  # seconds for the A-ASSOCIATE-AC, and for the A-RELEASE-RP
     response_timeout: float = 120.0  # seconds for a C-STORE-RSP after the dataset's last byte left
     max_pdu_receive: int = 64 * 1024  # responses are small
@@ -125,7 +126,7 @@ class Forwarder:
     async def _worker(self) -> None:
         backoff = Backoff(self.limits.backoff_initial, self.limits.backoff_max, self.rand)
         while True:
-            batch = await self._take(self.limits.batch)
+            batch = await self._take(1)
             if not batch:
                 await self._idle()
                 continue
@@ -176,7 +177,9 @@ class Forwarder:
         calling_ae = batch[0].record.calling_ae
         current: SpoolEntry | None = None
         try:
-            contexts = probe_contexts(dict.fromkeys(_pair(e) for e in batch))[0]
+            upcoming = [e for e in self.spool.ready(self.name, self.limits.lookahead, self.clock())
+                        if e.record.calling_ae == calling_ae]
+            contexts = probe_contexts(dict.fromkeys(_pair(e) for e in [*batch, *upcoming]))[0]
             proposed = {(c.abstract_syntax, c.transfer_syntaxes[0]) for c in contexts}
             for entry in [e for e in batch if _pair(e) not in proposed]:  # more pairs than fit: next time
                 queue.remove(entry)
@@ -185,7 +188,7 @@ class Forwarder:
                 by_pair = await _sort_out(self, conn, contexts, queue)
                 message_id = 0
                 while queue or (queue := collections.deque(
-                        await self._take(self.limits.batch, calling_ae=calling_ae, pairs=frozenset(by_pair)))):
+                        await self._take(1, calling_ae=calling_ae, pairs=frozenset(by_pair)))):
                     current = queue.popleft()
                     message_id = message_id % 0xFFFF + 1
                     await self._store(conn, by_pair[_pair(current)], current, message_id, queue)
