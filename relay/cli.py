@@ -21,7 +21,7 @@ from urllib.parse import quote
 from relay import pki
 from relay.admintoken import admin_token
 from relay.config import RelaySettings, load_relay_settings
-from relay.registry import Registry, RegistryError, serial_hex
+from relay.registry import Registry, RegistryError, open_registry, serial_hex
 from tunnel_link.tls import TlsConfigError
 from tunnel_runtime.service import run_service, setup_logging
 from tunnel_runtime.settings import ConfigError
@@ -330,6 +330,14 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return args.state_dir if args.state_dir else load_relay_settings(args.config).state_dir
 
 
+def _registry(args: argparse.Namespace) -> Registry:
+    """The registry the config names (``--config``: SQLite or PostgreSQL), or the file in ``--state-dir``."""
+    if args.state_dir:
+        return Registry.open(args.state_dir)
+    settings = load_relay_settings(args.config)
+    return open_registry(settings.state_dir, settings.registry_url, settings.registry_password_file)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from relay.server import Relay  # aiohttp is only needed to serve
 
@@ -344,7 +352,7 @@ def _ca_init(args: argparse.Namespace) -> int:
     pki.init_ca(state)
     pki.issue_server_cert(state, args.hostname)
     admin_token(state)
-    Registry.open(state).close()
+    _registry(args).close()
     print(f"CA ready in {state}; fingerprint sha256:{pki.ca_fingerprint(state)}")
     return 0
 
@@ -352,7 +360,7 @@ def _ca_init(args: argparse.Namespace) -> int:
 def _site_cert(args: argparse.Namespace) -> int:
     state = _state_dir(args)
     bundle = pki.issue_site_cert(state, args.name, args.out, days=args.days)
-    registry = Registry.open(state)
+    registry = _registry(args)
     try:
         registry.record_certificate(serial_hex(bundle.serial), args.name, "manual", time.time(),
                                     bundle.not_after.timestamp(), actor="cli")

@@ -12,10 +12,12 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from relay.engines import PostgresTarget
 from relay.pki import CA_CERT, RELAY_CERT, RELAY_KEY
+from relay.registryerrors import RegistryError
 from tunnel_core.admission import AdmissionLimits
 from tunnel_core.ratelimit import RateLimits
 from tunnel_runtime.settings import (
@@ -248,6 +250,11 @@ class RelaySettings(TomlSettings):
     model_config = SettingsConfigDict(env_prefix="TUNNEL_RELAY_")
 
     state_dir: Path = Path("/var/lib/tunnel-relay")
+    # The registry: empty, the SQLite file in state_dir; "postgresql://user@host:5432/database", a database
+    # that every relay of a fleet shares (never a password in it: registry_password_file, or the
+    # TUNNEL_RELAY_REGISTRY_PASSWORD environment variable).
+    registry_url: str = ""
+    registry_password_file: OptionalPath = None
     tunnel: TunnelConfig = Field(default_factory=TunnelConfig)
     mux: MuxConfig = Field(default_factory=MuxConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
@@ -255,6 +262,16 @@ class RelaySettings(TomlSettings):
     wireguard: WireGuardConfig = Field(default_factory=WireGuardConfig)
     listeners: list[ListenerConfig] = Field(default_factory=list)
     sites: list[SiteConfig] = Field(default_factory=list)
+
+    @field_validator("registry_url")
+    @classmethod
+    def _check_registry_url(cls, value: str) -> str:
+        if value:
+            try:
+                PostgresTarget.from_url(value)
+            except RegistryError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RelaySettings:

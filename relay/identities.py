@@ -88,8 +88,7 @@ class Identities(Store):
     def ensure_site(self, name: str, now: float, actor: str = "config") -> bool:
         """Register ``name`` if it is new; a revoked site stays revoked. True if it was added."""
         with self._tx():
-            added = self._db.execute("INSERT OR IGNORE INTO sites(name, created_at) VALUES (?, ?)",
-                                     (name, now)).rowcount == 1
+            added = self._ensure_site_row(name, now)
             if added:
                 self._audit(now, actor, "site_added", name, {})
         return added
@@ -187,7 +186,7 @@ class Identities(Store):
     def record_certificate(self, serial: str, site: str, kind: str, now: float, not_after: float,
                            actor: str) -> None:
         with self._tx():
-            self._db.execute("INSERT OR IGNORE INTO sites(name, created_at) VALUES (?, ?)", (site, now))
+            self._ensure_site_row(site, now)
             self._db.execute("INSERT INTO certificates(serial, site, kind, issued_at, not_after) "
                              "VALUES (?,?,?,?,?)", (serial, site, kind, now, not_after))
             self._audit(now, actor, "certificate_issued", site,

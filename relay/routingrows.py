@@ -60,12 +60,18 @@ class RoutingRows(Store):
             self._db.execute("DELETE FROM listener_routes WHERE source = 'config'")
             self._db.execute("DELETE FROM site_destinations WHERE source = 'config'")
             for r in routes:
-                self._db.execute("INSERT OR IGNORE INTO sites(name, created_at) VALUES (?, ?)", (r.site, now))
-                self._db.execute("INSERT OR REPLACE INTO listener_routes VALUES (?,?,?,?,?, 'config')",
+                self._ensure_site_row(r.site, now)
+                self._db.execute("INSERT INTO listener_routes VALUES (?,?,?,?,?, 'config') "
+                                 "ON CONFLICT (listener, called_ae) DO UPDATE SET site = excluded.site, "
+                                 "route = excluded.route, allowed_calling_aes = excluded.allowed_calling_aes, "
+                                 "source = excluded.source",
                                  (r.listener, r.called_ae, r.site, r.route, json.dumps(sorted(r.allowed))))
             for d in destinations:
-                self._db.execute("INSERT OR IGNORE INTO sites(name, created_at) VALUES (?, ?)", (d.site, now))
-                self._db.execute("INSERT OR REPLACE INTO site_destinations VALUES (?,?,?,?,?, 'config')",
+                self._ensure_site_row(d.site, now)
+                self._db.execute("INSERT INTO site_destinations VALUES (?,?,?,?,?, 'config') "
+                                 "ON CONFLICT (site, called_ae) DO UPDATE SET host = excluded.host, "
+                                 "port = excluded.port, allowed_calling_aes = excluded.allowed_calling_aes, "
+                                 "source = excluded.source",
                                  (d.site, d.called_ae, d.host, d.port, json.dumps(sorted(d.allowed))))
 
     def routes(self) -> list[RouteRecord]:

@@ -33,7 +33,7 @@ from relay import admin, dashboard, enroll, guard, listeners, metrics
 from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.identity import Admission
-from relay.registry import DestinationRecord, Registry, RouteRecord
+from relay.registry import DestinationRecord, Registry, RouteRecord, open_registry
 from relay.revocation import RevocationSweep
 from relay.sites import SiteState, SiteTable
 from relay.status import StatusSource
@@ -86,7 +86,7 @@ class Relay:
         """Bind every port; everything is torn down when ``stack`` closes."""
         s = self.settings
         tunnel_tls = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path, client_cert_optional=True)
-        registry = Registry.open(s.state_dir)
+        registry = open_registry(s.state_dir, s.registry_url, s.registry_password_file)
         stack.callback(registry.close)
         for site in s.sites:
             registry.ensure_site(site.name, time.time())

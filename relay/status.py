@@ -184,7 +184,7 @@ class StatusSource:
     def readiness(self) -> Readiness:
         try:
             registry_ok = self.registry.data_version() >= 0
-        except Exception:  # sqlite3 errors of any kind mean "not ready", with the reason logged
+        except Exception:  # a registry error of any kind means "not ready", with the reason logged
             log.exception("registry check failed")
             registry_ok = False
         return relay_readiness(started=self.serving, registry_ok=registry_ok)

@@ -1,137 +1,144 @@
-"""The registry's SQLite file: opening it private, numbered schema migrations, transactions, the audit trail.
+"""The registry's database: opening it (a private SQLite file, or the fleet's PostgreSQL), numbered schema
+migrations, transactions, the audit trail.
 
-Schema changes are numbered migrations applied in order inside one transaction each; ``PRAGMA
-user_version`` records how far a file has come, so an old file is upgraded at start-up and a file from a
-newer release is refused rather than misread. Every write is one short ``BEGIN IMMEDIATE`` transaction
-(one writer at a time, across processes) and leaves an audit row. The tables' own rules are in
-``relay.identities`` (sites, tokens, certificates, WireGuard keys) and ``relay.routingrows``; ``relay.registry``
-is the one class made of them.
+Schema changes are numbered migrations applied in order inside one transaction each; the database records
+how far it has come, so an old one is upgraded at start-up and one from a newer release is refused rather
+than misread. The migrations are written once with type names (``{REAL}``, ``{TEXT}``, ``{INT}``, ``{ID}``)
+that each engine spells its own way (``relay.engines``). Every write is one short transaction, one writer at
+a time across processes and relays, and leaves an audit row. The tables' own rules are in
+``relay.identities`` (sites, tokens, certificates, WireGuard keys) and ``relay.routingrows``;
+``relay.registry`` is the one class made of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import sqlite3
 from pathlib import Path
 from typing import Self
 
-__all__ = ["REGISTRY_FILE", "SCHEMA_VERSION", "RegistryError", "Store"]
+from relay.engines import Engine, PostgresEngine, PostgresTarget, SqliteEngine
+from relay.registryerrors import RegistryError, RegistryUnavailable
+
+__all__ = ["REGISTRY_FILE", "SCHEMA_VERSION", "RegistryError", "RegistryUnavailable", "Store"]
 
 REGISTRY_FILE = "registry.sqlite3"
 
 audit_log = logging.getLogger("relay.audit")
 
-# Migration N (1-based) brings a file from user_version N-1 to N. Append only; never edit a released one.
+# Migration N (1-based) brings a database from version N-1 to N. Append only; never change what a released
+# one creates (SQLite's spellings of the type names are those the first releases wrote).
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE sites (
-        name        TEXT PRIMARY KEY,
-        created_at  REAL NOT NULL,
-        revoked_at  REAL,
-        revoked_why TEXT
+        name        {TEXT} PRIMARY KEY,
+        created_at  {REAL} NOT NULL,
+        revoked_at  {REAL},
+        revoked_why {TEXT}
     );
     CREATE TABLE tokens (
-        secret_sha256 TEXT PRIMARY KEY,
-        site          TEXT NOT NULL REFERENCES sites(name),
-        created_at    REAL NOT NULL,
-        expires_at    REAL NOT NULL,
-        used_at       REAL
+        secret_sha256 {TEXT} PRIMARY KEY,
+        site          {TEXT} NOT NULL REFERENCES sites(name),
+        created_at    {REAL} NOT NULL,
+        expires_at    {REAL} NOT NULL,
+        used_at       {REAL}
     );
     CREATE TABLE certificates (
-        serial      TEXT PRIMARY KEY,
-        site        TEXT NOT NULL REFERENCES sites(name),
-        kind        TEXT NOT NULL,
-        issued_at   REAL NOT NULL,
-        not_after   REAL NOT NULL,
-        revoked_at  REAL,
-        revoked_why TEXT
+        serial      {TEXT} PRIMARY KEY,
+        site        {TEXT} NOT NULL REFERENCES sites(name),
+        kind        {TEXT} NOT NULL,
+        issued_at   {REAL} NOT NULL,
+        not_after   {REAL} NOT NULL,
+        revoked_at  {REAL},
+        revoked_why {TEXT}
     );
     CREATE INDEX certificates_site ON certificates(site);
     CREATE TABLE audit (
-        id     INTEGER PRIMARY KEY AUTOINCREMENT,
-        at     REAL NOT NULL,
-        actor  TEXT NOT NULL,
-        action TEXT NOT NULL,
-        site   TEXT,
-        detail TEXT NOT NULL
+        id     {ID},
+        at     {REAL} NOT NULL,
+        actor  {TEXT} NOT NULL,
+        action {TEXT} NOT NULL,
+        site   {TEXT},
+        detail {TEXT} NOT NULL
     );
     """,
     # 2: routing in the registry. Rows from the config file (source 'config') are replaced at every
     # start-up; rows added through the admin API (source 'api') persist.
     """
     CREATE TABLE listener_routes (
-        listener            TEXT NOT NULL,
-        called_ae           TEXT NOT NULL,
-        site                TEXT NOT NULL REFERENCES sites(name),
-        route               TEXT NOT NULL,
-        allowed_calling_aes TEXT NOT NULL,
-        source              TEXT NOT NULL,
+        listener            {TEXT} NOT NULL,
+        called_ae           {TEXT} NOT NULL,
+        site                {TEXT} NOT NULL REFERENCES sites(name),
+        route               {TEXT} NOT NULL,
+        allowed_calling_aes {TEXT} NOT NULL,
+        source              {TEXT} NOT NULL,
         PRIMARY KEY (listener, called_ae)
     );
     CREATE TABLE site_destinations (
-        site                TEXT NOT NULL REFERENCES sites(name),
-        called_ae           TEXT NOT NULL,
-        host                TEXT NOT NULL,
-        port                INTEGER NOT NULL,
-        allowed_calling_aes TEXT NOT NULL,
-        source              TEXT NOT NULL,
+        site                {TEXT} NOT NULL REFERENCES sites(name),
+        called_ae           {TEXT} NOT NULL,
+        host                {TEXT} NOT NULL,
+        port                {INT} NOT NULL,
+        allowed_calling_aes {TEXT} NOT NULL,
+        source              {TEXT} NOT NULL,
         PRIMARY KEY (site, called_ae)
     );
     """,
     # 3: WireGuard peers: one key and one tunnel address per site.
     """
     CREATE TABLE wg_peers (
-        site       TEXT PRIMARY KEY REFERENCES sites(name),
-        public_key TEXT NOT NULL UNIQUE,
-        address    TEXT NOT NULL UNIQUE,
-        updated_at REAL NOT NULL
+        site       {TEXT} PRIMARY KEY REFERENCES sites(name),
+        public_key {TEXT} NOT NULL UNIQUE,
+        address    {TEXT} NOT NULL UNIQUE,
+        updated_at {REAL} NOT NULL
     );
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-class RegistryError(Exception):
-    """The registry cannot do what was asked (unknown site, unreadable or too new a file...)."""
-
-
-
 class Store:
-    """The open file (``open`` creates and migrates it; ``close()`` when done) and what every table's rules
-    share: transactions, the audit trail, the site checks."""
+    """The open database (``open`` / ``connect`` create and migrate it; ``close()`` when done) and what every
+    table's rules share: transactions, the audit trail, the site checks."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
-        self._db = connection
-        self.path = path
+    def __init__(self, engine: Engine) -> None:
+        self._db = engine
 
     @classmethod
     def open(cls, state_dir: Path) -> Self:
-        path = state_dir / REGISTRY_FILE
-        if not path.exists():
-            _create_private_file(path)
+        """The embedded registry: ``{state_dir}/registry.sqlite3`` (0600), created and migrated."""
+        return cls._migrated(SqliteEngine(state_dir / REGISTRY_FILE))
+
+    @classmethod
+    def connect(cls, target: PostgresTarget) -> Self:
+        """The fleet's registry on PostgreSQL, migrated (relays starting together take turns)."""
+        return cls._migrated(PostgresEngine(target))
+
+    @classmethod
+    def _migrated(cls, engine: Engine) -> Self:
         try:
-            db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open registry {path}: {exc}") from exc
-        registry = cls(db, path)
-        registry._migrate()
-        for extra in ("-wal", "-shm"):  # SQLite creates these with the umask's mode; keep them private
-            side = path.with_name(path.name + extra)
-            if side.exists():
-                os.chmod(side, 0o600)
-        return registry
+            engine.migrate(_MIGRATIONS)
+        except BaseException:
+            engine.close()
+            raise
+        return cls(engine)
+
+    @property
+    def where(self) -> str:
+        """The database, for messages (a path, or PostgreSQL user@host:port/database)."""
+        return self._db.where
+
+    @property
+    def kind(self) -> str:
+        return self._db.kind
 
     def close(self) -> None:
         self._db.close()
 
     def data_version(self) -> int:
-        """Changes when any *other* connection commits: a cheap "reload?" check."""
-        return self._db.execute("PRAGMA data_version").fetchone()[0]
+        """Changes when another process commits: a cheap "reload?" check."""
+        return self._db.data_version()
 
     # --- audit -----------------------------------------------------------------------------------------
 
@@ -154,45 +161,11 @@ class Store:
         if row[0] is not None:
             raise RegistryError(f"site {site!r} is revoked")
 
-    # --- plumbing --------------------------------------------------------------------------------------
+    def _ensure_site_row(self, site: str, now: float) -> bool:
+        """Add ``site`` unless it exists (revoked or not); True if it was added. Inside a transaction."""
+        return self._db.execute("INSERT INTO sites(name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                                (site, now)).rowcount == 1
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
-
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RegistryError(f"registry {self.path} has schema version {version}, newer than this "
-                                f"release understands ({SCHEMA_VERSION}); upgrade tunnel-relay")
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            with self._tx():
-                for statement in _split_sql(_MIGRATIONS[number - 1]):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number}")
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on error): one writer at a time, across processes."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def _split_sql(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _create_private_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise RegistryError(f"cannot create registry {path}: {exc.strerror}") from exc
-    os.close(fd)
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        """One write transaction: one writer at a time, across processes."""
+        return self._db.transaction()

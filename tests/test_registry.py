@@ -1,4 +1,8 @@
-"""The relay registry (SQLite): migrations, tokens, certificates, revocation, audit. Time is a parameter."""
+"""The relay registry: migrations, tokens, certificates, revocation, audit. Time is a parameter.
+
+The rules run on both engines: ``registry`` is the SQLite file and a real PostgreSQL server of the test's
+own (``tests/test_registry_postgres.py`` has what only a shared database can show).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.engines import PostgresTarget
 from relay.registry import (
     REGISTRY_FILE,
     SCHEMA_VERSION,
@@ -19,22 +24,33 @@ from relay.registry import (
 from tunnel_core.token import EnrollmentToken, TokenFormatError
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        reg = Registry.open(tmp_path)
+    else:
+        server = request.getfixturevalue("postgres")
+        reg = Registry.connect(PostgresTarget.from_url(server.url, server.password))
+    yield reg
+    reg.close()
+
+
 @pytest.fixture
-def registry(tmp_path: Path):
+def sqlite_registry(tmp_path: Path):
     reg = Registry.open(tmp_path)
     yield reg
     reg.close()
 
 
-def test_new_file_is_private_and_at_the_latest_schema(tmp_path: Path, registry: Registry) -> None:
+def test_new_file_is_private_and_at_the_latest_schema(tmp_path: Path, sqlite_registry: Registry) -> None:
     path = tmp_path / REGISTRY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-def test_reopening_keeps_data(tmp_path: Path, registry: Registry) -> None:
-    registry.add_site("a", 1.0, actor="t")
-    registry.close()
+def test_reopening_keeps_data(tmp_path: Path, sqlite_registry: Registry) -> None:
+    sqlite_registry.add_site("a", 1.0, actor="t")
+    sqlite_registry.close()
     again = Registry.open(tmp_path)
     assert [s.name for s in again.sites()] == ["a"]
     again.close()
@@ -65,11 +81,11 @@ def test_token_expires(registry: Registry) -> None:
         registry.redeem_token("s" * 32, 100.0)
 
 
-def test_unknown_token_and_only_hashes_stored(tmp_path: Path, registry: Registry) -> None:
-    registry.add_site("a", 0.0, actor="t")
-    registry.add_token("a", "the-secret-value-123", 0.0, 100.0, actor="t")
+def test_unknown_token_and_only_hashes_stored(tmp_path: Path, sqlite_registry: Registry) -> None:
+    sqlite_registry.add_site("a", 0.0, actor="t")
+    sqlite_registry.add_token("a", "the-secret-value-123", 0.0, 100.0, actor="t")
     with pytest.raises(TokenRefused, match="unknown"):
-        registry.redeem_token("another-secret-value", 1.0)
+        sqlite_registry.redeem_token("another-secret-value", 1.0)
     assert b"the-secret-value-123" not in (tmp_path / REGISTRY_FILE).read_bytes()
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from relay import registry as reg
 from relay import store
+from relay.engines import render_migration
 from tests.support.dcmtk import echoscu, start_storescp
 from tests.support.ports import free_port
 from tests.support.stack import (
@@ -95,7 +96,7 @@ def test_config_routes_cannot_be_removed_or_shadowed_through_the_api(routed):
 
 def test_version_1_registry_is_migrated_keeping_its_data(tmp_path: Path):
     db = sqlite3.connect(tmp_path / reg.REGISTRY_FILE)
-    for statement in store._split_sql(store._MIGRATIONS[0]):
+    for statement in render_migration(store._MIGRATIONS[0], "sqlite"):
         db.execute(statement)
     db.execute("INSERT INTO sites(name, created_at) VALUES ('old-site', 1.0)")
     db.execute("PRAGMA user_version = 1")
