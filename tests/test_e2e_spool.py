@@ -60,6 +60,18 @@ def status(port: int) -> dict:
         return json.load(response)
 
 
+def arrived(directory: Path) -> set[str]:
+    """SOP Instance UIDs of the files storescp has finished writing; one it is still writing is left for the
+    next look (polled by wait_until: a half-written file is not yet an arrival, nor an error)."""
+    uids: set[str] = set()
+    for path in files_in(directory):
+        try:
+            uids.add(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, AttributeError):
+            continue
+    return uids
+
+
 def assert_delivered(study: StudyInfo, out_dir: Path) -> None:
     got = received(out_dir)
     assert set(got) == set(study.sop_instance_uids)
@@ -153,12 +165,13 @@ def test_a_full_spool_answers_failure_never_success_and_recovers(procs: ProcessT
     assert held["instances"] == len(ok)  # exactly what was answered success, nothing more
     start_relay(procs, relay)  # space comes back as the spool drains
     uid_of = dict(zip(files, big.sop_instance_uids, strict=True))
-    wait_until(lambda: {uid_of[f] for f in ok} <= set(received(cloud_dir)), 60, message="the stored ones delivered")
+    wait_until(lambda: {uid_of[f] for f in ok} <= arrived(cloud_dir), 60, message="the stored ones delivered")
     second = storescu(LOOPBACK, agent.listener_port, CLOUD_AE, MODALITY_AE, failed, ["-v", "-nh"],
                       timeout=STORE_TIMEOUT)
     ok2, failed2 = store_responses(second.stdout + second.stderr)
     assert sorted(ok2) == sorted(failed) and not failed2
-    wait_until(lambda: len(received(cloud_dir)) == len(files), 60, message="everything at the cloud")
+    wait_until(lambda: len(arrived(cloud_dir)) == len(files), 60, message="everything at the cloud")
+    assert set(received(cloud_dir)) == set(big.sop_instance_uids)
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
