@@ -202,9 +202,10 @@ def _endpoint(host: str, port: int) -> list[str]:
 
 
 def relay_toml(relay: RelayHandle, *, listener_routes: Sequence[ListenerRoute], sites: dict[str, list[SiteDest]],
-               heartbeat: float, artim: float, tunnel: Sequence[str], sections: Sequence[str]) -> str:
+               heartbeat: float, artim: float, tunnel: Sequence[str], sections: Sequence[str],
+               extra: Sequence[str] = ()) -> str:
     """The relay's configuration: one cloud listener and the sites (see deploy/relay.example.toml)."""
-    lines = [f"state_dir = {_toml(relay.state_dir)}",
+    lines = [f"state_dir = {_toml(relay.state_dir)}", *extra,
              "[tunnel]", *_endpoint(relay.host, relay.tunnel_port), f"heartbeat_interval = {heartbeat}", *tunnel,
              "[admin]", *_endpoint(LOOPBACK, relay.admin_port),
              "[[listeners]]", 'name = "cloud"', *_endpoint(LOOPBACK, relay.dicom_port), f"artim_timeout = {artim}"]
@@ -221,16 +222,18 @@ def relay_toml(relay: RelayHandle, *, listener_routes: Sequence[ListenerRoute], 
 
 def make_relay(root: Path, *, listener_routes: Sequence[ListenerRoute], sites: dict[str, list[SiteDest]],
                heartbeat: float = 10.0, artim: float = 10.0, tunnel: Sequence[str] | None = None,
-               sections: Sequence[str] | None = None, host: str = LOOPBACK,
+               sections: Sequence[str] | None = None, extra: Sequence[str] | None = None, host: str = LOOPBACK,
                procs: ProcessTracker | None = None) -> RelayHandle:
     """Write the relay config and create its CA and server certificate with the product's CLI.
 
     ``tunnel``: more lines for its ``[tunnel]`` section; ``sections``: more tables at the end
-    (``[wireguard]``...); ``host``: the tunnel port's address (and the certificate's)."""
+    (``[wireguard]``...); ``extra``: more top-level lines (``registry_url = ...``); ``host``: the tunnel
+    port's address (and the certificate's)."""
     root.mkdir(parents=True, exist_ok=True)
     relay = RelayHandle(root, root / "relay.toml", *free_ports(3), host=host)
     relay.config.write_text(relay_toml(relay, listener_routes=listener_routes, sites=sites, heartbeat=heartbeat,
-                                       artim=artim, tunnel=tunnel or [], sections=sections or []))
+                                       artim=artim, tunnel=tunnel or [], sections=sections or [],
+                                       extra=extra or []))
     hostnames = [host] if host == "localhost" else [host, "localhost"]
     cli(*_relay(), "ca", "init", "--state-dir", str(relay.state_dir),
         *[arg for name in hostnames for arg in ("--hostname", name)], procs=procs)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -48,9 +49,10 @@ from aiohttp import web
 from relay import guard, pki
 from relay.config import DestinationConfig, ListenerRoute, RelaySettings
 from relay.guard import RelayGuards
-from relay.registry import DestinationRecord, Registry, RegistryError, RouteRecord
+from relay.registry import DestinationRecord, Registry, RegistryError, RegistryUnavailable, RouteRecord
+from relay.registrygate import AsyncRegistry
 from relay.revocation import RevocationSweep
-from relay.sites import SiteTable
+from relay.sites import SiteTable, reload_routing
 from relay.status import StatusSource
 from tunnel_core.ratelimit import RateLimiter
 from tunnel_core.token import EnrollmentToken
@@ -69,6 +71,8 @@ def public_url(settings: RelaySettings, tunnel_port: int) -> str:
     host = f"[{host}]" if ":" in host else host
     return f"wss://{host}:{tunnel_port}{t.path}"
 
+log = logging.getLogger("relay")
+
 
 @dataclass(frozen=True, slots=True)
 class AdminApi:
@@ -77,7 +81,7 @@ class AdminApi:
     answer) and the tunnel port (the URL in enrollment tokens)."""
 
     settings: RelaySettings
-    registry: Registry
+    registry: AsyncRegistry
     sites: SiteTable
     status: StatusSource
     revocations: RevocationSweep
@@ -101,7 +105,10 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
             given = request.headers.get("Authorization")
             if given is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _refuse_token(guards.login, request, presented=given is not None)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except RegistryUnavailable as exc:  # a read of a shared registry that is down: say which database
+            return _registry_refusal(exc, 503)
 
     async def healthz(request: web.Request) -> web.Response:
         return _json({"ok": True})
@@ -114,14 +121,15 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
         return _json(api.status.snapshot().as_dict())
 
     async def sites(request: web.Request) -> web.Response:
-        return _json({"sites": [site.as_dict() for site in api.status.registered_sites()]})
+        return _json({"sites": [site.as_dict() for site in await api.status.registered_sites()]})
 
     async def audit(request: web.Request) -> web.Response:
-        return _json({"audit": api.registry.audit_entries()})
+        return _json({"audit": await api.registry.call(lambda r: r.audit_entries())})
 
     async def routes(request: web.Request) -> web.Response:
-        return _json({"listener_routes": [r.as_dict() for r in api.registry.routes()],
-                      "destinations": [d.as_dict() for d in api.registry.destinations()]})
+        routes, destinations = await api.registry.call(lambda r: (r.routes(), r.destinations()))
+        return _json({"listener_routes": [r.as_dict() for r in routes],
+                      "destinations": [d.as_dict() for d in destinations]})
 
     def bound(handler):
         async def handle(request: web.Request) -> web.Response:
@@ -169,9 +177,17 @@ async def _add_site(api: AdminApi, request: web.Request) -> web.Response:
     if not isinstance(ttl, int | float) or not 0 < ttl <= 30 * 86400:
         return _json({"error": "token_ttl must be a number of seconds, at most 30 days"}, status=400)
     now = time.time()
-    outcome = api.registry.add_site(name, now, actor="admin-api")
     secret = secrets.token_urlsafe(32)
-    api.registry.add_token(name, secret, now, now + ttl, actor="admin-api")
+
+    def add(r: Registry) -> str:
+        outcome = r.add_site(name, now, actor="admin-api")
+        r.add_token(name, secret, now, now + ttl, actor="admin-api")
+        return outcome
+
+    try:
+        outcome = await api.registry.call(add)
+    except RegistryError as exc:
+        return _registry_refusal(exc, 409)
     url = public_url(api.settings, api.tunnel_port)
     token = EnrollmentToken(url, pki.ca_fingerprint(api.settings.state_dir), secret)
     return _json({"site": name, "outcome": outcome, "token": token.encode(), "expires_at": now + ttl,
@@ -182,9 +198,10 @@ async def _revoke_site(api: AdminApi, request: web.Request) -> web.Response:
     name = request.match_info["name"]
     why = (await _body(request)).get("reason", "")
     try:
-        serials = api.registry.revoke_site(name, time.time(), actor="admin-api", why=str(why)[:200])
+        now = time.time()
+        serials = await api.registry.call(lambda r: r.revoke_site(name, now, actor="admin-api", why=str(why)[:200]))
     except RegistryError as exc:
-        return _json({"error": str(exc)}, status=404)
+        return _registry_refusal(exc, 404)
     closed = await api.revocations.enforce()
     return _json({"site": name, "revoked_certificates": serials, "closed_sessions": closed})
 
@@ -193,9 +210,11 @@ async def _revoke_certificate(api: AdminApi, request: web.Request) -> web.Respon
     serial = request.match_info["serial"].lower()
     why = (await _body(request)).get("reason", "")
     try:
-        site = api.registry.revoke_certificate(serial, time.time(), actor="admin-api", why=str(why)[:200])
+        now = time.time()
+        site = await api.registry.call(lambda r: r.revoke_certificate(serial, now, actor="admin-api",
+                                                                      why=str(why)[:200]))
     except RegistryError as exc:
-        return _json({"error": str(exc)}, status=404)
+        return _registry_refusal(exc, 404)
     closed = await api.revocations.enforce()
     return _json({"serial": serial, "site": site, "closed_sessions": closed})
 
@@ -211,13 +230,13 @@ async def _add_route(api: AdminApi, request: web.Request) -> web.Response:
     except pydantic.ValidationError as exc:
         return _json({"error": _first_error(exc)}, status=400)
     record = RouteRecord(listener, route.called_ae, route.site, route.route, tuple(route.allowed_calling_aes))
-    return _apply(api, lambda: api.registry.add_route(record, time.time(), actor="admin-api"),
+    return await _apply(api, lambda r, now: r.add_route(record, now, actor="admin-api"),
                   record.as_dict(), status=201)
 
 
 async def _remove_route(api: AdminApi, request: web.Request) -> web.Response:
     listener, called_ae = request.match_info["listener"], request.match_info["called_ae"]
-    return _apply(api, lambda: api.registry.remove_route(listener, called_ae, time.time(), actor="admin-api"),
+    return await _apply(api, lambda r, now: r.remove_route(listener, called_ae, now, actor="admin-api"),
                   {"listener": listener, "called_ae": called_ae, "removed": True})
 
 
@@ -228,23 +247,33 @@ async def _add_destination(api: AdminApi, request: web.Request) -> web.Response:
     except pydantic.ValidationError as exc:
         return _json({"error": _first_error(exc)}, status=400)
     record = DestinationRecord(site, dest.called_ae, dest.host, dest.port, tuple(dest.allowed_calling_aes))
-    return _apply(api, lambda: api.registry.add_destination(record, time.time(), actor="admin-api"),
+    return await _apply(api, lambda r, now: r.add_destination(record, now, actor="admin-api"),
                   record.as_dict(), status=201)
 
 
 async def _remove_destination(api: AdminApi, request: web.Request) -> web.Response:
     site, called_ae = request.match_info["name"], request.match_info["called_ae"]
-    return _apply(api, lambda: api.registry.remove_destination(site, called_ae, time.time(), actor="admin-api"),
+    return await _apply(api, lambda r, now: r.remove_destination(site, called_ae, now, actor="admin-api"),
                   {"site": site, "called_ae": called_ae, "removed": True})
 
 
-def _apply(api: AdminApi, change, answer: dict, status: int = 200) -> web.Response:
-    """Write ``change`` to the registry and route with it at once; a refused change is a 409."""
+def _registry_refusal(exc: RegistryError, status: int) -> web.Response:
+    """``status`` for a change the registry refused; 503 naming the database when it cannot be reached."""
+    return _json({"error": str(exc)}, status=503 if isinstance(exc, RegistryUnavailable) else status)
+
+
+async def _apply(api: AdminApi, change: Callable[[Registry, float], object], answer: dict,
+                 status: int = 200) -> web.Response:
+    """Write ``change(registry, now)`` and route with it at once; a refused change is a 409."""
+    now = time.time()
     try:
-        change()
+        await api.registry.call(lambda r: change(r, now))
     except RegistryError as exc:
-        return _json({"error": str(exc)}, status=409)
-    api.sites.reload_routing(api.registry)
+        return _registry_refusal(exc, 409)
+    try:
+        await reload_routing(api.sites, api.registry)
+    except RegistryError as exc:  # written: the sweep applies it on its next pass
+        log.warning("routing change written; applying it waits for the sweep: %s", exc)
     return _json(answer, status=status)
 
 
@@ -256,7 +285,7 @@ def _first_error(exc: pydantic.ValidationError) -> str:
 
 async def _certificates(api: AdminApi, request: web.Request) -> web.Response:
     site = request.query.get("site")
-    return _json({"certificates": [c.as_dict() for c in api.registry.certificates(site)]})
+    return _json({"certificates": [c.as_dict() for c in await api.registry.call(lambda r: r.certificates(site))]})
 
 
 async def _body(request: web.Request) -> dict:

@@ -274,7 +274,7 @@ class DashboardSource(Protocol):
 
     def readiness(self) -> Readiness: ...
 
-    def registered_sites(self) -> list[RegisteredSite]: ...
+    async def registered_sites(self) -> list[RegisteredSite]: ...
 
 
 class Dashboard:
@@ -318,22 +318,23 @@ class Dashboard:
                 log.exception("dashboard sample failed")
             await asyncio.sleep(SAMPLE_INTERVAL)
 
-    def overview(self, now: float, session: Session | None) -> dict[str, Any]:
+    async def overview(self, now: float, session: Session | None) -> dict[str, Any]:
         status = self.status.snapshot()
         ready = self.status.readiness()
+        registered = await self.status.registered_sites()
         return {
             "now": now,
             "session": _session_view(session),
             "relay": {"started": status.started, "ready": ready.ready, "ready_reason": ready.reason,
                       "process": status.process.as_dict(), "active_associations": len(status.associations)},
-            "sites": [self._site_row(s) for s in self._all_sites(status, now, self.status.registered_sites())],
+            "sites": [self._site_row(s) for s in self._all_sites(status, now, registered)],
             "outcomes": {"interval_s": self.history.interval, "totals": dict(status.outcomes),
                          "series": self.history.series(status.outcomes, now)},
         }
 
-    def site_detail(self, name: str, now: float, session: Session | None) -> dict[str, Any] | None:
+    async def site_detail(self, name: str, now: float, session: Session | None) -> dict[str, Any] | None:
         status = self.status.snapshot()
-        registered = self.status.registered_sites()
+        registered = await self.status.registered_sites()
         record = next((r for r in registered if r.name == name), None)
         row = next((s for s in self._all_sites(status, now, registered) if s.name == name), None)
         if row is None and record is None:
@@ -493,11 +494,11 @@ async def _site_page(board: Dashboard, request: web.Request) -> web.StreamRespon
 
 
 async def _overview_data(board: Dashboard, request: web.Request) -> web.StreamResponse:
-    return web.json_response(board.overview(time.time(), board.session_of(request)))
+    return web.json_response(await board.overview(time.time(), board.session_of(request)))
 
 
 async def _site_data(board: Dashboard, request: web.Request) -> web.StreamResponse:
-    detail = board.site_detail(request.match_info["name"], time.time(), board.session_of(request))
+    detail = await board.site_detail(request.match_info["name"], time.time(), board.session_of(request))
     if detail is None:
         return web.json_response({"error": "no such site"}, status=404)
     return web.json_response(detail)

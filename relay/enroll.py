@@ -25,7 +25,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +36,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from relay import guard, pki
 from relay.config import RelaySettings
 from relay.identity import Admission, Identity
-from relay.registry import Registry, RegistryError, TokenRefused, serial_hex
+from relay.registry import RegistryError, RegistryUnavailable, TokenRefused, serial_hex
+from relay.registrygate import AsyncRegistry
 from tunnel_core.ratelimit import RateLimiter
 from tunnel_link.errors import LinkError
 from tunnel_link.innertls import InnerTlsError, inner_tls_server, read_line
@@ -45,6 +46,11 @@ log = logging.getLogger("relay.enroll")
 
 MAX_BODY = 64 * 1024  # a CSR is a few hundred bytes; refuse anything large before reading it
 INNER_TIMEOUT = 10.0
+
+
+# What an agent is told while the registry's database is down (the relay's log names the database; the
+# agent, outside, is not told the cloud's internal addresses). It retries with backoff.
+UNAVAILABLE = "the relay's registry database is unavailable; retry later"
 
 
 class Refused(Exception):
@@ -58,7 +64,7 @@ class Refused(Exception):
 class WireGuardRegistrar(Protocol):
     """Where a site registers its WireGuard key (``relay.wgtransport.RelayWireGuard``)."""
 
-    def register(self, site: str, public_key: str) -> dict[str, object]: ...
+    async def register(self, site: str, public_key: str) -> dict[str, object]: ...
 
     async def sync(self) -> None: ...
 
@@ -70,7 +76,7 @@ class Enrollment:
     (``SiteTable.certificate_renewed``), the inner-TLS server context, and the WireGuard peers if any."""
 
     settings: RelaySettings
-    registry: Registry
+    registry: AsyncRegistry
     admission: Admission
     renewed: Callable[[Identity, str, float], None]
     inner_context: ssl.SSLContext
@@ -104,28 +110,32 @@ def add_routes(app: web.Application, enrollment: Enrollment, limiter: RateLimite
 # --- the two operations, whatever carries them --------------------------------------------------------
 
 
-def enroll_with_token(enrollment: Enrollment, body: dict, remote: str | None) -> dict[str, object]:
+async def enroll_with_token(enrollment: Enrollment, body: dict, remote: str | None) -> dict[str, object]:
     """Redeem ``body["token"]`` and sign ``body["csr"]`` for its site. The CSR is checked first: a request
     whose CSR would be refused raises :class:`Refused` (400) and leaves the token unredeemed."""
     _require_strings(body, ("token", "csr"))
     check_csr(body["csr"])
     try:
-        site = enrollment.registry.redeem_token(body["token"], time.time())
+        token, now = body["token"], time.time()
+        site = await enrollment.registry.call(lambda r: r.redeem_token(token, now))
     except TokenRefused as exc:
         log.warning("enrollment from %s refused: %s", remote, exc)
         raise Refused(403, "token refused (unknown, used, expired or revoked)") from None
-    issued = _sign(enrollment, body["csr"], site, kind="enroll", actor=f"enroll:{remote}")
+    except RegistryUnavailable as exc:  # nothing was redeemed: the agent may retry with the same token
+        log.error("enrollment from %s not possible: %s", remote, exc)
+        raise Refused(503, UNAVAILABLE) from None
+    issued = await _sign(enrollment, body["csr"], site, kind="enroll", actor=f"enroll:{remote}")
     log.info("site=%s enrolled from %s; certificate %s valid until %s", site, remote,
              serial_hex(issued.serial), issued.not_after.isoformat())
     return _issued(enrollment, issued)
 
 
-def renew_as(enrollment: Enrollment, identity: Identity | None, body: dict) -> dict[str, object]:
+async def renew_as(enrollment: Enrollment, identity: Identity | None, body: dict) -> dict[str, object]:
     if identity is None:
         raise Refused(403, "a valid site certificate is required to renew")
     _require_strings(body, ("csr",))
     check_csr(body["csr"])
-    issued = _sign(enrollment, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
+    issued = await _sign(enrollment, body["csr"], identity.site, kind="renew", actor=f"renew:{identity.serial}")
     enrollment.renewed(identity, serial_hex(issued.serial), issued.not_after.timestamp())
     log.info("site=%s renewed certificate %s -> %s, valid until %s", identity.site, identity.serial,
              serial_hex(issued.serial), issued.not_after.isoformat())
@@ -141,18 +151,18 @@ async def _ca(enrollment: Enrollment, request: web.Request) -> web.Response:
 
 async def _enroll_http(enrollment: Enrollment, request: web.Request) -> web.Response:
     body = await _json_body(request)
-    return _answer(lambda: enroll_with_token(enrollment, body, request.remote))
+    return await _answer(enroll_with_token(enrollment, body, request.remote))
 
 
 async def _renew_http(enrollment: Enrollment, request: web.Request) -> web.Response:
-    identity = enrollment.admission.authenticate_request(request)
+    identity = await enrollment.admission.authenticate_request(request)
     body = await _json_body(request) if identity is not None else {}
-    return _answer(lambda: renew_as(enrollment, identity, body))
+    return await _answer(renew_as(enrollment, identity, body))
 
 
 async def _wireguard_http(enrollment: Enrollment, request: web.Request) -> web.Response:
     """Register the site's WireGuard key (mutual TLS): answers its tunnel address and the relay's peer data."""
-    identity = enrollment.admission.authenticate_request(request)
+    identity = await enrollment.admission.authenticate_request(request)
     if identity is None:
         return web.json_response({"error": "a valid site certificate is required"}, status=403)
     if enrollment.wireguard is None:
@@ -160,19 +170,22 @@ async def _wireguard_http(enrollment: Enrollment, request: web.Request) -> web.R
     body = await _json_body(request)
     try:
         _require_strings(body, ("public_key",))
-        answer = enrollment.wireguard.register(identity.site, body["public_key"])
+        answer = await enrollment.wireguard.register(identity.site, body["public_key"])
     except Refused as exc:
         return web.json_response({"error": str(exc)}, status=exc.status)
     except (ValueError, RegistryError) as exc:
+        if isinstance(exc, RegistryUnavailable):
+            log.error("site=%s WireGuard key not registered: %s", identity.site, exc)
+            return web.json_response({"error": UNAVAILABLE}, status=503)
         return web.json_response({"error": str(exc)}, status=400)
     await enrollment.wireguard.sync()
     log.info("site=%s registered a WireGuard key; tunnel address %s", identity.site, answer["address_cidr"])
     return web.json_response(answer)
 
 
-def _answer(operation) -> web.Response:
+async def _answer(operation: Awaitable[dict[str, object]]) -> web.Response:
     try:
-        return web.json_response(operation())
+        return web.json_response(await operation)
     except Refused as exc:
         return web.json_response({"error": str(exc)}, status=exc.status)
 
@@ -205,11 +218,11 @@ async def _inner(enrollment: Enrollment, request: web.Request) -> web.StreamResp
         return ws
     try:
         if body.get("op") == "enroll":
-            answer = {"status": 200, **enroll_with_token(enrollment, body, request.remote)}
+            answer = {"status": 200, **await enroll_with_token(enrollment, body, request.remote)}
         elif body.get("op") == "renew":
             der = inner.getpeercert(binary_form=True)
-            identity = enrollment.admission.authenticate_der(der, request.remote, request.path)
-            answer = {"status": 200, **renew_as(enrollment, identity, body)}
+            identity = await enrollment.admission.authenticate_der(der, request.remote, request.path)
+            answer = {"status": 200, **await renew_as(enrollment, identity, body)}
         else:
             raise Refused(400, "op must be enroll or renew")
     except Refused as exc:
@@ -239,18 +252,19 @@ def check_csr(csr_pem: str) -> None:
         raise Refused(400, str(exc)) from None
 
 
-def _sign(enrollment: Enrollment, csr: str, site: str, *, kind: str, actor: str) -> pki.IssuedCertificate:
+async def _sign(enrollment: Enrollment, csr: str, site: str, *, kind: str, actor: str) -> pki.IssuedCertificate:
     try:
         issued = pki.sign_site_csr(enrollment.settings.state_dir, csr.encode(), site,
                                    days=enrollment.settings.enrollment.certificate_days)
     except pki.PkiError as exc:
         raise Refused(400, str(exc)) from None
     try:
-        enrollment.registry.record_certificate(serial_hex(issued.serial), site, kind, time.time(),
-                                          issued.not_after.timestamp(), actor)
+        serial, now, not_after = serial_hex(issued.serial), time.time(), issued.not_after.timestamp()
+        await enrollment.registry.call(lambda r: r.record_certificate(serial, site, kind, now, not_after, actor))
     except RegistryError as exc:
         log.error("site=%s certificate not recorded: %s", site, exc)
-        raise Refused(500, "registry unavailable") from None
+        unavailable = isinstance(exc, RegistryUnavailable)
+        raise Refused(503 if unavailable else 500, UNAVAILABLE if unavailable else "certificate not recorded") from None
     return issued
 
 

@@ -49,6 +49,8 @@ class StatusReader(Protocol):
 
     def readiness(self) -> Readiness: ...
 
+    def registry_up(self) -> bool: ...
+
 
 def registry_for(status: StatusReader, tracker: AssociationTracker, guards: RelayGuards | None = None,
                  gate: GatedTlsServer | None = None) -> CollectorRegistry:
@@ -77,6 +79,9 @@ class RelayCollector(Collector):
         status = self.status.snapshot()
         yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when the relay is ready to take traffic (see /readyz)",
                                 value=1.0 if self.status.readiness().ready else 0.0)
+        yield GaugeMetricFamily(f"{PREFIX}_registry_up", "1 while the registry's database answered the relay's "
+                                "last call (the sweep asks every second)",
+                                value=1.0 if self.status.registry_up() else 0.0)
         yield from _site_families(status)
         yield from association_families(self.tracker)
         # Report-derived series only while the site is connected: a stale "echo ok" would mislead.

@@ -14,8 +14,9 @@ import logging
 import time
 from typing import Protocol
 
-from relay.registry import Registry
-from relay.sites import SiteTable
+from relay.registry import RegistryUnavailable
+from relay.registrygate import AsyncRegistry
+from relay.sites import SiteTable, reload_routing
 from tunnel_core.codes import ErrorCode
 from tunnel_link.aio import wait_for_events
 from tunnel_link.session import CLOSE_TIMEOUT, MuxSession
@@ -41,7 +42,7 @@ class RevocationSweep:
     """Build with the site table, the open registry and the WireGuard peers (None without ``[wireguard]``);
     ``await run()`` until cancelled."""
 
-    def __init__(self, sites: SiteTable, registry: Registry, wireguard: PeerSync | None = None) -> None:
+    def __init__(self, sites: SiteTable, registry: AsyncRegistry, wireguard: PeerSync | None = None) -> None:
         self.sites = sites
         self.registry = registry
         self.wireguard = wireguard
@@ -61,7 +62,11 @@ class RevocationSweep:
         closed = await self._close_removed_wireguard_peers(sync_wireguard)
         ending: list[MuxSession] = []
         live = {s.serial: s for s in self.sites.live() if not s.session.closing and s.serial is not None}
-        refused = self.registry.refused_among(live)
+        unavailable: RegistryUnavailable | None = None
+        try:
+            refused = await self.registry.call(lambda r: r.refused_among(live))
+        except RegistryUnavailable as exc:  # expiry is the clock's to judge: it still closes tunnels
+            refused, unavailable = {}, exc
         for serial, site in live.items():
             if serial in refused:
                 reason = f"certificate {serial} refused: {refused[serial].value}"
@@ -77,6 +82,8 @@ class RevocationSweep:
             closed.append(site.name)
         if wait and ending:
             await wait_for_events([s.ended for s in ending], 2 * CLOSE_TIMEOUT)
+        if unavailable is not None:
+            raise unavailable
         return closed
 
     async def _close_removed_wireguard_peers(self, sync: bool) -> list[str]:
@@ -84,7 +91,7 @@ class RevocationSweep:
         the peers are synced; returns their sites."""
         if self.wireguard is None:
             return []
-        allowed = {site for site, _key, _address in self.registry.wg_peers()}
+        allowed = {site for site, _key, _address in await self.registry.call(lambda r: r.wg_peers())}
         closing = [site for site in self.sites.live() if not site.session.closing
                    and site.transport == "wireguard" and site.name not in allowed]
         for site in closing:
@@ -96,14 +103,21 @@ class RevocationSweep:
         return [site.name for site in closing]
 
     async def run(self) -> None:
+        outage = False
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                changed = self.sites.routing_changed(self.registry)  # another process wrote
-                if changed:
-                    self.sites.reload_routing(self.registry)
+                changed = await reload_routing(self.sites, self.registry, only_if_changed=True)  # another wrote
                 await self.enforce(sync_wireguard=changed, wait=False)
                 if self.wireguard is not None:
                     await self.wireguard.refresh()
-            except Exception:  # a locked or broken registry must not kill the sweeper; say so and retry
+            except RegistryUnavailable as exc:  # tunnels stay as they are; said once per outage, not per sweep
+                if not outage:
+                    log.error("revocation sweep: %s; live tunnels and routing stay as they are", exc)
+                outage = True
+                continue
+            except Exception:  # a broken registry must not kill the sweeper; say so and retry
                 log.exception("revocation sweep failed")
+            if outage:
+                log.info("revocation sweep: the registry answers again")
+            outage = False

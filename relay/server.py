@@ -34,8 +34,9 @@ from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.identity import Admission
 from relay.registry import DestinationRecord, Registry, RouteRecord, open_registry
+from relay.registrygate import AsyncRegistry
 from relay.revocation import RevocationSweep
-from relay.sites import SiteState, SiteTable
+from relay.sites import SiteState, SiteTable, reload_routing
 from relay.status import StatusSource
 from relay.tunnel import TunnelEndpoints
 from relay.wgtransport import RelayWireGuard
@@ -53,7 +54,7 @@ log = logging.getLogger("relay")
 class _Running:
     """The parts that exist only while the relay is started (they need the open registry)."""
 
-    registry: Registry
+    registry: AsyncRegistry
     status: StatusSource
     revocations: RevocationSweep
     wireguard: RelayWireGuard | None
@@ -86,12 +87,20 @@ class Relay:
         """Bind every port; everything is torn down when ``stack`` closes."""
         s = self.settings
         tunnel_tls = server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path, client_cert_optional=True)
-        registry = open_registry(s.state_dir, s.registry_url, s.registry_password_file)
+        # Opened and brought in line with the config in a worker thread (a shared database may be slow);
+        # from then on every call goes through the gateway's thread, each with a deadline.
+        opened = await asyncio.to_thread(open_registry, s.state_dir, s.registry_url, s.registry_password_file)
+        registry = AsyncRegistry(opened)
         stack.callback(registry.close)
-        for site in s.sites:
-            registry.ensure_site(site.name, time.time())
-        registry.sync_config_routing(_config_routes(s), _config_destinations(s), time.time())
-        self.table.reload_routing(registry)
+        routes, destinations, now = _config_routes(s), _config_destinations(s), time.time()
+
+        def sync_config(r: Registry) -> None:
+            for site in s.sites:
+                r.ensure_site(site.name, now)
+            r.sync_config_routing(routes, destinations, now)
+
+        await registry.call(sync_config)
+        await reload_routing(self.table, registry)
         wireguard = RelayWireGuard(s, registry) if s.wireguard.enabled else None
         running = self._running = _Running(
             registry, StatusSource(self.table, self.tracker, registry, started=self.started, wireguard=wireguard),

@@ -5,9 +5,10 @@ because an enrolled agent connected. Each :class:`SiteState` holds at most one l
 connection from the same site replaces the older one), what the relay has heard from that site's agent
 (its latest health report; how many reports did not parse) and the cloud destinations the site may reach.
 The listener tables (called AE -> site and route, per ``[[listeners]]`` entry) and the destinations are
-rebuilt from the registry by :meth:`SiteTable.reload_routing`, at start-up, after every change through the
-admin API, and when the revocation sweep sees that another process wrote (``relay.revocation``).
-Nothing here does I/O but logging; the clock is a parameter.
+rebuilt from the registry's rows by :func:`reload_routing` (one call through the registry's worker thread,
+``relay.registrygate``), at start-up, after every change through the admin API, and when the revocation
+sweep sees that another process or relay wrote (``relay.revocation``). Nothing else here does I/O but
+logging; the clock is a parameter.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from relay.identity import Identity
-from relay.registry import Registry
+from relay.registry import DestinationRecord, Registry, RouteRecord
+from relay.registrygate import AsyncRegistry
 from tunnel_core.codes import ErrorCode
 from tunnel_core.health import HealthReport, ReportError, SiteHealth, parse_report, site_condition
 from tunnel_core.ratelimit import TokenBucket
 from tunnel_core.routing import Destination, IngressRoute
 from tunnel_link.session import MuxSession
 
-__all__ = ["REPORT_LOG_BURST", "SiteState", "SiteTable"]
+__all__ = ["REPORT_LOG_BURST", "SiteState", "SiteTable", "reload_routing"]
 
 log = logging.getLogger("relay")
 
@@ -97,7 +99,7 @@ class SiteState:
 
 
 class SiteTable:
-    """Build with the configured site and listener names; call :meth:`reload_routing` once the registry is
+    """Build with the configured site and listener names; call :func:`reload_routing` once the registry is
     open. ``sites`` and ``tables`` are read by the listeners, the tunnel endpoints, status and dashboard."""
 
     def __init__(self, sites: Iterable[str], listeners: Iterable[str]) -> None:
@@ -125,26 +127,24 @@ class SiteTable:
         return bool(site and site.destinations) or any(
             r.site == name for table in self.tables.values() for r in table.values())
 
-    def routing_changed(self, registry: Registry) -> bool:
-        """Whether another process wrote to the registry since the tables were built."""
-        return registry.data_version() != self.routing_version
-
-    def reload_routing(self, registry: Registry) -> None:
-        """Rebuild the listener tables and the sites' destinations from the registry (config + API rows)."""
+    def apply_routing(self, routes: Iterable[RouteRecord], destinations: Iterable[DestinationRecord],
+                      version: int) -> None:
+        """Rebuild the listener tables and the sites' destinations from the registry's rows (config + API),
+        read at registry ``version`` (see :func:`reload_routing`)."""
         tables: dict[str, dict[str, IngressRoute]] = {name: {} for name in self._listeners}
-        for r in registry.routes():
+        for r in routes:
             if r.listener in tables:
                 tables[r.listener][r.called_ae] = IngressRoute(r.called_ae, r.site, r.route, frozenset(r.allowed))
-        destinations: dict[str, dict[str, Destination]] = {}
-        for d in registry.destinations():
-            destinations.setdefault(d.site, {})[d.called_ae] = Destination(
+        by_site: dict[str, dict[str, Destination]] = {}
+        for d in destinations:
+            by_site.setdefault(d.site, {})[d.called_ae] = Destination(
                 d.called_ae, d.host, d.port, None, frozenset(d.allowed))
-        for name in destinations.keys() - self.sites.keys():
+        for name in by_site.keys() - self.sites.keys():
             self.site(name)
         for name, site in self.sites.items():
-            site.destinations = destinations.get(name, {})
+            site.destinations = by_site.get(name, {})
         self.tables = tables
-        self.routing_version = registry.data_version()
+        self.routing_version = version
 
     def certificate_renewed(self, identity: Identity, serial: str, not_after: float) -> None:
         """A live tunnel that authenticated with ``identity``'s certificate now stands on the new one."""
@@ -157,3 +157,23 @@ class SiteTable:
         stalled site cannot hold up the shutdown of the others."""
         await asyncio.gather(*(site.session.close(ErrorCode.GOING_AWAY, reason)
                                for site in self.sites.values() if site.session is not None))
+
+
+async def reload_routing(table: SiteTable, registry: AsyncRegistry, *, only_if_changed: bool = False) -> bool:
+    """Read the routing rows in one registry call and apply them (``only_if_changed``: only when the registry
+    was written since the tables were built). The version is read before the rows, so a write in between is
+    picked up by the next reload. True if the tables were rebuilt; RegistryError when the registry cannot
+    be read (the tables stay as they were)."""
+
+    def read(r: Registry) -> tuple[int, list[RouteRecord], list[DestinationRecord]] | None:
+        version = r.data_version()
+        if only_if_changed and version == table.routing_version:
+            return None
+        return version, r.routes(), r.destinations()
+
+    rows = await registry.call(read)
+    if rows is None:
+        return False
+    version, routes, destinations = rows
+    table.apply_routing(routes, destinations, version)
+    return True

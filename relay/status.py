@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from relay.registry import Registry, SiteRecord
+from relay.registry import RegistryUnavailable, SiteRecord
+from relay.registrygate import AsyncRegistry
 from relay.sites import SiteState, SiteTable
 from tunnel_core.health import Condition, HealthReport, Readiness, relay_readiness
 from tunnel_link.associations import Association, AssociationTracker
@@ -161,11 +162,12 @@ class StatusSource:
     """Build with the site table, the tracker and the open registry; set ``serving`` once every port is
     bound. Call on the relay's event loop (aiohttp handlers and the scrape are)."""
 
-    def __init__(self, sites: SiteTable, tracker: AssociationTracker, registry: Registry, *, started: float,
+    def __init__(self, sites: SiteTable, tracker: AssociationTracker, registry: AsyncRegistry, *, started: float,
                  wireguard: PeerTraffic | None = None) -> None:
         self.sites = sites
         self.tracker = tracker
         self.registry = registry
+        self._records: list[SiteRecord] = []
         self.started = started
         self.wireguard = wireguard
         self.serving = False
@@ -182,15 +184,20 @@ class StatusSource:
         )
 
     def readiness(self) -> Readiness:
-        try:
-            registry_ok = self.registry.data_version() >= 0
-        except Exception:  # a registry error of any kind means "not ready", with the reason logged
-            log.exception("registry check failed")
-            registry_ok = False
-        return relay_readiness(started=self.serving, registry_ok=registry_ok)
+        """From what the registry's gateway saw last (the sweep asks it every second): no I/O here."""
+        return relay_readiness(started=self.serving, registry_ok=self.registry.available,
+                               registry_shared=self.registry.shared)
 
-    def registered_sites(self) -> list[RegisteredSite]:
-        """Every site of the registry, in its order."""
+    def registry_up(self) -> bool:
+        """Whether the registry's database answered the last call (no I/O here)."""
+        return self.registry.available
+
+    async def registered_sites(self) -> list[RegisteredSite]:
+        """Every site of the registry, in its order; while the registry cannot be read, the last list read."""
+        try:
+            self._records = await self.registry.call(lambda r: r.sites())
+        except RegistryUnavailable as exc:
+            log.warning("sites listed as last read: %s", exc)
         connected = {site.name for site in self.sites.live()}
         return [RegisteredSite(record, self.sites.has_routes(record.name), record.name in connected)
-                for record in self.registry.sites()]
+                for record in self._records]

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from relay.identity import Admission, Identity
+from relay.identity import Admission, Identity, RegistryDown
 from relay.sites import SiteState, SiteTable
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest
@@ -43,6 +43,8 @@ log = logging.getLogger("relay")
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cloud destination for a stream the agent opened
 INNER_HANDSHAKE_TIMEOUT = 10.0
+# What an agent is told while its certificate cannot be checked (no token in it: it retries with backoff).
+REGISTRY_DOWN = "registry unavailable, retry later"
 
 
 class PeerAddresses(Protocol):
@@ -72,7 +74,9 @@ class TunnelEndpoints:
         self._wireguard = wireguard
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        identity = self.admission.admit_request(request)
+        identity = await self.admission.admit_request(request)
+        if isinstance(identity, RegistryDown):  # no Tunnel-Refused header: the agent retries with backoff
+            raise web.HTTPServiceUnavailable(text=f"{REGISTRY_DOWN}\n")
         if not isinstance(identity, Identity):  # the header tells the agent why (docs/protocol.md §1)
             raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n",
                                     headers={REFUSED_HEADER: identity.value})
@@ -97,13 +101,16 @@ class TunnelEndpoints:
         ws = await _accept(request)
         admitted: list[Identity] = []
 
-        def admit(conn: InnerTlsWebSocket) -> bytes | None:
+        async def admit(conn: InnerTlsWebSocket) -> bytes | None:
             # Before READY (docs/protocol.md §1): a refused agent never sees a session, only the close
-            # (1008, "<token>: ...") that tells it why.
-            identity = self.admission.admit_der(conn.getpeercert(binary_form=True), request.remote, request.path)
+            # (1008, "<token>: ...") that tells it why; a close without a token is an ordinary failure.
+            der = conn.getpeercert(binary_form=True)
+            identity = await self.admission.admit_der(der, request.remote, request.path)
             if isinstance(identity, Identity):
                 admitted.append(identity)
                 return None
+            if isinstance(identity, RegistryDown):
+                return REGISTRY_DOWN.encode()
             return close_message(identity)
 
         try:

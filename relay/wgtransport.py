@@ -27,7 +27,7 @@ from aiohttp import web
 
 from relay import pki
 from relay.config import RelaySettings
-from relay.registry import Registry
+from relay.registrygate import AsyncRegistry
 from relay.status import WireGuardPeerStatus
 from tunnel_link.httpserver import serve_tcp
 from tunnel_wireguard.errors import WireGuardError
@@ -43,7 +43,7 @@ class RelayWireGuard:
     """Build with the settings and the open registry; ``await start(stack, app)`` brings the interface up and
     serves ``app`` (the tunnel's WebSocket) on the relay's tunnel address."""
 
-    def __init__(self, settings: RelaySettings, registry: Registry) -> None:
+    def __init__(self, settings: RelaySettings, registry: AsyncRegistry) -> None:
         self.settings = settings
         self.registry = registry
         self.config = settings.wireguard
@@ -79,11 +79,12 @@ class RelayWireGuard:
         host = names[0] if names else "localhost"
         return f"[{host}]:{self.config.listen_port}" if ":" in host else f"{host}:{self.config.listen_port}"
 
-    def register(self, site: str, public_key: str) -> dict[str, object]:
+    async def register(self, site: str, public_key: str) -> dict[str, object]:
         """Record ``site``'s key (registry) and return what its agent needs; call ``sync()`` afterwards."""
         validate_key(public_key)
-        address = self.registry.register_wg_peer(site, public_key, self.network, {self.config.relay_ip},
-                                                 time.time(), actor=f"wireguard:{site}")
+        network, reserved, now = self.network, {self.config.relay_ip}, time.time()
+        address = await self.registry.call(lambda r: r.register_wg_peer(site, public_key, network, reserved, now,
+                                                                        actor=f"wireguard:{site}"))
         return {
             "site": site,
             "address_cidr": f"{address}/{self.network.prefixlen}",
@@ -97,7 +98,8 @@ class RelayWireGuard:
     async def sync(self) -> None:
         """Make the interface's peers equal to the registry's (unrevoked sites, current keys)."""
         async with self._lock:
-            wanted = {public_key: (site, address) for site, public_key, address in self.registry.wg_peers()}
+            peers = await self.registry.call(lambda r: r.wg_peers())
+            wanted = {public_key: (site, address) for site, public_key, address in peers}
             try:
                 present = {p.public_key for p in (await asyncio.to_thread(self.interface.dump)).peers}
                 for public_key in present - wanted.keys():

@@ -308,6 +308,9 @@ def test_readiness():
     assert not relay_readiness(started=False, registry_ok=True).ready
     assert relay_readiness(started=True, registry_ok=False).reason == "registry unavailable"
     assert relay_readiness(started=True, registry_ok=True).ready
+    shared_down = relay_readiness(started=True, registry_ok=False, registry_shared=True)
+    assert shared_down.ready and "shared registry is unavailable" in shared_down.reason
+    assert not relay_readiness(started=False, registry_ok=True, registry_shared=True).ready
     assert agent_readiness(state=AgentState.CONNECTED, last_error="").ready
     waiting = agent_readiness(state=AgentState.BACKOFF, last_error="ConnectionRefusedError: x")
     assert not waiting.ready and waiting.reason == "tunnel backoff: ConnectionRefusedError: x"

@@ -308,8 +308,10 @@ def test_relay_collector_reads_sites_and_health_reports():
              _site("hospital-b", connected=False, condition="down", report=REPORT)]  # a stale report: not shown
     snapshot = RelayStatus(started=0.0, sites=tuple(sites), associations=tuple(tracker.active.values()), outcomes={},
                            process=ProcessStats(rss=1, fds=1, tasks=9))
-    relay = SimpleNamespace(readiness=lambda: SimpleNamespace(ready=True), snapshot=lambda: snapshot)
+    relay = SimpleNamespace(readiness=lambda: SimpleNamespace(ready=True), snapshot=lambda: snapshot,
+                            registry_up=lambda: False)
     s = Scrape(generate_latest(relay_registry(relay, tracker)).decode())
+    assert s.value("dicom_tunnel_registry_up") == 0
     assert s.value("dicom_tunnel_site_up", site="hospital-a") == 1
     assert s.value("dicom_tunnel_site_up", site="hospital-b") == 0
     assert s.value("dicom_tunnel_site_condition", site="hospital-a", condition="degraded") == 1

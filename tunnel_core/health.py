@@ -247,10 +247,14 @@ def site_condition(*, connected: bool, disconnect_reason: str, report: HealthRep
     return SiteHealth(Condition.UP, "ok")
 
 
-def relay_readiness(*, started: bool, registry_ok: bool) -> Readiness:
-    """The relay can take traffic once every port is bound and the registry answers."""
+def relay_readiness(*, started: bool, registry_ok: bool, registry_shared: bool = False) -> Readiness:
+    """The relay can take traffic once every port is bound and the registry answers. A registry that every
+    relay of a fleet shares (PostgreSQL) being down does not make the relay unready: every relay would
+    leave the balancer at once, while each can still serve its tunnels and routes from what it holds."""
     if not started:
         return Readiness(False, "starting")
+    if not registry_ok and registry_shared:
+        return Readiness(True, "ready; the shared registry is unavailable: serving from what this relay holds")
     if not registry_ok:
         return Readiness(False, "registry unavailable")
     return Readiness(True, "ready")

@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import enum
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -141,17 +141,22 @@ async def inner_tls_client(ws: OuterWebSocket, ssl_ctx: ssl.SSLContext, server_h
     return conn
 
 
+# The relay's verdict on the peer after the handshake: None to accept, else the close message.
+Admit = Callable[["InnerTlsWebSocket"], Awaitable[bytes | None]]
+
+
 async def inner_tls_server(ws: OuterWebSocket, ssl_ctx: ssl.SSLContext, timeout: float,
                            *, max_message: int = DEFAULT_MAX_MESSAGE, max_receive: int = DEFAULT_MAX_RECEIVE,
-                           admit: Callable[[InnerTlsWebSocket], bytes | None] | None = None) -> InnerTlsWebSocket:
+                           admit: Admit | None = None) -> InnerTlsWebSocket:
     """The relay's side: run the inner handshake over the prepared ``ws``, then send READY.
 
     ``ssl_ctx`` is the relay's context (``tunnel_link.tls.server_context``, which requires a client
     certificate). Identify the site with
     ``relay.pki.site_from_certificate(conn.getpeercert(binary_form=True))``: in ``admit``, which runs after
-    the handshake and before READY, so that a peer that is not accepted never gets READY. ``admit`` returns
-    None to accept, or the reason to refuse, sent as the WebSocket close message (code 1008, at most 123
-    bytes; no close_notify, so the peer reads it as the end of its handshake). Raises
+    the handshake and before READY, so that a peer that is not accepted never gets READY. ``admit`` (a
+    coroutine function, awaited within ``timeout``) returns None to accept, or the reason to refuse, sent
+    as the WebSocket close message (code 1008, at most 123 bytes; no close_notify, so the peer reads it as
+    the end of its handshake). Raises
     :class:`InnerTlsError` (``NOT_ADMITTED`` for such a refusal; the WebSocket is then closed).
     """
     conn = InnerTlsWebSocket(ws, ssl_ctx, server_side=True, server_hostname=None,
@@ -197,7 +202,7 @@ class InnerTlsWebSocket:
         self._received = 0  # ciphertext bytes received, for the handshake limit and error messages
         self._closing = False
         self._error: InnerTlsError | None = None
-        self._admit: Callable[[InnerTlsWebSocket], bytes | None] | None = None  # server: see inner_tls_server
+        self._admit: Admit | None = None  # server: see inner_tls_server
         self.peer_closed = False  # the peer sent TLS close_notify
 
     # --- the inner TLS session -----------------------------------------------------------------------
@@ -285,7 +290,7 @@ class InnerTlsWebSocket:
             async with asyncio.timeout(timeout):
                 await self._handshake()
                 if self._server_side:
-                    self._check_admitted()
+                    await self._check_admitted()
                     self._encrypt(memoryview(READY))
                     await self._flush()
                 else:
@@ -302,8 +307,8 @@ class InnerTlsWebSocket:
                           and error.close_message else b"inner TLS handshake failed")
         raise error from cause
 
-    def _check_admitted(self) -> None:
-        refusal = self._admit(self) if self._admit is not None else None
+    async def _check_admitted(self) -> None:
+        refusal = await self._admit(self) if self._admit is not None else None
         if refusal is not None:
             text = refusal.decode(errors="replace")
             raise InnerTlsError(InnerTlsFailure.NOT_ADMITTED, f"inner TLS: the agent was not admitted: {text}",

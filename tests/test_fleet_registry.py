@@ -1,0 +1,127 @@
+"""Two relay processes on one PostgreSQL registry (issue 13, part 1): a site joined through one relay is
+known to the other, and a revocation written through either closes the site's tunnel on the relay that
+holds it within the 5 s the fleet promises. Real relays, a real agent, a real server, dcmtk for DICOM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from relay import pki
+from tests.support.dcmtk import echoscu, start_storescp
+from tests.support.ports import free_port
+from tests.support.procs import wait_until
+from tests.support.stack import (
+    AgentRoute,
+    ListenerRoute,
+    RelayHandle,
+    enroll_agent,
+    http_json,
+    make_agent,
+    make_relay,
+    start_agent,
+    start_relay,
+)
+
+SHARED_STATE = (pki.CA_CERT, pki.CA_KEY, pki.RELAY_CERT, pki.RELAY_KEY)  # one CA for the fleet
+
+
+@pytest.fixture
+def fleet(procs, postgres, tmp_path):
+    """Relays "a" and "b" sharing the registry and the CA; a PACS behind site st-marys, not enrolled."""
+    password = tmp_path / "registry-password"
+    password.write_text(postgres.password + "\n")
+    password.chmod(0o600)
+    extra = [f'registry_url = "{postgres.url}"', f'registry_password_file = "{password}"']
+    pacs = free_port()
+    start_storescp(procs, pacs, "PACS", tmp_path / "pacs")
+    routes = [ListenerRoute("SM_PACS", "st-marys", "pacs")]
+    relays: dict[str, RelayHandle] = {}
+    for name in ("a", "b"):
+        relays[name] = make_relay(tmp_path / f"relay-{name}", listener_routes=routes, sites={"st-marys": []},
+                                  heartbeat=1.0, extra=extra)
+    for file in SHARED_STATE:
+        shutil.copy2(relays["a"].state_dir / file, relays["b"].state_dir / file)
+    for name, relay in relays.items():
+        start_relay(procs, relay, name=f"relay-{name}")
+    agent = make_agent(relays["b"], "st-marys", tmp_path / "agent", routes=[AgentRoute("pacs", pacs)],
+                       enrolled=True, heartbeat=1.0)
+    return relays["a"], relays["b"], agent
+
+
+def test_a_site_joined_on_one_relay_is_revoked_through_the_other_within_5s(procs, fleet):
+    relay_a, relay_b, agent = fleet
+    enroll_agent(relay_b, agent)  # the token and the certificate are written through relay b
+    start_agent(procs, agent, relay_b)
+    assert echoscu("127.0.0.1", relay_b.dicom_port, "SM_PACS", "CLOUDAI").ok
+    known_to_a = {s["name"]: s for s in relay_a.admin("GET", "/api/sites")["sites"]}
+    assert known_to_a["st-marys"]["certificates"] == 1  # relay a reads what relay b wrote
+
+    revoked_at = time.monotonic()
+    relay_a.admin("POST", "/api/sites/st-marys/revoke", {"reason": "fleet test"})
+    wait_until(lambda: not relay_b.site_connected("st-marys"), 5.0,
+               message="relay b to close the tunnel of a site revoked through relay a")
+    assert time.monotonic() - revoked_at < 5.0
+    wait_until(lambda: agent.state() == "revoked", 10.0, message=lambda: f"agent told: {agent.status()}")
+    assert not echoscu("127.0.0.1", relay_b.dicom_port, "SM_PACS", "CLOUDAI", timeout=10).ok
+    assert not (relay_a.state_dir / "registry.sqlite3").exists() or "site_revoked" not in \
+        (relay_a.state_dir / "registry.sqlite3").read_bytes().decode(errors="replace")
+    audit = relay_b.admin("GET", "/api/audit")["audit"]
+    assert {"site_revoked", "token_redeemed", "certificate_issued"} <= {e["action"] for e in audit}
+
+
+def _server_processes(postgres) -> list[int]:
+    """The postmaster and every backend it forked (frozen together: a stalled server, not a dead one)."""
+    pid = postgres.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
+def _admin_error(relay: RelayHandle, method: str, path: str, body: dict) -> tuple[int, str]:
+    try:
+        http_json(f"http://127.0.0.1:{relay.admin_port}{path}", method=method, body=body, token=relay.admin_token,
+                  timeout=30)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    return 200, ""
+
+
+def test_a_stalled_registry_never_stalls_the_relay(procs, fleet, postgres):
+    _relay_a, relay, agent = fleet
+    enroll_agent(relay, agent)
+    start_agent(procs, agent, relay)
+    frozen = _server_processes(postgres)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the sweep's next registry call is now stuck behind the stalled server
+        started = time.monotonic()
+        assert http_json(f"http://127.0.0.1:{relay.admin_port}/healthz")["ok"]
+        assert echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok  # routing from memory
+        assert time.monotonic() - started < 5.0
+
+        code, text = _admin_error(relay, "POST", "/api/sites", {"name": "new-site"})
+        assert code == 503 and f"PostgreSQL tunnel@127.0.0.1:{postgres.port}/registry" in text
+        assert postgres.password not in text
+        ready = http_json(f"http://127.0.0.1:{relay.admin_port}/readyz")
+        assert ready["ready"] and "shared registry is unavailable" in ready["reason"]
+
+        # An agent that reconnects while the registry cannot be asked is admitted on this relay's last verdict.
+        procs.stop(agent.proc)
+        start_agent(procs, agent, relay, name="agent-again", timeout=30)
+        assert echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    # Back by itself: writes work again, and readiness no longer names the registry.
+    wait_until(lambda: _admin_error(relay, "POST", "/api/sites", {"name": "new-site"})[0] == 200, 30,
+               message="the relay to write to the registry again")
+    wait_until(lambda: http_json(f"http://127.0.0.1:{relay.admin_port}/readyz")["reason"] == "ready", 10,
+               message="readiness to recover")
