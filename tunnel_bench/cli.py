@@ -172,9 +172,10 @@ def _run(args: argparse.Namespace, settings: Settings, progress: _Progress) -> d
     procs = ProcessTracker(workdir / "procs")
     progress(f"tunnel_bench {settings.mode}: work dir {workdir}, sink {sink_root}, "
              f"RLIMIT_NOFILE {nofile[0]} (inherited by every process started)")
+    # The machine and the source as the programs are started from them (the tree may change during a run).
     results: dict = {"schema": 1, "command": _command(), "mode": settings.mode,
                      "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                     "config": dict(vars(settings)), "nofile_limit": nofile[0]}
+                     "config": dict(vars(settings)), "nofile_limit": nofile[0], "machine": describe_machine()}
     try:
         _measure(args, settings, workdir, sink_root, procs, progress, results)
     except Exception as exc:  # the run stops here; what was measured is still written, with the error
@@ -222,7 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     results = _run(args, settings, progress)
     results["duration_s"] = round(time.monotonic() - progress.start, 1)
-    results["machine"] = describe_machine()
     if _complete(results):
         results["targets"] = evaluate_targets(results)
         print("\n" + terminal_report(results), flush=True)
