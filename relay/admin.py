@@ -123,6 +123,12 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
     async def sites(request: web.Request) -> web.Response:
         return _json({"sites": [site.as_dict() for site in await api.status.registered_sites()]})
 
+    async def fleet(request: web.Request) -> web.Response:
+        now = time.time()
+        relays, presence = await api.registry.call(lambda r: (r.fleet(now), r.presence(now)))
+        return _json({"relay": api.settings.fleet.name, "relays": [r.as_dict() for r in relays],
+                      "presence": presence})
+
     async def audit(request: web.Request) -> web.Response:
         return _json({"audit": await api.registry.call(lambda r: r.audit_entries())})
 
@@ -148,6 +154,7 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
     app.router.add_get("/api/certificates", bound(_certificates))
     app.router.add_post("/api/certificates/{serial}/revoke", bound(_revoke_certificate))
     app.router.add_get("/api/audit", audit)
+    app.router.add_get("/api/fleet", fleet)
     app.router.add_get("/api/routes", routes)
     app.router.add_post("/api/routes", bound(_add_route))
     app.router.add_delete("/api/routes/{listener}/{called_ae}", bound(_remove_route))

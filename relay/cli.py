@@ -1,4 +1,5 @@
-"""``tunnel-relay``: serve; the CA; sites (add with a one-line enrollment token, list, revoke); certificates.
+"""``tunnel-relay``: serve; the CA; sites (add with a one-line enrollment token, list, revoke); certificates;
+the fleet of relays sharing a registry.
 
 ``ca init`` and ``site cert`` work on the state directory directly (no relay needed). ``site add``,
 ``site list``, ``site revoke`` and ``cert revoke`` talk to the running relay's admin API with the token
@@ -129,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     sites.add_argument("--json", action="store_true", help="print the sites of GET /api/status as JSON")
     sites.set_defaults(func=_sites)
 
+    fleet = sub.add_parser("fleet", help="the relays sharing this relay's registry: state (serving, draining, "
+                           "gone), zone, sites held")
+    _config_arg(fleet)
+    fleet.add_argument("--json", action="store_true", help="print GET /api/fleet as JSON")
+    fleet.set_defaults(func=_fleet)
+
     certs = sub.add_parser("cert", help="issued certificates")
     cert_sub = certs.add_subparsers(dest="cert_command", required=True)
     cert_list = cert_sub.add_parser("list", help="list issued certificates")
@@ -222,9 +229,10 @@ def _sites(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sites, indent=2))
         return 0
+    presence = _admin_call(args.config, "GET", "/api/fleet")["presence"]
     now = time.time()
     print(f"{'SITE':<20} {'CONDITION':<9} {'TRANSPORT':<20} {'CONNECTED SINCE':<20} {'RTT':>9} {'ASSOC':>5} "
-          f"{'ECHO OK':>7} {'CERT':>6}  REASON")
+          f"{'ECHO OK':>7} {'CERT':>6}  {'TUNNELS ON':<24} REASON")
     for site in sites:
         health = site.get("health") or {}
         dests = health.get("destinations") or []
@@ -234,7 +242,30 @@ def _sites(args: argparse.Namespace) -> int:
         rtt = f"{site['rtt_ms']:.1f} ms" if site.get("rtt_ms") is not None else "-"
         since = _when(site["connected_since"]) if site.get("connected_since") else "-"
         print(f"{site['name']:<20} {site['condition']:<9} {site.get('transport') or '-':<20} {since:<20} "
-              f"{rtt:>9} {site['active_streams']:>5} {echo:>7} {cert:>6}  {site['reason']}")
+              f"{rtt:>9} {site['active_streams']:>5} {echo:>7} {cert:>6}  "
+              f"{_paths(presence.get(site['name'], [])):<24} {site['reason']}")
+    return 0
+
+
+def _paths(relays: list[str]) -> str:
+    """The relays holding a site's tunnels; one alone is flagged: it is the site's single path."""
+    if not relays:
+        return "-"
+    return f"{relays[0]} (single path)" if len(relays) == 1 else ", ".join(relays)
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    answer = _admin_call(args.config, "GET", "/api/fleet")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    now = time.time()
+    print(f"{'RELAY':<24} {'ZONE':<12} {'STATE':<9} {'SITES':>5}  {'UP SINCE':<20} LEASE")
+    for relay in answer["relays"]:
+        lease = "expired" if relay["state"] == "gone" else f"{relay['lease_until'] - now:.0f} s left"
+        me = "  (this relay)" if relay["name"] == answer["relay"] else ""
+        print(f"{relay['name']:<24} {relay['zone'] or '-':<12} {relay['state']:<9} {relay['sites']:>5}  "
+              f"{_when(relay['started_at']):<20} {lease}{me}")
     return 0
 
 

@@ -9,6 +9,7 @@ AE titles are unique per listener and per site, names are unique, and no two soc
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -42,6 +43,7 @@ __all__ = [
     "DestinationConfig",
     "EnrollmentConfig",
     "EnrollmentRateLimit",
+    "FleetConfig",
     "LoginRateLimit",
     "RateLimitConfig",
     "WireGuardConfig",
@@ -184,6 +186,22 @@ HostName = Annotated[str, Field(pattern=r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}
                                  max_length=253)]
 
 
+class FleetConfig(StrictModel):
+    """``[fleet]``: this relay among the relays that share the registry (``relay.presence``)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = Field(
+        default_factory=lambda: _hostname())
+    zone: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{0,63}$")] = ""
+    lease: Annotated[float, Field(ge=3.0, le=300.0)] = 15.0  # seconds; renewed every third of it
+
+
+def _hostname() -> str:
+    """The machine's name as a fleet name: its first label, in the characters a fleet name allows."""
+    label = socket.gethostname().split(".")[0]
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "-" for ch in label)[:63]
+    return cleaned if cleaned[:1].isalnum() else f"relay-{cleaned}"[:63]
+
+
 class AdminConfig(EndpointConfig):
     """``[admin]``: the JSON status API and dashboard (plain HTTP, loopback by default).
 
@@ -259,6 +277,7 @@ class RelaySettings(TomlSettings):
     mux: MuxConfig = Field(default_factory=MuxConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     enrollment: EnrollmentConfig = Field(default_factory=EnrollmentConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     wireguard: WireGuardConfig = Field(default_factory=WireGuardConfig)
     listeners: list[ListenerConfig] = Field(default_factory=list)
     sites: list[SiteConfig] = Field(default_factory=list)

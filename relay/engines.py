@@ -8,7 +8,8 @@ gives them four things, the same way on both:
 - ``transaction()`` is one short write transaction with *one writer at a time across processes*: SQLite's
   ``BEGIN IMMEDIATE``, PostgreSQL's transaction-scoped advisory lock (every relay of a fleet shares the
   database, and the registry's read-then-write rules, such as the lowest free WireGuard address, need the
-  same serial order SQLite gives). A PostgreSQL write also advances the ``registry_generation`` counter;
+  same serial order SQLite gives). A PostgreSQL write also advances the ``registry_generation`` counter
+  (``change=False``: a write that is not a registry change, the fleet's presence, does neither);
 - ``data_version()`` changes when another process committed a write: SQLite's ``PRAGMA data_version``,
   PostgreSQL's generation counter (which our own writes move too: one harmless extra reload);
 - ``migrate(migrations)`` applies the numbered schema migrations in order, one transaction each, recording
@@ -73,7 +74,7 @@ class Engine(Protocol):
     where: str  # the database, for messages: a path, or user@host:port/database (no password)
 
     def execute(self, sql: str, args: Sequence[object] = ()) -> Cursor: ...
-    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def transaction(self, *, change: bool = True) -> contextlib.AbstractContextManager[None]: ...
     def data_version(self) -> int: ...
     def migrate(self, migrations: Sequence[str]) -> None: ...
     def close(self) -> None: ...
@@ -118,8 +119,8 @@ class SqliteEngine:
             raise RegistryError(f"registry {self.where}: {exc}") from exc
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.execute("BEGIN IMMEDIATE")
+    def transaction(self, *, change: bool = True) -> Iterator[None]:
+        self.execute("BEGIN IMMEDIATE")  # one relay per file: every write may take the lock
         try:
             yield
         except BaseException:
@@ -246,13 +247,15 @@ class PostgresEngine:
             raise self._translate(exc) from None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, change: bool = True) -> Iterator[None]:
         conn = self._connect()
         try:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                if change:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 yield
-                conn.execute("UPDATE registry_generation SET n = n + 1")
+                if change:
+                    conn.execute("UPDATE registry_generation SET n = n + 1")
         except psycopg.Error as exc:
             raise self._translate(exc) from None
 

@@ -26,9 +26,10 @@ newer release is refused rather than misread.
 Timestamps are UNIX seconds (float), passed in by the caller (``now``) so tests control the clock.
 Every method opens its own short transaction; the class is safe to use from one thread at a time.
 
-:class:`Registry` is made of one part per concern, each in its own module over the same open file
-(``relay.store``): ``relay.identities`` (sites, tokens, certificates, WireGuard keys) and
-``relay.routingrows`` (listener routes, site destinations). Import the registry's names from here.
+:class:`Registry` is made of one part per concern, each in its own module over the same open database
+(``relay.store``): ``relay.identities`` (sites, tokens, certificates, WireGuard keys), ``relay.routingrows``
+(listener routes, site destinations) and ``relay.fleetrows`` (relays, presence). Import the registry's
+names from here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from relay.engines import PostgresTarget
+from relay.fleetrows import FleetRows, RelayRecord
 from relay.identities import (
     CertificateRecord,
     CertificateVerdict,
@@ -61,6 +63,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryUnavailable",
+    "RelayRecord",
     "RouteRecord",
     "SiteRecord",
     "TokenRefused",
@@ -72,7 +75,7 @@ __all__ = [
 PASSWORD_ENV = "TUNNEL_RELAY_REGISTRY_PASSWORD"
 
 
-class Registry(Identities, PeerKeys, RoutingRows):
+class Registry(Identities, PeerKeys, RoutingRows, FleetRows):
     """Open with :meth:`open` (the SQLite file in a state directory) or :meth:`connect` (PostgreSQL); both
     create and migrate the schema. ``close()`` when done."""
 

@@ -33,6 +33,7 @@ from relay import admin, dashboard, enroll, guard, listeners, metrics
 from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.identity import Admission
+from relay.presence import PresenceKeeper
 from relay.registry import DestinationRecord, Registry, RouteRecord, open_registry
 from relay.registrygate import AsyncRegistry
 from relay.revocation import RevocationSweep
@@ -128,6 +129,10 @@ class Relay:
         stack.push_async_callback(self.table.close_all, "relay shutting down")
         sweeper = asyncio.create_task(running.revocations.run())
         stack.push_async_callback(cancel_and_wait, sweeper)
+        presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone, lease=s.fleet.lease)
+        stack.push_async_callback(presence.leave)  # after the keeper is stopped (the stack runs backwards)
+        keeper = asyncio.create_task(presence.run())
+        stack.push_async_callback(cancel_and_wait, keeper)
         running.status.serving = True
         log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
 
@@ -171,7 +176,7 @@ class Relay:
         return self.table.sites
 
     @property
-    def registry(self) -> Registry:
+    def registry(self) -> AsyncRegistry:
         return self._started().registry
 
     def online_sites(self) -> set[str]:

@@ -94,6 +94,24 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at {REAL} NOT NULL
     );
     """,
+    # 4: the fleet: the relays sharing the registry, and which holds each site's tunnel, under leases.
+    """
+    CREATE TABLE relays (
+        name        {TEXT} PRIMARY KEY,
+        zone        {TEXT} NOT NULL,
+        state       {TEXT} NOT NULL,
+        started_at  {REAL} NOT NULL,
+        lease_until {REAL} NOT NULL
+    );
+    CREATE TABLE presence (
+        site        {TEXT} NOT NULL,
+        relay       {TEXT} NOT NULL REFERENCES relays(name),
+        since       {REAL} NOT NULL,
+        lease_until {REAL} NOT NULL,
+        PRIMARY KEY (site, relay)
+    );
+    CREATE INDEX presence_relay ON presence(relay);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -166,6 +184,8 @@ class Store:
         return self._db.execute("INSERT INTO sites(name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                                 (site, now)).rowcount == 1
 
-    def _tx(self) -> contextlib.AbstractContextManager[None]:
-        """One write transaction: one writer at a time, across processes."""
-        return self._db.transaction()
+    def _tx(self, *, change: bool = True) -> contextlib.AbstractContextManager[None]:
+        """One write transaction: one writer at a time, across processes. ``change=False`` for writes that
+        are not registry changes (the fleet's presence): no write lock, and the relays' reload version
+        stays where it is."""
+        return self._db.transaction(change=change)

@@ -19,9 +19,11 @@ from tests.support.dcmtk import echoscu, start_storescp
 from tests.support.ports import free_port
 from tests.support.procs import wait_until
 from tests.support.stack import (
+    RELAY,
     AgentRoute,
     ListenerRoute,
     RelayHandle,
+    _cli,
     enroll_agent,
     http_json,
     make_agent,
@@ -46,7 +48,8 @@ def fleet(procs, postgres, tmp_path):
     relays: dict[str, RelayHandle] = {}
     for name in ("a", "b"):
         relays[name] = make_relay(tmp_path / f"relay-{name}", listener_routes=routes, sites={"st-marys": []},
-                                  heartbeat=1.0, extra=extra)
+                                  heartbeat=1.0, extra=extra,
+                                  sections=["[fleet]", f'name = "relay-{name}"', f'zone = "zone-{name}"'])
     for file in SHARED_STATE:
         shutil.copy2(relays["a"].state_dir / file, relays["b"].state_dir / file)
     for name, relay in relays.items():
@@ -125,3 +128,24 @@ def test_a_stalled_registry_never_stalls_the_relay(procs, fleet, postgres):
                message="the relay to write to the registry again")
     wait_until(lambda: http_json(f"http://127.0.0.1:{relay.admin_port}/readyz")["reason"] == "ready", 10,
                message="readiness to recover")
+
+
+def test_the_fleet_shows_which_relay_holds_each_site_and_a_relay_that_stops(procs, fleet):
+    relay_a, relay_b, agent = fleet
+    enroll_agent(relay_b, agent)
+    start_agent(procs, agent, relay_b)
+    wait_until(lambda: relay_a.admin("GET", "/api/fleet")["presence"] == {"st-marys": ["relay-b"]}, 5.0,
+               message="relay a to see that relay b holds st-marys")
+    answer = relay_a.admin("GET", "/api/fleet")
+    assert answer["relay"] == "relay-a"
+    assert {(r["name"], r["zone"], r["state"], r["sites"]) for r in answer["relays"]} == {
+        ("relay-a", "zone-a", "serving", 0), ("relay-b", "zone-b", "serving", 1)}
+    listing = _cli(RELAY, "fleet", "--config", str(relay_a.config)).stdout
+    assert "relay-b" in listing and "serving" in listing and "(this relay)" in listing
+    sites = _cli(RELAY, "sites", "--config", str(relay_a.config)).stdout
+    assert "relay-b (single path)" in sites  # one relay holds the site: flagged
+
+    procs.stop(relay_b.proc)  # a clean stop withdraws at once, without waiting for the lease
+    answer = relay_a.admin("GET", "/api/fleet")
+    assert answer["presence"] == {}
+    assert {r["name"]: r["state"] for r in answer["relays"]}["relay-b"] == "gone"
