@@ -106,7 +106,7 @@ class SqliteEngine:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open registry {path}: {exc}") from exc
+            raise RegistryUnavailable(f"cannot open registry {path}: {exc}") from exc
         for extra in ("-wal", "-shm"):  # SQLite creates these with the umask's mode; keep them private
             side = path.with_name(path.name + extra)
             if side.exists():
@@ -115,8 +115,10 @@ class SqliteEngine:
     def execute(self, sql: str, args: Sequence[object] = ()) -> sqlite3.Cursor:
         try:
             return self._db.execute(sql, args)
-        except sqlite3.Error as exc:
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError) as exc:  # the statement's fault
             raise RegistryError(f"registry {self.where}: {exc}") from exc
+        except sqlite3.Error as exc:  # locked past busy_timeout, a disk error, a damaged file
+            raise RegistryUnavailable(f"registry {self.where} cannot be used now: {exc}") from exc
 
     @contextlib.contextmanager
     def transaction(self, *, change: bool = True) -> Iterator[None]:

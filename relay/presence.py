@@ -25,6 +25,7 @@ __all__ = ["TICK", "PresenceKeeper"]
 log = logging.getLogger("relay")
 
 TICK = 0.5  # seconds between looks at the site table
+LEAVE_TIMEOUT = 3.0  # seconds a stopping relay gives the registry to take its withdrawal
 
 
 class PresenceKeeper:
@@ -71,6 +72,6 @@ class PresenceKeeper:
 
     async def leave(self) -> None:
         try:
-            await self.registry.call(lambda r: r.leave(self.name))
+            await self.registry.call(lambda r: r.leave(self.name), timeout=LEAVE_TIMEOUT)
         except RegistryError as exc:
             log.warning("fleet presence not withdrawn (it runs out with its lease): %s", exc)

@@ -19,6 +19,7 @@ from relay.registry import (
     CertificateVerdict,
     Registry,
     RegistryError,
+    RegistryUnavailable,
     TokenRefused,
 )
 from tunnel_core.token import EnrollmentToken, TokenFormatError
@@ -137,3 +138,17 @@ def test_token_round_trip_and_damage() -> None:
     for bad in ("", "dtun1.", "dtun2." + text[6:], text[:-5], "dtun1.!!!!", text + "A" * 3000):
         with pytest.raises(TokenFormatError):
             EnrollmentToken.decode(bad)
+
+
+def test_a_damaged_file_is_unavailable_not_a_rule_refusal(tmp_path: Path) -> None:
+    Registry.open(tmp_path).close()
+    (tmp_path / REGISTRY_FILE).write_bytes(b"not a database at all" * 100)
+    with pytest.raises(RegistryUnavailable, match="cannot open registry|cannot be used now"):
+        Registry.open(tmp_path)
+
+
+def test_a_rule_refusal_stays_a_registry_error(sqlite_registry: Registry) -> None:
+    sqlite_registry.record_certificate("0d", "a", "manual", 1.0, 10.0, actor="t")
+    with pytest.raises(RegistryError) as caught:
+        sqlite_registry.record_certificate("0d", "a", "manual", 2.0, 10.0, actor="t")  # the same serial
+    assert not isinstance(caught.value, RegistryUnavailable)
