@@ -276,6 +276,8 @@ class DashboardSource(Protocol):
 
     async def registered_sites(self) -> list[RegisteredSite]: ...
 
+    async def presence(self) -> dict[str, list[str]]: ...
+
 
 class Dashboard:
     """The dashboard's state for one relay: sessions, sampled history, and the limiter its wrong logins count
@@ -322,12 +324,14 @@ class Dashboard:
         status = self.status.snapshot()
         ready = self.status.readiness()
         registered = await self.status.registered_sites()
+        holders = await self.status.presence()
         return {
             "now": now,
             "session": _session_view(session),
             "relay": {"started": status.started, "ready": ready.ready, "ready_reason": ready.reason,
                       "process": status.process.as_dict(), "active_associations": len(status.associations)},
-            "sites": [self._site_row(s) for s in self._all_sites(status, now, registered)],
+            "sites": [{**self._site_row(s), "tunnels_on": holders.get(s.name, [])}
+                      for s in self._all_sites(status, now, registered)],
             "outcomes": {"interval_s": self.history.interval, "totals": dict(status.outcomes),
                          "series": self.history.series(status.outcomes, now)},
         }

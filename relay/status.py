@@ -168,6 +168,7 @@ class StatusSource:
         self.tracker = tracker
         self.registry = registry
         self._records: list[SiteRecord] = []
+        self._presence: dict[str, list[str]] = {}
         self.started = started
         self.wireguard = wireguard
         self.serving = False
@@ -191,6 +192,16 @@ class StatusSource:
     def registry_up(self) -> bool:
         """Whether the registry's database answered the last call (no I/O here)."""
         return self.registry.available
+
+    async def presence(self) -> dict[str, list[str]]:
+        """Site -> the fleet's relays that hold its tunnels now; while the registry cannot be read, the last
+        answer read."""
+        now = time.time()
+        try:
+            self._presence = await self.registry.call(lambda r: r.presence(now))
+        except RegistryUnavailable as exc:
+            log.warning("tunnel holders shown as last read: %s", exc)
+        return self._presence
 
     async def registered_sites(self) -> list[RegisteredSite]:
         """Every site of the registry, in its order; while the registry cannot be read, the last list read."""

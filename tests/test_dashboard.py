@@ -436,6 +436,12 @@ async def test_chromium_logs_in_and_shows_the_relays_state(stack, procs, tmp_pat
             assert shown[DOWN_SITE]["condition"] == "down" and shown[DOWN_SITE]["reason"] == "never connected"
             assert shown[UP_SITE]["condition"] in {"up", "degraded"}
             assert shown[UP_SITE]["connected_since"] != "—"
+            # Which relays of the fleet hold the site's tunnel: here only this one, flagged as its single path.
+            me = relay.admin("GET", "/api/fleet")["relay"]
+            holders = f"document.querySelector('tr[data-site=\"{UP_SITE}\"] [data-field=tunnels_on]').textContent"
+            await page.wait_for(f"{holders} === {json.dumps(me + ' (single path)')}", PAGE_TIMEOUT)
+            assert await page.evaluate(
+                f"document.querySelector('tr[data-site=\"{DOWN_SITE}\"] [data-field=tunnels_on]').textContent") == "—"
             assert await page.evaluate(
                 "[...document.querySelectorAll('#outcome-reasons td')].some(td => td.textContent === 'completed')")
             assert await page.evaluate("document.querySelectorAll('#outcome-chart rect.completed').length") >= 1

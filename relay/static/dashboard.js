@@ -49,6 +49,12 @@
     return days < 0 ? "expired " + fmtTime(notAfter) : days.toFixed(1) + " days (" + fmtTime(notAfter) + ")";
   }
 
+  // The fleet's relays holding the site's tunnels; one alone is the site's single path.
+  function fmtTunnelsOn(relays) {
+    if (!relays || relays.length === 0) return DASH;
+    return relays.length === 1 ? relays[0] + " (single path)" : relays.join(", ");
+  }
+
   function fmtEcho(echo) {
     if (!echo) return "no report";
     if (echo.total === 0) return "no destinations";
@@ -163,6 +169,7 @@
       cell(fmtEcho(site.echo), "echo"),
       cell(certificateText(site, now), "certificate"),
       cell(fmtHost(site.host), "host"),
+      cell(fmtTunnelsOn(site.tunnels_on), "tunnels_on"),
     );
     return tr;
   }
