@@ -3,7 +3,8 @@
 #   1. the Debian packages in DEB_PACKAGES (apt work is skipped when all are installed already);
 #   2. no system Orthanc left running (the Debian package may start one on 4242/8042 when installed);
 #   3. a virtualenv in $VENV_DIR with this project installed editable, with its test, dev and fast extras
-#      (the product's packages only; devkit, tunnel_demo and tunnel_bench run from the checkout).
+#      (the product's packages only; devkit, tunnel_demo and tunnel_bench run from the checkout);
+#   4. the packaging tests' npm validator (@kubernetes-models/prometheus-operator) in $VENV_DIR/npm.
 # Idempotent: a repeat run checks and does nothing (about a second).
 # Environment: PYTHON (default python3, must be >= 3.11), VENV_DIR (default .venv),
 #              BOOTSTRAP_FORCE_PIP=1 to reinstall the project into the venv.
@@ -16,6 +17,9 @@ set -euo pipefail
 
 # The one list of Debian packages the project needs.
 DEB_PACKAGES=(dcmtk orthanc iproute2 procps squid chromium wireguard-tools wireguard-go nftables postgresql)
+# The packaging tests (tests/test_packaging_*.py, docs/packaging.md): a load balancer run as a plain process,
+# the OCI image build (debootstrap, buildah) and run (podman and its runtime pieces), node for a validator.
+DEB_PACKAGES+=(haproxy debootstrap buildah podman crun uidmap fuse-overlayfs slirp4netns conmon netavark nodejs)
 
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT_DIR"
@@ -181,6 +185,36 @@ quiet_new_squid_service() {
     fi
 }
 
+quiet_new_haproxy_service() {
+    # Only called right after this script installed haproxy: the packaging tests run their own on free
+    # ports, and a machine that had no balancer keeps having none listening on 80 or starting at boot.
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl stop haproxy 2>/dev/null || true
+        systemctl disable haproxy >/dev/null 2>&1 || true
+        return 0
+    fi
+    if compgen -G '/etc/rc[2-5].d/S*haproxy' >/dev/null && command -v update-rc.d >/dev/null 2>&1; then
+        update-rc.d haproxy disable >/dev/null 2>&1 || log "warning: update-rc.d haproxy disable failed"
+    fi
+    if [ -x /etc/init.d/haproxy ] && [ -s /run/haproxy.pid ]; then
+        /etc/init.d/haproxy stop >/dev/null 2>&1 || true
+    fi
+}
+
+ensure_npm_validators() {
+    # The ServiceMonitor's schema (the Prometheus Operator's CRD) for tests/test_packaging_kubernetes.py, in
+    # $VENV_DIR/npm (inside the ignored virtualenv: nothing npm writes lands in the checkout).
+    local dir="$VENV_DIR/npm" package="@kubernetes-models/prometheus-operator" version=6.0.0
+    if [ -f "$dir/node_modules/$package/package.json" ] && grep -q "\"version\": \"$version\"" \
+        "$dir/node_modules/$package/package.json"; then
+        return 0
+    fi
+    command -v npm >/dev/null 2>&1 || die "npm not found (Debian package nodejs)"
+    log "installing $package@$version into $dir"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --silent "$package@$version"
+}
+
 ensure_extra_pip() {
     local extra=() missing=() pkg
     read -r -a extra <<<"${BOOTSTRAP_EXTRA_PIP:-}"
@@ -208,16 +242,21 @@ ensure_mitm_venv() {
 }
 
 main() {
-    local had_squid=1
+    local had_squid=1 had_haproxy=1
     is_installed squid || had_squid=0
+    is_installed haproxy || had_haproxy=0
     install_debian_packages "${DEB_PACKAGES[@]}"
     if [ "$had_squid" -eq 0 ] && is_installed squid; then
         quiet_new_squid_service
+    fi
+    if [ "$had_haproxy" -eq 0 ] && is_installed haproxy; then
+        quiet_new_haproxy_service
     fi
     install_extra_debian_packages
     quiet_orthanc_service
     ensure_venv
     ensure_extra_pip
+    ensure_npm_validators
     ensure_mitm_venv
 }
 

@@ -3,7 +3,7 @@
 exit status 0, so any output fails), ``systemd-sysusers`` must create the users the units run as, and the
 units must say what the packaging promises: a dedicated user, a 0700 state directory, the config path,
 restart on failure, the hardening, no capability for the relay, and a stop timeout above the relay's own
-shutdown bound (taken from the code, so a longer bound there fails here).
+shutdown bound (its drain deadline and close timeouts taken from the code, so a longer bound there fails here).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay import presence, registrygate
+from relay.config import FleetConfig
 from tests.support import missing_prerequisite
 from tunnel_link import innertls, session
 
@@ -28,6 +29,16 @@ HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome":
 # withdrawal, and a registry call already in flight ending at its deadline.
 RELAY_STOP_BOUND = (innertls.CLOSE_TIMEOUT + session.CLOSE_TIMEOUT + presence.LEAVE_TIMEOUT
                     + registrygate.DEFAULT_TIMEOUT)
+
+# The agent's stop: its tunnel's close (the inner-TLS alert, then the WebSocket close).
+AGENT_STOP_BOUND = innertls.CLOSE_TIMEOUT + session.CLOSE_TIMEOUT
+
+
+def drain_deadline(fleet: FleetConfig | None = None) -> float:
+    """How long a stopping relay lets associations in flight finish first ([fleet] drain_deadline, issue 13
+    item 5; 0 in a relay without it)."""
+    value = getattr(fleet if fleet is not None else FleetConfig(), "drain_deadline", 0.0)
+    return float(value)
 
 
 def _tool(name: str) -> str:
@@ -125,7 +136,8 @@ def test_the_units_run_one_user_one_config_hardened(program, config):
     assert _last(unit, "ReadWritePaths") == f"/var/lib/tunnel-{program}"
     for key, value in HARDENING.items():
         assert _last(unit, key) == value, key
-    assert float(_last(unit, "TimeoutStopSec")) > RELAY_STOP_BOUND
+    bound = drain_deadline() + RELAY_STOP_BOUND if program == "relay" else AGENT_STOP_BOUND
+    assert float(_last(unit, "TimeoutStopSec")) > bound
 
 
 def test_the_relay_has_no_capability_unless_wireguard_asks_for_one():
