@@ -86,6 +86,7 @@ class AdminApi:
     status: StatusSource
     revocations: RevocationSweep
     tunnel_port: int
+    drain: Callable[[], None] = lambda: None  # begin the relay's drain and stop (as SIGTERM does)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -129,6 +130,10 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
         return _json({"relay": api.settings.fleet.name, "relays": [r.as_dict() for r in relays],
                       "presence": presence})
 
+    async def drain(request: web.Request) -> web.Response:
+        api.drain()
+        return _json({"draining": True, "deadline_s": api.settings.fleet.drain_deadline}, status=202)
+
     async def audit(request: web.Request) -> web.Response:
         return _json({"audit": await api.registry.call(lambda r: r.audit_entries())})
 
@@ -155,6 +160,7 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
     app.router.add_post("/api/certificates/{serial}/revoke", bound(_revoke_certificate))
     app.router.add_get("/api/audit", audit)
     app.router.add_get("/api/fleet", fleet)
+    app.router.add_post("/api/drain", drain)
     app.router.add_get("/api/routes", routes)
     app.router.add_post("/api/routes", bound(_add_route))
     app.router.add_delete("/api/routes/{listener}/{called_ae}", bound(_remove_route))

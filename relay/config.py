@@ -193,6 +193,9 @@ class FleetConfig(StrictModel):
         default_factory=lambda: _hostname())
     zone: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{0,63}$")] = ""
     lease: Annotated[float, Field(ge=3.0, le=300.0)] = 15.0  # seconds; renewed every third of it
+    # On SIGTERM (or POST /api/drain): how long cloud associations already in flight may take to finish
+    # after the relay stopped taking new ones; the rest are then aborted and the relay exits.
+    drain_deadline: Annotated[float, Field(ge=0.0, le=3600.0)] = 30.0
 
 
 def _hostname() -> str:

@@ -27,8 +27,9 @@ __all__ = ["route_caller", "serve_listener"]
 
 
 async def serve_listener(stack: AsyncExitStack, listener: ListenerConfig, sites: SiteTable,
-                         tracker: AssociationTracker) -> tuple[str, int]:
-    """Bind ``listener``'s port (closed with ``stack``); returns the address bound."""
+                         tracker: AssociationTracker) -> tuple[tuple[str, int], PipeServer]:
+    """Bind ``listener``'s port (closed with ``stack``); returns the address bound and the server (a drain
+    stops it accepting while its associations finish)."""
     limits = IngressLimits(listener.artim_timeout, listener.max_associate_rq)
 
     async def on_caller(pipe: Pipe) -> None:
@@ -39,7 +40,7 @@ async def serve_listener(stack: AsyncExitStack, listener: ListenerConfig, sites:
     server = PipeServer(on_caller)
     bound = await server.start(listener.host, listener.port)
     stack.push_async_callback(server.close)
-    return bound
+    return bound, server
 
 
 async def route_caller(sites: SiteTable, listener: str, req: AssociateRequest,

@@ -21,6 +21,7 @@ This module alone knows every satellite; each is handed the narrow collaborator 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -46,9 +47,12 @@ from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import AssociationTracker
 from tunnel_link.gate import GatedTlsServer
 from tunnel_link.httpserver import app_runner, serve_tcp
+from tunnel_link.pipe import PipeServer
 from tunnel_link.tls import server_context
 
 log = logging.getLogger("relay")
+
+DRAIN_POLL = 0.1  # seconds between looks at the associations still in flight during a drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +79,51 @@ class Relay:
         self.gate: GatedTlsServer | None = None  # the tunnel port's listener, once started
         self._running: _Running | None = None
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop request: end the drain now
+        self._listeners: list[PipeServer] = []
+        self._presence: PresenceKeeper | None = None
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
             await self.start(stack)
             await self._stopping.wait()
+            await self.drain()
 
     def stop(self) -> None:
+        """Drain, then stop (SIGTERM, SIGINT, ``POST /api/drain``); asked again, stop without waiting."""
+        if self._stopping.is_set():
+            self._hurry.set()
         self._stopping.set()
+
+    async def drain(self) -> None:
+        """Leave gently, within ``[fleet] drain_deadline``: readiness fails first, the fleet sees this relay
+        draining, the DICOM listeners stop taking callers (the balancer sends them to another relay), and
+        the cloud associations in flight get until the deadline to finish. Whatever is left then ends with
+        the tunnels as the relay stops (GOAWAY to each agent, which reconnects elsewhere; the callers'
+        associations aborted)."""
+        running = self._started()
+        if running.status.draining:
+            return
+        running.status.draining = True
+        if self._presence is not None:
+            self._presence.state = "draining"
+            await self._presence.tick()
+        for server in self._listeners:
+            server.stop_accepting()
+        deadline = self.settings.fleet.drain_deadline
+        log.info("relay draining: %d cloud associations in flight, %.0f s for them to finish",
+                 self._in_flight(), deadline)
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                while self._in_flight() and not self._hurry.is_set():
+                    await asyncio.sleep(DRAIN_POLL)
+        left = self._in_flight()
+        log.info("relay drained in %.1f s; %s", time.monotonic() - started,
+                 f"{left} cloud associations left, ended now" if left else "no cloud association left")
+
+    def _in_flight(self) -> int:
+        return sum(server.active for server in self._listeners)
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Bind every port; everything is torn down when ``stack`` closes."""
@@ -124,12 +165,14 @@ class Relay:
             wg_app.router.add_get(s.tunnel.path, endpoints.wireguard_websocket)
             self.bound["wireguard"] = await wireguard.start(stack, wg_app)
         for listener in s.listeners:
-            self.bound[f"listener:{listener.name}"] = await listeners.serve_listener(
-                stack, listener, self.table, self.tracker)
+            bound, server = await listeners.serve_listener(stack, listener, self.table, self.tracker)
+            self.bound[f"listener:{listener.name}"] = bound
+            self._listeners.append(server)
         stack.push_async_callback(self.table.close_all, "relay shutting down")
         sweeper = asyncio.create_task(running.revocations.run())
         stack.push_async_callback(cancel_and_wait, sweeper)
-        presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone, lease=s.fleet.lease)
+        presence = self._presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone,
+                                                   lease=s.fleet.lease)
         stack.push_async_callback(presence.leave)  # after the keeper is stopped (the stack runs backwards)
         keeper = asyncio.create_task(presence.run())
         stack.push_async_callback(cancel_and_wait, keeper)
@@ -158,7 +201,7 @@ class Relay:
         token = admin_token(s.state_dir)
         board = dashboard.Dashboard(running.status, self.table, self.tracker, token, self.guards.login)
         api = admin.AdminApi(s, running.registry, self.table, running.status, running.revocations,
-                             self.bound["tunnel"][1])
+                             self.bound["tunnel"][1], drain=self.stop)
         app = admin.build_app(api, self.guards, token=token, session_allows=board.session_allows,
                               metrics=metrics.handler(running.status, self.tracker, self.guards, self.gate))
         dashboard.add_routes(app, board)

@@ -172,6 +172,7 @@ class StatusSource:
         self.started = started
         self.wireguard = wireguard
         self.serving = False
+        self.draining = False  # set once a drain began (relay.server): readiness fails first
 
     def snapshot(self, now: float | None = None) -> RelayStatus:
         now = time.time() if now is None else now
@@ -187,7 +188,7 @@ class StatusSource:
     def readiness(self) -> Readiness:
         """From what the registry's gateway saw last (the sweep asks it every second): no I/O here."""
         return relay_readiness(started=self.serving, registry_ok=self.registry.available,
-                               registry_shared=self.registry.shared)
+                               registry_shared=self.registry.shared, draining=self.draining)
 
     def registry_up(self) -> bool:
         """Whether the registry's database answered the last call (no I/O here)."""

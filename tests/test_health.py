@@ -31,6 +31,7 @@ from tunnel_core import health as core_health
 from tunnel_core.health import (
     AgentState,
     Condition,
+    Readiness,
     ReportError,
     SpoolReport,
     agent_readiness,
@@ -311,6 +312,7 @@ def test_readiness():
     shared_down = relay_readiness(started=True, registry_ok=False, registry_shared=True)
     assert shared_down.ready and "shared registry is unavailable" in shared_down.reason
     assert not relay_readiness(started=False, registry_ok=True, registry_shared=True).ready
+    assert relay_readiness(started=True, registry_ok=True, draining=True) == Readiness(False, "draining")
     assert agent_readiness(state=AgentState.CONNECTED, last_error="").ready
     waiting = agent_readiness(state=AgentState.BACKOFF, last_error="ConnectionRefusedError: x")
     assert not waiting.ready and waiting.reason == "tunnel backoff: ConnectionRefusedError: x"

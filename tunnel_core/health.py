@@ -247,12 +247,16 @@ def site_condition(*, connected: bool, disconnect_reason: str, report: HealthRep
     return SiteHealth(Condition.UP, "ok")
 
 
-def relay_readiness(*, started: bool, registry_ok: bool, registry_shared: bool = False) -> Readiness:
+def relay_readiness(*, started: bool, registry_ok: bool, registry_shared: bool = False,
+                    draining: bool = False) -> Readiness:
     """The relay can take traffic once every port is bound and the registry answers. A registry that every
     relay of a fleet shares (PostgreSQL) being down does not make the relay unready: every relay would
-    leave the balancer at once, while each can still serve its tunnels and routes from what it holds."""
+    leave the balancer at once, while each can still serve its tunnels and routes from what it holds. A
+    draining relay is not ready, whatever else holds."""
     if not started:
         return Readiness(False, "starting")
+    if draining:  # first of all, so that balancers send new callers elsewhere
+        return Readiness(False, "draining")
     if not registry_ok and registry_shared:
         return Readiness(True, "ready; the shared registry is unavailable: serving from what this relay holds")
     if not registry_ok:

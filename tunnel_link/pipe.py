@@ -240,6 +240,17 @@ class PipeServer:
         finally:
             pipe.close()
 
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        return len(self._tasks)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; the connections being served go on (``close()`` ends them)."""
+        self._closing = True  # one accepted in the same turn is closed unserved
+        if self.server is not None:
+            self.server.close()
+
     async def close(self) -> None:
         self._closing = True
         if self.server is not None:
