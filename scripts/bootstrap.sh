@@ -19,7 +19,7 @@ set -euo pipefail
 DEB_PACKAGES=(dcmtk orthanc iproute2 procps squid chromium wireguard-tools wireguard-go nftables postgresql)
 # The packaging tests (tests/test_packaging_*.py, docs/packaging.md): a load balancer run as a plain process,
 # the OCI image build (debootstrap, buildah) and run (podman and its runtime pieces), node for a validator.
-DEB_PACKAGES+=(haproxy debootstrap buildah podman crun uidmap fuse-overlayfs slirp4netns conmon netavark nodejs)
+DEB_PACKAGES+=(haproxy debootstrap buildah podman crun runc uidmap fuse-overlayfs slirp4netns conmon netavark nodejs)
 
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT_DIR"
