@@ -13,7 +13,7 @@ Calling contract:
   it accepts connections, creates ``database`` owned by ``user`` and yields a :class:`PostgresServer`.
   On exit it is stopped. Under ``directory``, a new ``postgres-*`` directory holds ``password`` (0600,
   ours) and, when the server user can reach it, ``server/data`` (0700, the server user's); when it
-  cannot (pytest's tmp dirs are 0700 root's), the data dir is made under the system temp dir and removed
+  cannot (pytest's tmp dirs are 0700 root's), the data dir is made under /tmp (not $TMPDIR) and removed
   on exit.
 - ``server.url`` is ``postgresql://<user>@127.0.0.1:<port>/<database>`` (no password): pass
   ``server.password`` or ``server.password_file`` next to it.
@@ -58,6 +58,7 @@ INITDB_TIMEOUT_SECONDS = 120.0
 QUERY_TIMEOUT_SECONDS = 30.0
 READY_CHECK_TIMEOUT_SECONDS = 5.0
 FAST_SHUTDOWN_SECONDS = 10.0
+SHARED_TMP = "/tmp"  # where a data dir goes when the caller's directory is private (root's pytest tmp dirs)
 CONNECT_TIMEOUT_SECONDS = "10"  # libpq's PGCONNECT_TIMEOUT, so no client call waits on a dead server
 PASSWORD_BYTES = 24
 # Role and database names the URL and the SQL can carry unquoted and unescaped.
@@ -236,7 +237,8 @@ def _server_home(record: Path, run_as: str | None) -> tuple[Path, bool]:
         home, outside = record / "server", False
         home.mkdir(mode=0o700)
     else:
-        home, outside = Path(tempfile.mkdtemp(prefix="devkit-postgres-")), True
+        # The system temp dir, not $TMPDIR: a caller's TMPDIR may itself sit in a private directory.
+        home, outside = Path(tempfile.mkdtemp(prefix="devkit-postgres-", dir=SHARED_TMP)), True
         if not _searchable(home.parent, owner):
             shutil.rmtree(home)
             raise DevkitError(f"user {run_as!r} can reach neither {record} nor {home.parent}")

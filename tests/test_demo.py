@@ -28,7 +28,7 @@ DEMO = [sys.executable, "-m", "tunnel_demo"]  # a development package: run from 
 DEMO_MAIN = ROOT / "tunnel_demo" / "__main__.py"
 DEMO_TIMEOUT_S = 180
 STOP_GRACE_S = 15
-STEPS = 10
+STEPS = 11
 SUMMARY_ROW = re.compile(r"^\s+(\d+)\s{2}(.+?)\s{2,}(✔ ok|✘ FAILED|✘ interrupted|– not run)(?:\s|$)")
 
 

@@ -60,6 +60,7 @@ from devkit.stack import (
 )
 from devkit.waits import wait_for_port, wait_until
 from tunnel_demo.dataset import StudyInfo, generate_study
+from tunnel_demo.fleet import FleetStep
 from tunnel_demo.pacs import DemoPacs, PacsError, enable_nodelay, quiet_pynetdicom
 from tunnel_demo.store_scp import StoreScp
 
@@ -252,6 +253,7 @@ class Demo:
         self.wan_studies: dict[str, StudyInfo] = {}
         self.study_uid: str | None = None
         self._scu_aes: list[AE] = []
+        self._cleanup = contextlib.ExitStack()  # what a step opened beyond processes (the fleet's PostgreSQL)
 
     def steps(self) -> list[tuple[str, Callable[[], str]]]:
         return [
@@ -264,6 +266,7 @@ class Demo:
             ("C-MOVE the study to CLOUD_STORE", self.step_move),
             ("C-STORE from a hospital modality to the cloud", self.step_store),
             (f"Spool mode over an emulated {WAN_RTT_MS} ms WAN, beside the direct path", self.step_wan),
+            ("A fleet: two relays on one PostgreSQL registry", self.step_fleet),
             ("tunnel-agent status", self.step_status),
         ]
 
@@ -299,6 +302,8 @@ class Demo:
         for peer in (self.pacs, self.store):
             if peer is not None:
                 peer.stop()
+        with contextlib.suppress(Exception):  # the processes are ended already; this removes their files
+            self._cleanup.close()
         _end_stray_dicom_threads()
         return lines
 
@@ -574,6 +579,21 @@ class Demo:
         return done, at_cloud
 
     # ---- 10. tunnel-agent status ----
+    def step_fleet(self) -> str:
+        def echo(port: int, called_ae: str) -> float:
+            ae = self._scu(CLOUD_SCU_AE, sc.Verification)
+            with associated(ae, port, called_ae) as assoc:
+                started = time.monotonic()
+                code = _status_code(assoc.send_c_echo(), "C-ECHO")
+                round_trip = time.monotonic() - started
+            if code != _SUCCESS:
+                raise StepFailed(f"C-ECHO through relay-b: status 0x{code:04X}")
+            return round_trip
+
+        with failing_step():
+            return FleetStep(self.procs, self._cleanup, self.layout.root / "fleet", self.layout.pacs, PACS_AE,
+                             CLOUD_SCU_AE, echo, self.console.detail).run()
+
     def step_status(self) -> str:
         assert self.agent is not None
         config = self.agent.config
