@@ -53,7 +53,8 @@ def _site(procs, tmp_path, pacs_port: int, drain_deadline: float):
 
 
 def _slow_echo(relay, results: list) -> threading.Thread:
-    """A C-ECHO through the relay in a thread; its status (or the failure) lands in ``results``."""
+    """A C-ECHO through the relay in a thread, returned once it is in flight; its status (or the failure)
+    lands in ``results``."""
 
     def run() -> None:
         ae = AE(ae_title="CLOUDAI")
@@ -70,6 +71,8 @@ def _slow_echo(relay, results: list) -> threading.Thread:
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    wait_until(lambda: any(s["active_streams"] for s in relay.status()["sites"]), 10,
+               message="the C-ECHO association in flight")
     return thread
 
 
@@ -84,8 +87,6 @@ def test_sigterm_drains_an_association_in_flight_then_exits(procs, tmp_path, slo
     relay, _agent = _site(procs, tmp_path, slow_pacs, drain_deadline=20.0)
     results: list = []
     thread = _slow_echo(relay, results)
-    wait_until(lambda: any(s["active_streams"] for s in relay.status()["sites"]), 10,
-               message="the C-ECHO association in flight")
     relay.proc.kill(signal.SIGTERM)
     wait_until(lambda: _admin(relay, "/readyz")[0] == 503, 2, message="readiness to fail first")
     assert "draining" in _admin(relay, "/readyz")[1]
@@ -101,8 +102,6 @@ def test_an_association_past_the_drain_deadline_is_cut_and_the_relay_exits_on_ti
     relay, _agent = _site(procs, tmp_path, slow_pacs, drain_deadline=0.5)
     results: list = []
     thread = _slow_echo(relay, results)
-    wait_until(lambda: any(s["active_streams"] for s in relay.status()["sites"]), 10,
-               message="the C-ECHO association in flight")
     asked = time.monotonic()
     relay.proc.kill(signal.SIGTERM)
     assert relay.proc.wait(10) == 0
