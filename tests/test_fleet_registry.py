@@ -104,7 +104,6 @@ def test_a_stalled_registry_never_stalls_the_relay(procs, fleet, postgres):
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(1.5)  # the sweep's next registry call is now stuck behind the stalled server
         started = time.monotonic()
         assert http_json(f"http://127.0.0.1:{relay.admin_port}/healthz")["ok"]
         assert echoscu("127.0.0.1", relay.dicom_port, "SM_PACS", "CLOUDAI").ok  # routing from memory
@@ -149,3 +148,24 @@ def test_the_fleet_shows_which_relay_holds_each_site_and_a_relay_that_stops(proc
     answer = relay_a.admin("GET", "/api/fleet")
     assert answer["presence"] == {}
     assert {r["name"]: r["state"] for r in answer["relays"]}["relay-b"] == "gone"
+
+
+def test_a_relay_stops_on_time_while_its_registry_is_frozen(procs, fleet, postgres):
+    _relay_a, relay, _agent = fleet
+    frozen = _server_processes(postgres)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: _admin_ready_reason(relay) != "ready", 15,
+                   message="the relay's sweep to find its registry call stuck")
+        asked = time.monotonic()
+        relay.proc.kill(signal.SIGTERM)
+        assert relay.proc.wait(20) == 0  # not held by the call that still waits on the frozen server
+        assert time.monotonic() - asked < 20
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _admin_ready_reason(relay: RelayHandle) -> str:
+    return http_json(f"http://127.0.0.1:{relay.admin_port}/readyz")["reason"]
