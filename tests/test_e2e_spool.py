@@ -96,7 +96,9 @@ def test_spool_destination_stores_then_forwards_everything(procs: ProcessTracker
     wait_until(lambda: len(files_in(cloud_dir)) >= N_INSTANCES, 30,
                message=lambda: f"{N_INSTANCES} files at the cloud, have {len(files_in(cloud_dir))}")
     assert_delivered(study, cloud_dir)
-    spool = wait_until(lambda: (s := status(agent.status_port)["spool"]["cloud"])["instances"] == 0 and s, 10)
+    # The forwarded count moves just after an entry leaves the spool (one event-loop turn): wait for both.
+    spool = wait_until(lambda: (s := status(agent.status_port)["spool"]["cloud"])["instances"] == 0
+                       and s["forwarded"] + s["quarantined"] >= N_INSTANCES and s, 10)
     assert spool["forwarded"] == N_INSTANCES and spool["quarantined"] == 0
     state = tmp_path / "agent" / "state" / "spool"
     assert os.stat(state).st_mode & 0o777 == 0o700
@@ -216,7 +218,9 @@ def test_a_sop_class_the_destination_refuses_is_quarantined_and_stalls_nothing(
         assert result.ok, result.stdout + result.stderr
         cts = set(study.sop_instance_uids) - set(refused)
         wait_until(lambda: set(stored) >= cts, 30, message=lambda: f"{len(cts - set(stored))} CT instances missing")
-        spool = wait_until(lambda: (s := status(agent.status_port)["spool"]["cloud"])["instances"] == 0 and s, 10)
+        # The forwarded count moves just after an entry leaves the spool (one event-loop turn): wait for both.
+        spool = wait_until(lambda: (s := status(agent.status_port)["spool"]["cloud"])["instances"] == 0
+                           and s["forwarded"] + s["quarantined"] >= len(files) and s, 10)
         assert spool["quarantined"] == len(refused)
         assert spool["forwarded"] == len(cts)
         metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{agent.status_port}/metrics", timeout=5).read().decode()
