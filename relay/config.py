@@ -196,6 +196,10 @@ class FleetConfig(StrictModel):
     # On SIGTERM (or POST /api/drain): how long cloud associations already in flight may take to finish
     # after the relay stopped taking new ones; the rest are then aborted and the relay exits.
     drain_deadline: Annotated[float, Field(ge=0.0, le=3600.0)] = 30.0
+    # Where the other relays reach this relay's tunnel port to carry it a caller whose site's tunnel it
+    # holds ("host:port", any address: the peers check the fleet's shared relay.crt, by its first name).
+    # Empty: it takes no hops (it still carries its own callers to relays that do).
+    address: Annotated[str, Field(pattern=r"^(|[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5})$")] = ""
 
 
 def _hostname() -> str:

@@ -16,9 +16,19 @@ from dataclasses import dataclass
 
 from relay.store import Store
 
-__all__ = ["RELAY_STATES", "FleetRows", "RelayRecord"]
+__all__ = ["RELAY_STATES", "FleetRows", "Holder", "RelayRecord"]
 
 RELAY_STATES = ("serving", "draining", "gone")
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A relay whose lease on a site's tunnel is live, and where the fleet reaches it for a hop."""
+
+    relay: str
+    zone: str
+    state: str  # serving or draining
+    address: str  # host:port of its tunnel port for peers; empty: it takes no hops
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,27 +41,31 @@ class RelayRecord:
     started_at: float
     lease_until: float
     sites: int  # sites whose tunnel it holds (0 when gone)
+    address: str = ""
 
     def as_dict(self) -> dict[str, object]:
-        return {"name": self.name, "zone": self.zone, "state": self.state, "started_at": self.started_at,
-                "lease_until": self.lease_until, "sites": self.sites}
+        return {"name": self.name, "zone": self.zone, "state": self.state, "address": self.address,
+                "started_at": self.started_at, "lease_until": self.lease_until, "sites": self.sites}
 
 
 class FleetRows(Store):
     """Relays and presence (part of ``relay.registry.Registry``)."""
 
-    def announce(self, relay: str, zone: str, state: str, sites: Iterable[str], now: float, lease: float) -> None:
-        """This relay is ``state`` and holds the tunnels of exactly ``sites``, until ``now + lease``."""
+    def announce(self, relay: str, zone: str, state: str, sites: Iterable[str], now: float, lease: float,
+                 address: str = "") -> None:
+        """This relay is ``state`` and holds the tunnels of exactly ``sites``, until ``now + lease``; peers
+        reach it at ``address``."""
         if state not in RELAY_STATES[:2]:
             raise ValueError(f"a relay announces itself serving or draining, not {state!r}")
         held, until = set(sites), now + lease
         with self._tx(change=False):
             self._db.execute(
-                "INSERT INTO relays(name, zone, state, started_at, lease_until) VALUES (?,?,?,?,?) "
+                "INSERT INTO relays(name, zone, state, started_at, lease_until, address) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, state = excluded.state, "
-                "lease_until = excluded.lease_until, started_at = CASE WHEN relays.state = 'gone' "
-                "OR relays.lease_until < ? THEN excluded.started_at ELSE relays.started_at END",
-                (relay, zone, state, now, until, now))
+                "lease_until = excluded.lease_until, address = excluded.address, started_at = CASE "
+                "WHEN relays.state = 'gone' OR relays.lease_until < ? THEN excluded.started_at "
+                "ELSE relays.started_at END",
+                (relay, zone, state, now, until, address, now))
             listed = {row[0] for row in self._db.execute("SELECT site FROM presence WHERE relay = ?", (relay,))}
             for site in listed - held:
                 self._db.execute("DELETE FROM presence WHERE relay = ? AND site = ?", (relay, site))
@@ -69,11 +83,11 @@ class FleetRows(Store):
     def fleet(self, now: float) -> list[RelayRecord]:
         rows = self._db.execute(
             "SELECT r.name, r.zone, r.state, r.started_at, r.lease_until, "
-            "(SELECT COUNT(*) FROM presence p WHERE p.relay = r.name AND p.lease_until > ?) "
+            "(SELECT COUNT(*) FROM presence p WHERE p.relay = r.name AND p.lease_until > ?), r.address "
             "FROM relays r ORDER BY r.name", (now,)).fetchall()
         return [RelayRecord(name, zone, "gone" if until <= now else state, started, until,
-                            0 if until <= now else count)
-                for name, zone, state, started, until, count in rows]
+                            0 if until <= now else count, address)
+                for name, zone, state, started, until, count, address in rows]
 
     def presence(self, now: float) -> dict[str, list[str]]:
         """Site -> the relays whose lease on its tunnel is live, by name."""
@@ -82,4 +96,14 @@ class FleetRows(Store):
                 "SELECT p.site, p.relay FROM presence p JOIN relays r ON r.name = p.relay "
                 "WHERE p.lease_until > ? AND r.state <> 'gone' ORDER BY p.site, p.relay", (now,)):
             holders.setdefault(site, []).append(relay)
+        return holders
+
+    def holders(self, now: float) -> dict[str, list[Holder]]:
+        """Site -> the live relays holding its tunnel, serving ones first, with their peer addresses."""
+        holders: dict[str, list[Holder]] = {}
+        for site, relay, zone, state, address in self._db.execute(
+                "SELECT p.site, p.relay, r.zone, r.state, r.address FROM presence p "
+                "JOIN relays r ON r.name = p.relay WHERE p.lease_until > ? AND r.lease_until > ? "
+                "AND r.state <> 'gone' ORDER BY p.site, r.state DESC, p.relay", (now, now)):
+            holders.setdefault(site, []).append(Holder(relay, zone, state, address))
         return holders

@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +34,11 @@ from tunnel_runtime.settings import NAME_PATTERN
 __all__ = [
     "CA_CERT",
     "CA_KEY",
+    "PEER_CERT",
+    "PEER_KEY",
     "RELAY_CERT",
     "RELAY_KEY",
+    "RELAY_URI_PREFIX",
     "SITE_URI_PREFIX",
     "CertificateIdentityError",
     "PkiError",
@@ -44,8 +48,10 @@ __all__ = [
     "certificate_fingerprint",
     "init_ca",
     "issue_client_cert",
+    "issue_peer_cert",
     "issue_server_cert",
     "issue_site_cert",
+    "relay_from_certificate",
     "relay_hostnames",
     "sign_site_csr",
     "site_from_certificate",
@@ -58,6 +64,11 @@ RELAY_KEY = "relay.key"
 AGENT_CERT = "agent.crt"
 AGENT_KEY = "agent.key"
 SITE_URI_PREFIX = "urn:dicom-tunnel:site:"
+RELAY_URI_PREFIX = "urn:dicom-tunnel:relay:"  # a relay of the fleet, as its peers see it (relay.peering)
+PEER_CERT = "peer.crt"
+PEER_KEY = "peer.key"
+PEER_CERT_DAYS = 30
+_RELAY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 _CA_DAYS = 3650
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # back-date notBefore so a peer with a slightly slow clock accepts
@@ -212,6 +223,28 @@ def issue_client_cert(
     return bundle
 
 
+def issue_peer_cert(state_dir: Path, relay: str, days: int = PEER_CERT_DAYS) -> ServerBundle:
+    """Issue (or re-issue, replacing) ``peer.crt``/``peer.key``: the client certificate this relay shows
+    the other relays of its fleet when it carries a caller to them. CN and the SAN URI
+    ``urn:dicom-tunnel:relay:<name>`` name the relay; it carries no site URI, so no tunnel takes it."""
+    if not _RELAY_NAME.fullmatch(relay):
+        raise PkiError(f"{relay!r} is not a relay name")
+    ca_cert, ca_key = _load_ca(state_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        _leaf_builder(ca_cert, key, relay, now - _CLOCK_SKEW, now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(RELAY_URI_PREFIX + relay)]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = state_dir / PEER_CERT, state_dir / PEER_KEY
+    _write_file(key_path, _key_pem(key), mode=0o600, overwrite=True)
+    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=True)
+    return ServerBundle(cert=cert_path, key=key_path, not_after=cert.not_valid_after_utc)
+
+
 MAX_SITE_CERT_DAYS = 30
 
 
@@ -301,13 +334,28 @@ def site_from_certificate(der: bytes) -> str:
     cert = _parse_certificate(der, CertificateIdentityError)
     site = _single_common_name(cert)
     _check_site_name(site, CertificateIdentityError)
-    uris = _site_uris(cert)
+    uris = _uris(cert, SITE_URI_PREFIX)
     if uris != [SITE_URI_PREFIX + site]:
         raise CertificateIdentityError("certificate site URI does not match its common name")
     if ExtendedKeyUsageOID.CLIENT_AUTH not in _extended_key_usages(cert):
         raise CertificateIdentityError("certificate is not valid for client authentication")
     check_public_key(cert.public_key(), CertificateIdentityError)
     return site
+
+
+def relay_from_certificate(der: bytes) -> str:
+    """Return the relay name carried by a verified peer certificate (:func:`issue_peer_cert`'s): one CN,
+    the SAN URI ``urn:dicom-tunnel:relay:<CN>`` and no site URI, the clientAuth EKU. Raises
+    :class:`CertificateIdentityError` otherwise (a site's certificate among them)."""
+    cert = _parse_certificate(der, CertificateIdentityError)
+    relay = _single_common_name(cert)
+    if not _RELAY_NAME.fullmatch(relay) or _uris(cert, SITE_URI_PREFIX):
+        raise CertificateIdentityError("not a relay's certificate")
+    if _uris(cert, RELAY_URI_PREFIX) != [RELAY_URI_PREFIX + relay]:
+        raise CertificateIdentityError("certificate relay URI does not match its common name")
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in _extended_key_usages(cert):
+        raise CertificateIdentityError("certificate is not valid for client authentication")
+    return relay
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -395,13 +443,13 @@ def _single_common_name(cert: x509.Certificate) -> str:
     return names[0].value
 
 
-def _site_uris(cert: x509.Certificate) -> list[str]:
+def _uris(cert: x509.Certificate, prefix: str) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    return [u for u in uris if u.startswith(SITE_URI_PREFIX)]
+    return [u for u in uris if u.startswith(prefix)]
 
 
 def _extended_key_usages(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:

@@ -34,20 +34,23 @@ from relay import admin, dashboard, enroll, guard, listeners, metrics
 from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.identity import Admission
+from relay.peering import PEER_PATH, FleetView, PeerEndpoint, PeerLinks
 from relay.presence import PresenceKeeper
 from relay.registry import DestinationRecord, Registry, RouteRecord, open_registry
 from relay.registrygate import AsyncRegistry
 from relay.revocation import RevocationSweep
 from relay.sites import SiteState, SiteTable, reload_routing
 from relay.status import StatusSource
-from relay.tunnel import TunnelEndpoints
+from relay.tunnel import TunnelEndpoints, accept_websocket
 from relay.wgtransport import RelayWireGuard
+from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.health import Readiness, relay_readiness
 from tunnel_link.aio import cancel_and_wait
-from tunnel_link.associations import AssociationTracker
+from tunnel_link.associations import Association, AssociationTracker
 from tunnel_link.gate import GatedTlsServer
 from tunnel_link.httpserver import app_runner, serve_tcp
 from tunnel_link.pipe import PipeServer
+from tunnel_link.session import TunnelStream
 from tunnel_link.tls import server_context
 
 log = logging.getLogger("relay")
@@ -82,6 +85,8 @@ class Relay:
         self._hurry = asyncio.Event()  # a second stop request: end the drain now
         self._listeners: list[PipeServer] = []
         self._presence: PresenceKeeper | None = None
+        self.fleet_view = FleetView(settings.fleet.name)
+        self._peer_endpoint: PeerEndpoint | None = None
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
@@ -123,7 +128,8 @@ class Relay:
                  f"{left} cloud associations left, ended now" if left else "no cloud association left")
 
     def _in_flight(self) -> int:
-        return sum(server.active for server in self._listeners)
+        carried = self._peer_endpoint.active if self._peer_endpoint is not None else 0
+        return sum(server.active for server in self._listeners) + carried
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Bind every port; everything is torn down when ``stack`` closes."""
@@ -154,7 +160,11 @@ class Relay:
             heartbeat_interval=s.tunnel.heartbeat_interval,
             inner_context=server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path),
             authenticated=self._authenticated, wireguard=wireguard)
-        await self._serve_tunnel_port(stack, tunnel_tls, endpoints, enroll.Enrollment(
+        peers = self._peer_endpoint = PeerEndpoint(
+            self.table, self.tracker, self._route_here, limits=s.mux.to_limits(),
+            heartbeat_interval=s.tunnel.heartbeat_interval, authenticated=self._authenticated,
+            accept=accept_websocket)
+        await self._serve_tunnel_port(stack, tunnel_tls, endpoints, peers, enroll.Enrollment(
             s, registry, admission, self.table.certificate_renewed,
             server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path, client_cert_optional=True),
             wireguard))
@@ -164,15 +174,22 @@ class Relay:
             wg_app = web.Application()
             wg_app.router.add_get(s.tunnel.path, endpoints.wireguard_websocket)
             self.bound["wireguard"] = await wireguard.start(stack, wg_app)
+        presence = self._presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone,
+                                                   lease=s.fleet.lease, address=s.fleet.address,
+                                                   view=self.fleet_view)
+        # Callers for sites whose tunnels another relay holds are carried there, one hop.
+        hops = PeerLinks(self.fleet_view, state_dir=s.state_dir, ca_path=s.tunnel_ca_path, name=s.fleet.name,
+                         limits=s.mux.to_limits(), heartbeat_interval=s.tunnel.heartbeat_interval,
+                         look_again=presence.look_again)
+        stack.push_async_callback(hops.close)
         for listener in s.listeners:
-            bound, server = await listeners.serve_listener(stack, listener, self.table, self.tracker)
+            bound, server = await listeners.serve_listener(stack, listener, self.table, self.tracker, hops)
             self.bound[f"listener:{listener.name}"] = bound
             self._listeners.append(server)
         stack.push_async_callback(self.table.close_all, "relay shutting down")
+        stack.callback(peers.close_all, "relay shutting down")
         sweeper = asyncio.create_task(running.revocations.run())
         stack.push_async_callback(cancel_and_wait, sweeper)
-        presence = self._presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone,
-                                                   lease=s.fleet.lease)
         stack.push_async_callback(presence.leave)  # after the keeper is stopped (the stack runs backwards)
         keeper = asyncio.create_task(presence.run())
         stack.push_async_callback(cancel_and_wait, keeper)
@@ -180,13 +197,14 @@ class Relay:
         log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
 
     async def _serve_tunnel_port(self, stack: AsyncExitStack, tls: ssl.SSLContext, endpoints: TunnelEndpoints,
-                                 enrollment: enroll.Enrollment) -> None:
-        """The agent-facing HTTPS port: the tunnel's WebSockets and enrollment, gated until a connection
-        authenticates (``tunnel_link.gate``)."""
+                                 peers: PeerEndpoint, enrollment: enroll.Enrollment) -> None:
+        """The agent-facing HTTPS port: the tunnel's WebSockets, enrollment and the fleet's peer relays,
+        gated until a connection authenticates (``tunnel_link.gate``)."""
         t = self.settings.tunnel
         app = web.Application(client_max_size=enroll.MAX_BODY)
         app.router.add_get(t.path, endpoints.websocket)
         app.router.add_get(t.inner_path, endpoints.inner_websocket)
+        app.router.add_get(PEER_PATH, peers.websocket)
         enroll.add_routes(app, enrollment, self.guards.enroll)
         runner = app_runner(app, request_timeout=t.request_deadline, logger_name="relay.http")
         await runner.setup()
@@ -206,6 +224,11 @@ class Relay:
                               metrics=metrics.handler(running.status, self.tracker, self.guards, self.gate))
         dashboard.add_routes(app, board)
         return app
+
+    async def _route_here(self, listener: str, req: AssociateRequest,
+                          assoc: Association) -> TunnelStream | RejectReason:
+        """A peer relay's caller: routed within ``listener``'s table to this relay's own tunnels only."""
+        return await listeners.route_caller(self.table, listener, req, assoc)
 
     def _authenticated(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection proved its identity: it no longer counts as unauthenticated."""

@@ -112,6 +112,10 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX presence_relay ON presence(relay);
     """,
+    # 5: where the other relays reach each relay for a hop (its [fleet] address; empty: it takes none).
+    """
+    ALTER TABLE relays ADD COLUMN address {TEXT} NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

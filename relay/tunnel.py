@@ -37,7 +37,7 @@ from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.sockets import tune
 from tunnel_link.transport import SUBPROTOCOLS
 
-__all__ = ["CONNECT_TIMEOUT", "INNER_HANDSHAKE_TIMEOUT", "PeerAddresses", "TunnelEndpoints"]
+__all__ = ["CONNECT_TIMEOUT", "INNER_HANDSHAKE_TIMEOUT", "PeerAddresses", "TunnelEndpoints", "accept_websocket"]
 
 log = logging.getLogger("relay")
 
@@ -81,7 +81,7 @@ class TunnelEndpoints:
             raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n",
                                     headers={REFUSED_HEADER: identity.value})
         self._authenticated(request.transport)
-        ws = await _accept(request)
+        ws = await accept_websocket(request)
         await self.serve_session(identity, ws, f"{request.remote}", "websocket")
         return ws
 
@@ -91,14 +91,14 @@ class TunnelEndpoints:
         if site is None:
             log.warning("refused wireguard tunnel from %s: no peer has that address", request.remote)
             raise web.HTTPForbidden(text="unknown WireGuard peer\n")
-        ws = await _accept(request)
+        ws = await accept_websocket(request)
         await self.serve_session(Identity(site, None, None), ws, f"{request.remote} (wireguard)", "wireguard")
         return ws
 
     async def inner_websocket(self, request: web.Request) -> web.StreamResponse:
         """Inner-TLS mode, for agents behind a TLS-inspecting proxy: the outer TLS may end at the proxy,
         so the agent's identity comes from a second mutual-TLS session run inside the WebSocket."""
-        ws = await _accept(request)
+        ws = await accept_websocket(request)
         admitted: list[Identity] = []
 
         async def admit(conn: InnerTlsWebSocket) -> bytes | None:
@@ -159,7 +159,7 @@ class TunnelEndpoints:
                            tracker=self.tracker, direction="site-to-cloud", site=site.name)
 
 
-async def _accept(request: web.Request) -> web.WebSocketResponse:
+async def accept_websocket(request: web.Request) -> web.WebSocketResponse:
     """Upgrade to the tunnel's WebSocket: no compression, the mux's message bound, pings answered."""
     tune(request.transport)
     ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True, protocols=SUBPROTOCOLS)

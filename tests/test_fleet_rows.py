@@ -73,6 +73,18 @@ def test_presence_writes_are_not_registry_changes(two) -> None:
     assert b.data_version() != before
 
 
+def test_holders_name_where_peers_reach_each_relay_serving_ones_first(two) -> None:
+    a, b = two
+    a.announce("relay-a", "zone-1", "draining", ["st-marys"], 100.0, LEASE, "10.0.0.1:8443")
+    b.announce("relay-b", "zone-2", "serving", ["st-marys", "north"], 100.0, LEASE, "10.0.0.2:8443")
+    holders = a.holders(101.0)
+    assert [(h.relay, h.state, h.address) for h in holders["st-marys"]] == [
+        ("relay-b", "serving", "10.0.0.2:8443"), ("relay-a", "draining", "10.0.0.1:8443")]
+    assert [h.relay for h in holders["north"]] == ["relay-b"]
+    assert {r.name: r.address for r in a.fleet(101.0)} == {"relay-a": "10.0.0.1:8443", "relay-b": "10.0.0.2:8443"}
+    assert a.holders(116.0) == {}  # both leases ran out
+
+
 def test_a_relay_announces_only_serving_or_draining(two) -> None:
     with pytest.raises(ValueError, match="serving or draining"):
         two[0].announce("relay-a", "", "gone", [], 1.0, LEASE)

@@ -237,12 +237,19 @@ def test_open_round_trip_and_bytes() -> None:
     assert fr.decode_open(raw) == p
 
 
+def test_open_listener_kind_bytes() -> None:
+    """Kind 3 (relay peering, docs/protocol.md §12.1): the listener "cloud", calling AE "CT1"."""
+    p = fr.OpenPayload(TargetKind.LISTENER, "cloud", "CT1")
+    assert fr.encode_open(p) == h("03 05 63 6c 6f 75 64 03 43 54 31")
+    assert fr.decode_open(h("03 05 63 6c 6f 75 64 03 43 54 31")) == p
+
+
 @pytest.mark.parametrize(
     "payload",
     [
         pytest.param(b"", id="empty"),
         pytest.param(h("00 01 41 00"), id="kind-0"),
-        pytest.param(h("03 01 41 00"), id="kind-3"),
+        pytest.param(h("04 01 41 00"), id="kind-4"),
         pytest.param(h("01 00 00"), id="empty-target"),
         pytest.param(h("01 05 41 42"), id="target-truncated"),
         pytest.param(h("01 01 41"), id="calling-length-missing"),

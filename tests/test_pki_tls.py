@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
+from relay import pki as pki_module
 from relay.pki import (
     SITE_URI_PREFIX,
     CertificateIdentityError,
@@ -235,6 +236,34 @@ def test_site_from_certificate_rejects_odd_certs(pki: Pki, tmp_path: Path, kwarg
 def test_site_from_certificate_rejects_garbage() -> None:
     with pytest.raises(CertificateIdentityError):
         site_from_certificate(b"\x30\x03\x02\x01\x00")
+
+
+def test_a_relay_peer_certificate_names_the_relay_and_is_no_site(pki: Pki) -> None:
+    bundle = pki_module.issue_peer_cert(pki.state, "relay-a")
+    assert _mode(bundle.key) == 0o600
+    der = _der(bundle.cert)
+    assert pki_module.relay_from_certificate(der) == "relay-a"
+    with pytest.raises(CertificateIdentityError):
+        site_from_certificate(der)  # no tunnel takes a relay for a site
+    with pytest.raises(CertificateIdentityError, match="not a relay"):
+        pki_module.relay_from_certificate(_der(pki.site.cert))  # nor a site for a relay
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"san_uris": []}, "relay URI"),
+        ({"san_uris": [pki_module.RELAY_URI_PREFIX + "relay-b"]}, "relay URI"),
+        ({"san_uris": [pki_module.RELAY_URI_PREFIX + "relay-a", SITE_URI_PREFIX + "relay-a"]}, "not a relay"),
+        ({"extended_key_usages": [ExtendedKeyUsageOID.SERVER_AUTH],
+          "san_uris": [pki_module.RELAY_URI_PREFIX + "relay-a"]}, "client authentication"),
+    ],
+)
+def test_relay_from_certificate_rejects_odd_certs(pki: Pki, tmp_path: Path, kwargs: dict, why: str) -> None:
+    bundle = issue_client_cert(pki.state, tmp_path / "odd", common_name="relay-a", not_valid_before=_now(),
+                               not_valid_after=_now() + dt.timedelta(days=1), **kwargs)
+    with pytest.raises(CertificateIdentityError, match=why):
+        pki_module.relay_from_certificate(_der(bundle.cert))
 
 
 # --- TLS contexts -----------------------------------------------------------------------------------

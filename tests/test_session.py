@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from tests.support.memorylink import MemoryTransport, memory_pair
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.errors import UsageError
 from tunnel_core.frames import OpenPayload
@@ -22,64 +23,11 @@ from tunnel_core.limits import KIB, MuxLimits
 from tunnel_core.mux import Mux, Role, StreamIdsExhausted
 from tunnel_link.errors import StreamResetError
 from tunnel_link.session import MuxSession, TunnelStream
-from tunnel_link.transport import Closed, MessageTransport, as_transport
+from tunnel_link.transport import MessageTransport, as_transport
 
 GUARD = 10.0
 LIMITS = MuxLimits(stream_window=256 * KIB, connection_window=512 * KIB)
 CALLED = OpenPayload(TargetKind.CALLED_AE, "STORE", "CT1")
-
-
-class MemoryTransport:
-    """One end of an in-memory message pipe; ``congested`` is set by the test."""
-
-    def __init__(self) -> None:
-        self.inbox: asyncio.Queue[bytes | Closed] = asyncio.Queue()
-        self.peer: MemoryTransport | None = None
-        self.congested = False
-        self.room = asyncio.Event()
-        self.room.set()
-        self.ended = False
-        self.sent = 0
-
-    def send(self, message: bytearray) -> None:
-        if self.ended:
-            raise ConnectionResetError("ended")
-        assert self.peer is not None
-        self.sent += 1
-        self.peer.inbox.put_nowait(bytes(message))
-
-    async def drained(self) -> None:
-        while self.congested:
-            self.room.clear()
-            await self.room.wait()
-
-    def set_congested(self, value: bool) -> None:
-        self.congested = value
-        if not value:
-            self.room.set()
-
-    async def receive(self) -> bytes | Closed:
-        return await self.inbox.get()
-
-    async def close(self) -> None:
-        self.abort()
-
-    def abort(self) -> bool:
-        if not self.ended:
-            self.ended = True
-            assert self.peer is not None
-            self.peer.inbox.put_nowait(Closed("peer closed the tunnel"))
-            self.inbox.put_nowait(Closed("closed"))
-        return True
-
-    async def pump(self) -> None:
-        return None
-
-
-def memory_pair() -> tuple[MemoryTransport, MemoryTransport]:
-    a, b = MemoryTransport(), MemoryTransport()
-    a.peer, b.peer = b, a
-    return a, b
 
 
 class Listener:

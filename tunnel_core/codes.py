@@ -25,6 +25,9 @@ class TargetKind(IntEnum):
 
     ROUTE = 1  # relay → agent: a route name from the agent's own config
     CALLED_AE = 2  # agent → relay: the called AE title of a cloud destination of this site
+    # relay → relay (fleet peering): a listener name; the receiving relay routes the A-ASSOCIATE-RQ that
+    # follows within that listener's table, to a site whose tunnel it holds itself (one hop, no further)
+    LISTENER = 3
 
 
 class ErrorCode(IntEnum):

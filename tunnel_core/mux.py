@@ -245,6 +245,11 @@ class Mux:
         return self._conn.recv
 
     @property
+    def connection_unreturned(self) -> int:
+        """Bytes consumed whose credit is not yet returned (it goes back in batches, docs/protocol.md §6.2)."""
+        return self._conn.unreturned
+
+    @property
     def bytes_held(self) -> int:
         """Bytes delivered to the application and not yet acknowledged, over all streams."""
         return self._conn.held

@@ -86,3 +86,12 @@ _RESET_TO_REJECT = {
 def reject_for_reset(code: ErrorCode) -> RejectReason:
     """How a stream refused before the association was accepted is told to the DICOM caller."""
     return _RESET_TO_REJECT.get(code, RejectReason.SITE_OFFLINE)
+
+
+_REJECT_TO_RESET = {reason: code for code, reason in _RESET_TO_REJECT.items()}
+
+
+def reset_for_reject(reason: RejectReason) -> ErrorCode:
+    """The RESET a relay answers a peer relay's stream with, for the reject it decided: the peer turns it
+    back into the same A-ASSOCIATE-RJ (:func:`reject_for_reset`); "no tunnel here" is 2/3/1."""
+    return _REJECT_TO_RESET.get(reason, ErrorCode.DESTINATION_UNREACHABLE)

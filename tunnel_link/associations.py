@@ -277,7 +277,7 @@ async def serve_stream(stream: TunnelStream, *, limits: IngressLimits, choose: C
                        connect_timeout: float, tracker: AssociationTracker, direction: str,
                        site: str = "") -> None:
     """Handle one stream the far side opened: decide, dial the chosen destination, splice."""
-    sniffed = await _sniff_stream(stream, limits, tracker, direction)
+    sniffed = await sniff_stream(stream, limits, tracker, direction)
     if sniffed is None:
         return
     req, rest, consumed = sniffed
@@ -312,8 +312,11 @@ async def serve_stream(stream: TunnelStream, *, limits: IngressLimits, choose: C
         tracker.finish(assoc, outcome)
 
 
-async def _sniff_stream(stream: TunnelStream, limits: IngressLimits, tracker: AssociationTracker,
-                        direction: str) -> tuple[AssociateRequest, bytes, int] | None:
+async def sniff_stream(stream: TunnelStream, limits: IngressLimits, tracker: AssociationTracker,
+                       direction: str) -> tuple[AssociateRequest, bytes, int] | None:
+    """Read the A-ASSOCIATE-RQ off a stream the far side opened, under the ARTIM timer and the size cap:
+    (request, bytes after it, bytes read, all still held), or None once the stream was answered with the
+    RESET its fault calls for."""
     sniffer = AssociateSniffer(limits.max_associate_rq)
     consumed = 0
     try:

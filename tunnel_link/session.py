@@ -273,6 +273,7 @@ class MuxSession:
         self.connected_at = time.time()
         self.close_reason = ""
         self.goaway_code: ErrorCode | None = None  # the code of the peer's GOAWAY, once one arrived
+        self.up = asyncio.Event()  # set once run() serves: streams may be opened from then on
         self.ended = asyncio.Event()  # set when run() has returned (or raised)
         self._drain_callbacks: list[Callable[[], None]] = []
         self._drain_task: asyncio.Task[None] | None = None
@@ -320,6 +321,7 @@ class MuxSession:
     async def _serve(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
+            self.up.set()
             await self.flush()
             helpers = [tasks.create_task(self._timer()), tasks.create_task(self.transport.pump())]
             try:
