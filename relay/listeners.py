@@ -79,7 +79,7 @@ async def route_caller(sites: SiteTable, listener: str, req: AssociateRequest, a
 
 async def _open_here(sites: SiteTable, decision: Accept, req: AssociateRequest) -> TunnelStream | RejectReason:
     site = sites.sites.get(decision.site)
-    session = site.session if site is not None else None
+    session = site.pick(decision.route) if site is not None else None
     if session is None:
         return RejectReason.SITE_OFFLINE
     try:

@@ -61,24 +61,23 @@ class RevocationSweep:
         now = time.time() if now is None else now
         closed = await self._close_removed_wireguard_peers(sync_wireguard)
         ending: list[MuxSession] = []
-        live = {s.serial: s for s in self.sites.live() if not s.session.closing and s.serial is not None}
+        live = {t.serial: (site, t) for site, t in self.sites.live_tunnels()
+                if not t.session.closing and t.serial is not None}
         unavailable: RegistryUnavailable | None = None
         try:
             refused = await self.registry.call(lambda r: r.refused_among(live))
         except RegistryUnavailable as exc:  # expiry is the clock's to judge: it still closes tunnels
             refused, unavailable = {}, exc
-        for serial, site in live.items():
+        for serial, (site, tunnel) in live.items():
             if serial in refused:
                 reason = f"certificate {serial} refused: {refused[serial].value}"
-            elif site.not_after is not None and now >= site.not_after:
+            elif tunnel.not_after is not None and now >= tunnel.not_after:
                 reason = f"certificate {serial} expired"
             else:
                 continue
-            session = site.session
-            assert session is not None
             log.warning("tunnel=%s closing: %s", site.name, reason, extra={"tunnel": site.name, "reason": reason})
-            session.close_nowait(ErrorCode.REVOKED, reason)
-            ending.append(session)
+            tunnel.session.close_nowait(ErrorCode.REVOKED, reason)
+            ending.append(tunnel.session)
             closed.append(site.name)
         if wait and ending:
             await wait_for_events([s.ended for s in ending], 2 * CLOSE_TIMEOUT)
@@ -92,15 +91,15 @@ class RevocationSweep:
         if self.wireguard is None:
             return []
         allowed = {site for site, _key, _address in await self.registry.call(lambda r: r.wg_peers())}
-        closing = [site for site in self.sites.live() if not site.session.closing
-                   and site.transport == "wireguard" and site.name not in allowed]
-        for site in closing:
+        closing = [(site, t) for site, t in self.sites.live_tunnels() if not t.session.closing
+                   and t.transport == "wireguard" and site.name not in allowed]
+        for site, _tunnel in closing:
             log.warning("tunnel=%s closing: WireGuard peer removed", site.name, extra={"tunnel": site.name})
-        await asyncio.gather(*(site.session.close(ErrorCode.REVOKED, "WireGuard peer removed (site revoked)")
-                               for site in closing))
+        await asyncio.gather(*(t.session.close(ErrorCode.REVOKED, "WireGuard peer removed (site revoked)")
+                               for _site, t in closing))
         if sync or closing:
             await self.wireguard.sync()
-        return [site.name for site in closing]
+        return sorted({site.name for site, _tunnel in closing})
 
     async def run(self) -> None:
         outage = False

@@ -1,9 +1,10 @@
 """The relay's site table: every site it knows, the live tunnel of each, and the routing built from the registry.
 
 Theory of operation: a site is known from the config (``[[sites]]``), from the registry's routing rows, or
-because an enrolled agent connected. Each :class:`SiteState` holds at most one live session (a newer
-connection from the same site replaces the older one), what the relay has heard from that site's agent
-(its latest health report; how many reports did not parse) and the cloud destinations the site may reach.
+because an enrolled agent connected. Each :class:`SiteState` holds one live tunnel per agent of the site
+(:class:`AgentTunnel`; a newer connection from the same agent replaces its older one), what the relay has
+heard from each agent (its latest health report; how many reports did not parse) and the cloud
+destinations the site may reach.
 The listener tables (called AE -> site and route, per ``[[listeners]]`` entry) and the destinations are
 rebuilt from the registry's rows by :func:`reload_routing` (one call through the registry's worker thread,
 ``relay.registrygate``), at start-up, after every change through the admin API, and when the revocation
@@ -28,7 +29,7 @@ from tunnel_core.ratelimit import TokenBucket
 from tunnel_core.routing import Destination, IngressRoute
 from tunnel_link.session import MuxSession
 
-__all__ = ["REPORT_LOG_BURST", "SiteState", "SiteTable", "reload_routing"]
+__all__ = ["REPORT_LOG_BURST", "AgentTunnel", "SiteState", "SiteTable", "reload_routing"]
 
 log = logging.getLogger("relay")
 
@@ -36,21 +37,50 @@ REPORT_LOG_BURST = 10  # ignored REPORTs logged one line each before the log is 
 
 
 @dataclass
+class AgentTunnel:
+    """One agent's live tunnel for its site: who it is, where it came from, what it reported."""
+
+    agent: str  # the agent's name (``Tunnel-Agent``; "" for an agent that sends none)
+    session: MuxSession
+    peer: str
+    transport: str  # "websocket", "websocket, inner TLS" or "wireguard"
+    serial: str | None  # the certificate the session stands on (updated by renewal)
+    not_after: float | None
+    report: HealthReport | None = None  # the agent's latest health report on this tunnel
+    report_at: float | None = None
+
+    @property
+    def usable(self) -> bool:
+        return not self.session.draining
+
+    def echo_failing(self, route: str) -> bool:
+        """The agent's last C-ECHO to ``route``'s destination failed (not merely unchecked)."""
+        if self.report is None:
+            return False
+        return any(d.route == route and d.ok is False for d in self.report.destinations)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"agent": self.agent, "peer": self.peer, "transport": self.transport,
+                "connected_since": self.session.connected_at, "active_streams": self.session.active_streams,
+                "draining": self.session.draining, "certificate_serial": self.serial}
+
+
+@dataclass
 class SiteState:
-    """One site: its live session (None while down) and what the relay knows of it."""
+    """One site: its agents' live tunnels (none while down) and what the relay knows of it.
+
+    Several agents of one site are active-active: each holds its own tunnel (a newer connection from the
+    same agent replaces its older one), and :meth:`pick` gives a new association the tunnel with the
+    fewest associations in flight, skipping an agent whose C-ECHO to that route is failing while another's
+    is not. The single-tunnel fields (``session``, ``peer``, ``transport``, ``serial``, ``report``...) read
+    the newest tunnel, for status and logs."""
 
     name: str
     destinations: dict[str, Destination] = field(default_factory=dict)
-    session: MuxSession | None = None
-    peer: str = ""
+    tunnels: dict[str, AgentTunnel] = field(default_factory=dict)  # by agent name, oldest first
     connects: int = 0
     last_disconnect: float | None = None
     last_disconnect_reason: str = ""
-    serial: str | None = None  # the certificate the live session stands on (updated by renewal)
-    not_after: float | None = None
-    report: HealthReport | None = None  # the agent's latest health report
-    report_at: float | None = None
-    transport: str = ""  # "websocket", "websocket, inner TLS" or "wireguard" while connected
     reports_ignored: int = 0  # REPORTs that did not parse, since the relay started
     # One log line per ignored REPORT, up to a burst, then one a minute naming how many went unlogged:
     # an enrolled agent sending garbage cannot flood the relay's log.
@@ -58,18 +88,73 @@ class SiteState:
     reports_unlogged: int = 0
 
     @property
+    def newest(self) -> AgentTunnel | None:
+        return next(reversed(self.tunnels.values()), None)
+
+    @property
+    def session(self) -> MuxSession | None:
+        tunnel = self.newest
+        return tunnel.session if tunnel is not None else None
+
+    @property
+    def peer(self) -> str:
+        tunnel = self.newest
+        return tunnel.peer if tunnel is not None else ""
+
+    @property
+    def transport(self) -> str:
+        tunnel = self.newest
+        return tunnel.transport if tunnel is not None else ""
+
+    @property
+    def serial(self) -> str | None:
+        tunnel = self.newest
+        return tunnel.serial if tunnel is not None else None
+
+    @property
+    def not_after(self) -> float | None:
+        tunnel = self.newest
+        return tunnel.not_after if tunnel is not None else None
+
+    @property
+    def report(self) -> HealthReport | None:
+        latest = self._latest_report()
+        return latest.report if latest is not None else None
+
+    @property
+    def report_at(self) -> float | None:
+        latest = self._latest_report()
+        return latest.report_at if latest is not None else None
+
+    def _latest_report(self) -> AgentTunnel | None:
+        reported = [t for t in self.tunnels.values() if t.report_at is not None]
+        return max(reported, key=lambda t: t.report_at or 0.0) if reported else None
+
+    @property
     def online(self) -> bool:
-        """Connected, and the tunnel takes new streams."""
-        return self.session is not None and not self.session.draining
+        """Connected, and some tunnel takes new streams."""
+        return any(t.usable for t in self.tunnels.values())
+
+    def pick(self, route: str) -> MuxSession | None:
+        """The tunnel a new association on ``route`` takes: the usable one with the fewest streams in
+        flight, among the agents whose C-ECHO to that route is not failing (all usable ones if every
+        agent's is)."""
+        usable = [t for t in self.tunnels.values() if t.usable]
+        healthy = [t for t in usable if not t.echo_failing(route)] or usable
+        if not healthy:
+            return None
+        return min(healthy, key=lambda t: t.session.active_streams).session
 
     def health(self, now: float) -> SiteHealth:
-        return site_condition(connected=self.session is not None, disconnect_reason=self.last_disconnect_reason,
+        return site_condition(connected=bool(self.tunnels), disconnect_reason=self.last_disconnect_reason,
                               report=self.report, report_at=self.report_at, now=now)
 
-    def take_report(self, payload: bytes, now: float, monotonic: float) -> None:
-        """A REPORT from the site's agent: keep it, or count it as ignored (and log it, within a budget)."""
+    def take_report(self, session: MuxSession, payload: bytes, now: float, monotonic: float) -> None:
+        """A REPORT from one of the site's agents: keep it with its tunnel, or count it as ignored (and log
+        it, within a budget)."""
+        tunnel = next((t for t in self.tunnels.values() if t.session is session), None)
         try:
-            self.report = parse_report(payload)
+            report = parse_report(payload)
         except ReportError as exc:
             self.reports_ignored += 1
             if not self.report_log.take(monotonic):
@@ -79,21 +164,22 @@ class SiteState:
             self.reports_unlogged = 0
             log.warning("tunnel=%s ignored a health report: %s%s", self.name, exc, more)
             return
-        self.report_at = now
+        if tunnel is not None:
+            tunnel.report, tunnel.report_at = report, now
 
-    def connected(self, session: MuxSession, identity: Identity, peer: str, transport: str) -> MuxSession | None:
-        """``session`` is the site's tunnel from now on; returns the one it replaces, if any."""
-        previous = self.session
-        self.session, self.peer, self.transport = session, peer, transport
-        self.report = self.report_at = None  # a new tunnel reports afresh
-        self.serial, self.not_after = identity.serial, identity.not_after
+    def connected(self, session: MuxSession, identity: Identity, peer: str, transport: str,
+                  agent: str = "") -> MuxSession | None:
+        """``session`` is ``agent``'s tunnel from now on; returns the one of that agent it replaces, if any."""
+        previous = self.tunnels.pop(agent, None)
+        self.tunnels[agent] = AgentTunnel(agent, session, peer, transport, identity.serial, identity.not_after)
         self.connects += 1
-        return previous
+        return previous.session if previous is not None else None
 
     def disconnected(self, session: MuxSession, now: float) -> None:
-        """``session`` ended (a newer one may have replaced it already)."""
-        if self.session is session:
-            self.session = None
+        """``session`` ended (a newer one of its agent may have replaced it already)."""
+        for agent, tunnel in list(self.tunnels.items()):
+            if tunnel.session is session:
+                del self.tunnels[agent]
         self.last_disconnect = now
         self.last_disconnect_reason = session.close_reason or "closed"
 
@@ -120,7 +206,11 @@ class SiteTable:
 
     def live(self) -> Iterator[SiteState]:
         """The sites with a session (draining or not)."""
-        return (site for site in self.sites.values() if site.session is not None)
+        return (site for site in self.sites.values() if site.tunnels)
+
+    def live_tunnels(self) -> Iterator[tuple[SiteState, AgentTunnel]]:
+        """Every live tunnel of every site (draining or not)."""
+        return ((site, tunnel) for site in self.sites.values() for tunnel in list(site.tunnels.values()))
 
     def has_routes(self, name: str) -> bool:
         site = self.sites.get(name)
@@ -149,14 +239,15 @@ class SiteTable:
     def certificate_renewed(self, identity: Identity, serial: str, not_after: float) -> None:
         """A live tunnel that authenticated with ``identity``'s certificate now stands on the new one."""
         site = self.sites.get(identity.site)
-        if site is not None and site.session is not None and site.serial == identity.serial:
-            site.serial, site.not_after = serial, not_after
+        for tunnel in site.tunnels.values() if site is not None else ():
+            if tunnel.serial == identity.serial:
+                tunnel.serial, tunnel.not_after = serial, not_after
 
     async def close_all(self, reason: str) -> None:
         """Every live tunnel at once (GOAWAY ``GOING_AWAY``), each bounded by the session's close timeout: one
         stalled site cannot hold up the shutdown of the others."""
-        await asyncio.gather(*(site.session.close(ErrorCode.GOING_AWAY, reason)
-                               for site in self.sites.values() if site.session is not None))
+        await asyncio.gather(*(tunnel.session.close(ErrorCode.GOING_AWAY, reason)
+                               for _site, tunnel in self.live_tunnels()))
 
 
 async def reload_routing(table: SiteTable, registry: AsyncRegistry, *, only_if_changed: bool = False) -> bool:

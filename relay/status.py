@@ -62,6 +62,7 @@ class SiteStatus:
     last_disconnect_reason: str
     certificate_serial: str | None
     certificate_not_after: float | None
+    agents: tuple[dict[str, object], ...] = ()  # one per agent tunnel of the site (several agents: active-active)
 
     @classmethod
     def of(cls, site: SiteState, now: float, wireguard: WireGuardPeerStatus | None = None) -> SiteStatus:
@@ -74,10 +75,11 @@ class SiteStatus:
             reports_ignored=site.reports_ignored, connected=session is not None,
             peer=site.peer if session else None, connected_since=session.connected_at if session else None,
             rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
-            active_streams=session.active_streams if session else 0, connects=site.connects,
+            active_streams=sum(t.session.active_streams for t in site.tunnels.values()), connects=site.connects,
             last_disconnect=site.last_disconnect, last_disconnect_reason=site.last_disconnect_reason,
             certificate_serial=site.serial if session else None,
-            certificate_not_after=site.not_after if session else None)
+            certificate_not_after=site.not_after if session else None,
+            agents=tuple(t.as_dict() for t in site.tunnels.values()))
 
     @classmethod
     def never_seen(cls, name: str, now: float) -> SiteStatus:
@@ -105,6 +107,7 @@ class SiteStatus:
             "last_disconnect_reason": self.last_disconnect_reason,
             "certificate_serial": self.certificate_serial,
             "certificate_not_after": self.certificate_not_after,
+            "agents": list(self.agents),
         }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach a cloud destination for a stream the a
 INNER_HANDSHAKE_TIMEOUT = 10.0
 # What an agent is told while its certificate cannot be checked (no token in it: it retries with backoff).
 REGISTRY_DOWN = "registry unavailable, retry later"
+AGENT_HEADER = "Tunnel-Agent"  # the agent's name, telling a site's agents apart (docs/protocol.md §1)
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class PeerAddresses(Protocol):
@@ -82,7 +85,7 @@ class TunnelEndpoints:
                                     headers={REFUSED_HEADER: identity.value})
         self._authenticated(request.transport)
         ws = await accept_websocket(request)
-        await self.serve_session(identity, ws, f"{request.remote}", "websocket")
+        await self.serve_session(identity, ws, f"{request.remote}", "websocket", agent_name(request))
         return ws
 
     async def wireguard_websocket(self, request: web.Request) -> web.StreamResponse:
@@ -92,7 +95,8 @@ class TunnelEndpoints:
             log.warning("refused wireguard tunnel from %s: no peer has that address", request.remote)
             raise web.HTTPForbidden(text="unknown WireGuard peer\n")
         ws = await accept_websocket(request)
-        await self.serve_session(Identity(site, None, None), ws, f"{request.remote} (wireguard)", "wireguard")
+        await self.serve_session(Identity(site, None, None), ws, f"{request.remote} (wireguard)", "wireguard",
+                                 agent_name(request))
         return ws
 
     async def inner_websocket(self, request: web.Request) -> web.StreamResponse:
@@ -120,23 +124,26 @@ class TunnelEndpoints:
                 log.warning("refused inner-TLS tunnel from %s: %s", request.remote, exc)
             return ws
         self._authenticated(request.transport)
-        await self.serve_session(admitted[0], inner, f"{request.remote} (inner TLS)", "websocket, inner TLS")
+        await self.serve_session(admitted[0], inner, f"{request.remote} (inner TLS)", "websocket, inner TLS",
+                                 agent_name(request))
         return ws
 
-    async def serve_session(self, identity: Identity, ws, peer: str, transport: str) -> None:
-        """Serve ``ws`` as ``identity``'s tunnel until it ends; it replaces the site's older tunnel, if any."""
+    async def serve_session(self, identity: Identity, ws, peer: str, transport: str, agent: str = "") -> None:
+        """Serve ``ws`` as ``identity``'s tunnel from ``agent`` until it ends; it replaces that agent's older
+        tunnel, if any (the site's other agents keep theirs)."""
         site = self.sites.site(identity.site)
 
         async def on_stream(stream: TunnelStream) -> None:
             await self._agent_stream(site, stream)
 
         def on_report(payload: bytes) -> None:
-            site.take_report(payload, time.time(), time.monotonic())
+            site.take_report(session, payload, time.time(), time.monotonic())
 
         session = MuxSession(ws, Mux(Role.RELAY, self.limits), heartbeat_interval=self.heartbeat_interval,
                              on_stream=on_stream, label=site.name, on_report=on_report)
-        previous = site.connected(session, identity, peer, transport)
-        log.info("tunnel=%s connected from %s", site.name, peer, extra={"tunnel": site.name, "peer": peer})
+        previous = site.connected(session, identity, peer, transport, agent)
+        log.info("tunnel=%s connected from %s (agent %s)", site.name, peer, agent or "-",
+                 extra={"tunnel": site.name, "peer": peer, "agent": agent})
         if previous is not None:
             # Not awaited: the old connection may be a peer that stopped reading, and the site's new
             # tunnel is served from this moment whatever state the old one is in.
@@ -157,6 +164,13 @@ class TunnelEndpoints:
 
         await serve_stream(stream, limits=IngressLimits(), choose=choose, connect_timeout=CONNECT_TIMEOUT,
                            tracker=self.tracker, direction="site-to-cloud", site=site.name)
+
+
+def agent_name(request: web.Request) -> str:
+    """The agent's name from its ``Tunnel-Agent`` header (which of a site's agents this is), or "" when it
+    sends none or one that is not a name: it then counts as the site's one unnamed agent."""
+    name = request.headers.get(AGENT_HEADER, "")
+    return name if AGENT_NAME.fullmatch(name) else ""
 
 
 async def accept_websocket(request: web.Request) -> web.WebSocketResponse:

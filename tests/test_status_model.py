@@ -30,7 +30,7 @@ from tunnel_runtime.procstats import ProcessStats
 ROOT = Path(__file__).resolve().parent.parent
 SITE_KEYS = ["name", "condition", "reason", "transport", "wireguard", "health", "health_age_s", "reports_ignored",
              "connected", "peer", "connected_since", "rtt_ms", "active_streams", "connects", "last_disconnect",
-             "last_disconnect_reason", "certificate_serial", "certificate_not_after"]
+             "last_disconnect_reason", "certificate_serial", "certificate_not_after", "agents"]
 AGENT_KEYS = ["version", "state", "relay_url", "connected_since", "rtt_ms", "active_streams", "connects",
               "reconnects", "last_error", "next_attempt", "certificate_not_after", "renewals", "renewal_error",
               "routes", "listener", "associations", "outcomes", "process", "health", "spool", "transport",
@@ -64,7 +64,7 @@ def test_a_down_site_is_shown_as_docs_api_md_says():
                    "wireguard": None, "health": None, "health_age_s": None, "reports_ignored": 0, "connected": False,
                    "peer": None, "connected_since": None, "rtt_ms": None, "active_streams": 0, "connects": 2,
                    "last_disconnect": 50.0, "last_disconnect_reason": "peer silent", "certificate_serial": None,
-                   "certificate_not_after": None}
+                   "certificate_not_after": None, "agents": []}
     assert SiteStatus.never_seen("hospital-c", 60.0).as_dict()["reason"] == "never connected"
 
 
@@ -73,14 +73,16 @@ def test_every_site_field_lands_under_its_own_key():
     status = SiteStatus(name="a", condition=Condition.UP, reason="ok", transport="websocket", wireguard=wg,
                         health=REPORT, health_age_s=3.2, reports_ignored=4, connected=True, peer="203.0.113.7",
                         connected_since=11.0, rtt_ms=1.9, active_streams=5, connects=6, last_disconnect=7.0,
-                        last_disconnect_reason="closed", certificate_serial="4ea7", certificate_not_after=8.0)
+                        last_disconnect_reason="closed", certificate_serial="4ea7", certificate_not_after=8.0,
+                        agents=({"agent": "gw-1"},))
     row = status.as_dict()
     assert list(row) == SITE_KEYS
     assert row["wireguard"] == {"latest_handshake_age_s": 12.0, "rx_bytes": 10, "tx_bytes": 20,
                                 "endpoint": "198.51.100.7:40211"}
     assert row["health"] == REPORT.as_dict()
     assert [row[k] for k in SITE_KEYS if k not in ("wireguard", "health")] == [
-        "a", "up", "ok", "websocket", 3.2, 4, True, "203.0.113.7", 11.0, 1.9, 5, 6, 7.0, "closed", "4ea7", 8.0]
+        "a", "up", "ok", "websocket", 3.2, 4, True, "203.0.113.7", 11.0, 1.9, 5, 6, 7.0, "closed", "4ea7", 8.0,
+        [{"agent": "gw-1"}]]
     relay = RelayStatus(started=1.0, sites=(status,), associations=(), outcomes={"completed": 3},
                         process=ProcessStats(rss=100, fds=9, tasks=6))
     assert relay.as_dict() == {"started": 1.0, "sites": [row], "associations": [], "outcomes": {"completed": 3},
