@@ -26,7 +26,8 @@ def make_fleet(root: Path, server: PostgresServer, names: Sequence[str], *,
                fleet: Sequence[str] = (), peers: bool = True,
                procs: ProcessTracker | None = None) -> dict[str, RelayHandle]:
     """Relays named ``names`` (fleet names ``relay-<name>``, zones ``zone-<name>``) under ``root``; with
-    ``peers`` each announces its tunnel port as its ``[fleet] address``. ``fleet``: more ``[fleet]`` lines."""
+    ``peers`` each announces its tunnel port as its ``[fleet] address`` and its own tunnel URL as its
+    ``tunnel_url`` (agents then learn the fleet). ``fleet``: more ``[fleet]`` lines."""
     secret = root / "registry-password"
     root.mkdir(parents=True, exist_ok=True)
     secret.write_text(server.password + "\n")
@@ -37,9 +38,9 @@ def make_fleet(root: Path, server: PostgresServer, names: Sequence[str], *,
         lines = ["[fleet]", f'name = "relay-{name}"', f'zone = "zone-{name}"', *fleet]
         relay = make_relay(root / f"relay-{name}", listener_routes=listener_routes, sites=sites, heartbeat=heartbeat,
                            extra=extra, sections=lines, procs=procs)
-        if peers:
+        if peers:  # appended to the [fleet] table, the file's last
             with relay.config.open("a") as config:
-                config.write(f'address = "{relay.host}:{relay.tunnel_port}"\n')
+                config.write(f'address = "{relay.host}:{relay.tunnel_port}"\ntunnel_url = "{relay.url}"\n')
         relays[name] = relay
     first = next(iter(relays.values()))
     for relay in relays.values():

@@ -200,6 +200,12 @@ class FleetConfig(StrictModel):
     # holds ("host:port", any address: the peers check the fleet's shared relay.crt, by its first name).
     # Empty: it takes no hops (it still carries its own callers to relays that do).
     address: Annotated[str, Field(pattern=r"^(|[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5})$")] = ""
+    # The URL agents dial to reach this relay itself, not the balancer in front of the fleet
+    # ("wss://relay-1.example.org:8443/tunnel"). Each relay lists the fleet's on every tunnel upgrade
+    # (Tunnel-Fleet, docs/protocol.md §1.3), so an agent keeps tunnels to [fleet] tunnels of them.
+    # Agents check the relay's certificate against the name they enrolled with: list relays that
+    # share the fleet's relay.crt. Empty: agents are not told of this relay.
+    tunnel_url: Annotated[str, Field(pattern=r"^(|wss://[\x21-\x7e]{1,500})$")] = ""
 
 
 def _hostname() -> str:

@@ -42,30 +42,33 @@ class RelayRecord:
     lease_until: float
     sites: int  # sites whose tunnel it holds (0 when gone)
     address: str = ""
+    tunnel_url: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "zone": self.zone, "state": self.state, "address": self.address,
-                "started_at": self.started_at, "lease_until": self.lease_until, "sites": self.sites}
+                "tunnel_url": self.tunnel_url, "started_at": self.started_at, "lease_until": self.lease_until,
+                "sites": self.sites}
 
 
 class FleetRows(Store):
     """Relays and presence (part of ``relay.registry.Registry``)."""
 
     def announce(self, relay: str, zone: str, state: str, sites: Iterable[str], now: float, lease: float,
-                 address: str = "") -> None:
+                 address: str = "", tunnel_url: str = "") -> None:
         """This relay is ``state`` and holds the tunnels of exactly ``sites``, until ``now + lease``; peers
-        reach it at ``address``."""
+        reach it at ``address``, agents at ``tunnel_url``."""
         if state not in RELAY_STATES[:2]:
             raise ValueError(f"a relay announces itself serving or draining, not {state!r}")
         held, until = set(sites), now + lease
         with self._tx(change=False):
             self._db.execute(
-                "INSERT INTO relays(name, zone, state, started_at, lease_until, address) VALUES (?,?,?,?,?,?) "
-                "ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, state = excluded.state, "
-                "lease_until = excluded.lease_until, address = excluded.address, started_at = CASE "
+                "INSERT INTO relays(name, zone, state, started_at, lease_until, address, tunnel_url) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, "
+                "state = excluded.state, lease_until = excluded.lease_until, address = excluded.address, "
+                "tunnel_url = excluded.tunnel_url, started_at = CASE "
                 "WHEN relays.state = 'gone' OR relays.lease_until < ? THEN excluded.started_at "
                 "ELSE relays.started_at END",
-                (relay, zone, state, now, until, address, now))
+                (relay, zone, state, now, until, address, tunnel_url, now))
             listed = {row[0] for row in self._db.execute("SELECT site FROM presence WHERE relay = ?", (relay,))}
             for site in listed - held:
                 self._db.execute("DELETE FROM presence WHERE relay = ? AND site = ?", (relay, site))
@@ -83,11 +86,11 @@ class FleetRows(Store):
     def fleet(self, now: float) -> list[RelayRecord]:
         rows = self._db.execute(
             "SELECT r.name, r.zone, r.state, r.started_at, r.lease_until, "
-            "(SELECT COUNT(*) FROM presence p WHERE p.relay = r.name AND p.lease_until > ?), r.address "
-            "FROM relays r ORDER BY r.name", (now,)).fetchall()
+            "(SELECT COUNT(*) FROM presence p WHERE p.relay = r.name AND p.lease_until > ?), r.address, "
+            "r.tunnel_url FROM relays r ORDER BY r.name", (now,)).fetchall()
         return [RelayRecord(name, zone, "gone" if until <= now else state, started, until,
-                            0 if until <= now else count, address)
-                for name, zone, state, started, until, count, address in rows]
+                            0 if until <= now else count, address, tunnel_url)
+                for name, zone, state, started, until, count, address, tunnel_url in rows]
 
     def presence(self, now: float) -> dict[str, list[str]]:
         """Site -> the relays whose lease on its tunnel is live, by name."""

@@ -28,7 +28,7 @@ import asyncio
 import datetime as dt
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +36,11 @@ import aiohttp
 from aiohttp import web
 
 from relay import pki
-from relay.fleetrows import Holder
+from relay.fleetrows import Holder, RelayRecord
 from relay.sites import SiteTable
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest, RejectReason
+from tunnel_core.discovery import DRAINING, MAX_ENTRIES, SERVING, DiscoveryError, FleetEntry, encode_fleet
 from tunnel_core.frames import OpenPayload
 from tunnel_core.limits import MuxLimits
 from tunnel_core.mux import ConnectionDraining, Mux, Role, StreamLimitReached
@@ -64,15 +65,40 @@ RouteHere = Callable[[str, AssociateRequest, Association], Awaitable[TunnelStrea
 
 
 class FleetView:
-    """Which *other* relays hold which sites' tunnels and take hops, as the registry said last."""
+    """Which *other* relays hold which sites' tunnels and take hops, and which relays agents may dial, as
+    the registry said last. ``me`` is this relay's own entry for agents (None: it gives agents no list)."""
 
-    def __init__(self, me: str) -> None:
+    def __init__(self, name: str, me: FleetEntry | None = None) -> None:
+        self.name = name
         self.me = me
         self._holders: dict[str, list[Holder]] = {}
+        self._dialable: list[FleetEntry] = []
+        self._header: str | None = None
+        self.draining = False
 
-    def update(self, holders: dict[str, list[Holder]]) -> None:
+    def update(self, holders: dict[str, list[Holder]], relays: Iterable[RelayRecord] = ()) -> None:
         self._holders = {site: peers for site, relays in holders.items()
-                         if (peers := [h for h in relays if h.relay != self.me and h.address])}
+                         if (peers := [h for h in relays if h.relay != self.name and h.address])}
+        self._dialable = [FleetEntry(r.name, r.zone, r.tunnel_url, r.state) for r in relays
+                          if r.name != self.name and r.tunnel_url and r.state in (SERVING, DRAINING)]
+        self._header = None
+
+    def fleet_header(self) -> str | None:
+        """``Tunnel-Fleet`` for an agent's upgrade: this relay first, then the others agents may dial
+        (docs/protocol.md §1.3); None when this relay has no ``[fleet] tunnel_url``."""
+        if self.me is None:
+            return None
+        if self._header is None:
+            me = FleetEntry(self.me.name, self.me.zone, self.me.url, DRAINING if self.draining else SERVING)
+            try:
+                self._header = encode_fleet([me, *self._dialable[:MAX_ENTRIES - 1]])
+            except DiscoveryError as exc:  # too long a list: this relay alone still tells the agent who it is
+                log.warning("fleet list for agents cut to this relay: %s", exc)
+                self._header = encode_fleet([me])
+        return self._header
+
+    def set_draining(self) -> None:
+        self.draining, self._header = True, None
 
     def sites(self) -> set[str]:
         return set(self._holders)

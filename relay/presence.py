@@ -42,13 +42,15 @@ class PresenceKeeper:
     ``await run()`` until cancelled, then ``await leave()``."""
 
     def __init__(self, registry: AsyncRegistry, sites: SiteTable, *, name: str, zone: str, lease: float,
-                 address: str = "", view: FleetView | None = None, clock: Callable[[], float] = time.time) -> None:
+                 address: str = "", tunnel_url: str = "", view: FleetView | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
         self.sites = sites
         self.name = name
         self.zone = zone
         self.lease = lease
         self.address = address
+        self.tunnel_url = tunnel_url
         self.view = view
         self._read_started_at = float("-inf")  # when the last read of the others' presence began
         self._reading: asyncio.Task[None] | None = None
@@ -92,12 +94,13 @@ class PresenceKeeper:
         await asyncio.sleep(delay)
         started = self.clock()
         try:
-            holders = await self.registry.call(lambda r: r.holders(started), timeout=READ_TIMEOUT)
+            holders, relays = await self.registry.call(lambda r: (r.holders(started), r.fleet(started)),
+                                                       timeout=READ_TIMEOUT)
         except RegistryError:
             await asyncio.sleep(LOOK_AGAIN)  # said by the announcement or the gateway; the view keeps what it had
             return
         assert self.view is not None
-        self.view.update(holders)
+        self.view.update(holders, relays)
         self._read_started_at = max(self._read_started_at, started)
 
     async def tick(self) -> bool:
@@ -109,7 +112,7 @@ class PresenceKeeper:
         state, held = current
         try:
             await self.registry.call(lambda r: r.announce(self.name, self.zone, state, held, now, self.lease,
-                                                                self.address))
+                                                                self.address, self.tunnel_url))
         except RegistryError as exc:
             if not self._failing:
                 log.error("fleet presence not written (other relays will see this one's lease run out): %s", exc)

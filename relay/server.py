@@ -43,7 +43,9 @@ from relay.sites import SiteState, SiteTable, reload_routing
 from relay.status import StatusSource
 from relay.tunnel import TunnelEndpoints, accept_websocket
 from relay.wgtransport import RelayWireGuard
+from tunnel_core.codes import ErrorCode
 from tunnel_core.dicom import AssociateRequest, RejectReason
+from tunnel_core.discovery import SERVING, FleetEntry
 from tunnel_core.health import Readiness, relay_readiness
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import Association, AssociationTracker
@@ -85,8 +87,10 @@ class Relay:
         self._hurry = asyncio.Event()  # a second stop request: end the drain now
         self._listeners: list[PipeServer] = []
         self._presence: PresenceKeeper | None = None
-        self.fleet_view = FleetView(settings.fleet.name)
+        f = settings.fleet
+        self.fleet_view = FleetView(f.name, FleetEntry(f.name, f.zone, f.tunnel_url, SERVING) if f.tunnel_url else None)
         self._peer_endpoint: PeerEndpoint | None = None
+        self._endpoints: TunnelEndpoints | None = None
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
@@ -110,11 +114,18 @@ class Relay:
         if running.status.draining:
             return
         running.status.draining = True
+        self.fleet_view.set_draining()
         if self._presence is not None:
             self._presence.state = "draining"
             await self._presence.tick()
         for server in self._listeners:
             server.stop_accepting()
+        # Agents move first (make-before-break): each opens a tunnel elsewhere, and this one closes once
+        # its associations have finished.
+        if self._endpoints is not None:
+            self._endpoints.draining = True
+        for _site, tunnel in self.table.live_tunnels():
+            tunnel.session.go_away(ErrorCode.GOING_AWAY, "relay draining")
         deadline = self.settings.fleet.drain_deadline
         log.info("relay draining: %d cloud associations in flight, %.0f s for them to finish",
                  self._in_flight(), deadline)
@@ -155,11 +166,11 @@ class Relay:
             RevocationSweep(self.table, registry, wireguard), wireguard)
         admission = Admission(registry)
         # Its own context: the inner handshake runs in memory BIOs, apart from the listener's.
-        endpoints = TunnelEndpoints(
+        endpoints = self._endpoints = TunnelEndpoints(
             self.table, admission, self.tracker, limits=s.mux.to_limits(),
             heartbeat_interval=s.tunnel.heartbeat_interval,
             inner_context=server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path),
-            authenticated=self._authenticated, wireguard=wireguard)
+            authenticated=self._authenticated, wireguard=wireguard, fleet_header=self.fleet_view.fleet_header)
         peers = self._peer_endpoint = PeerEndpoint(
             self.table, self.tracker, self._route_here, limits=s.mux.to_limits(),
             heartbeat_interval=s.tunnel.heartbeat_interval, authenticated=self._authenticated,
@@ -176,7 +187,7 @@ class Relay:
             self.bound["wireguard"] = await wireguard.start(stack, wg_app)
         presence = self._presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone,
                                                    lease=s.fleet.lease, address=s.fleet.address,
-                                                   view=self.fleet_view)
+                                                   tunnel_url=s.fleet.tunnel_url, view=self.fleet_view)
         # Callers for sites whose tunnels another relay holds are carried there, one hop.
         hops = PeerLinks(self.fleet_view, state_dir=s.state_dir, ca_path=s.tunnel_ca_path, name=s.fleet.name,
                          limits=s.mux.to_limits(), heartbeat_interval=s.tunnel.heartbeat_interval,

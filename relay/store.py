@@ -112,9 +112,11 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX presence_relay ON presence(relay);
     """,
-    # 5: where the other relays reach each relay for a hop (its [fleet] address; empty: it takes none).
+    # 5: where the other relays reach each relay for a hop (its [fleet] address; empty: it takes none), and
+    # the URL agents dial to reach it directly (its [fleet] tunnel_url; empty: agents are not told of it).
     """
     ALTER TABLE relays ADD COLUMN address {TEXT} NOT NULL DEFAULT '';
+    ALTER TABLE relays ADD COLUMN tunnel_url {TEXT} NOT NULL DEFAULT '';
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from relay.identity import Admission, Identity, RegistryDown
 from relay.sites import SiteState, SiteTable
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.dicom import AssociateRequest
+from tunnel_core.discovery import AGENT_HEADER, AGENT_NAME, FLEET_HEADER
 from tunnel_core.limits import MuxLimits
 from tunnel_core.mux import Mux, Role
 from tunnel_core.refusal import REFUSED_HEADER, close_message
@@ -46,8 +46,7 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach a cloud destination for a stream the a
 INNER_HANDSHAKE_TIMEOUT = 10.0
 # What an agent is told while its certificate cannot be checked (no token in it: it retries with backoff).
 REGISTRY_DOWN = "registry unavailable, retry later"
-AGENT_HEADER = "Tunnel-Agent"  # the agent's name, telling a site's agents apart (docs/protocol.md §1)
-AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
 
 
 class PeerAddresses(Protocol):
@@ -66,7 +65,8 @@ class TunnelEndpoints:
     def __init__(self, sites: SiteTable, admission: Admission, tracker: AssociationTracker, *, limits: MuxLimits,
                  heartbeat_interval: float, inner_context: ssl.SSLContext,
                  authenticated: Callable[[asyncio.BaseTransport | None], None],
-                 wireguard: PeerAddresses | None = None) -> None:
+                 wireguard: PeerAddresses | None = None,
+                 fleet_header: Callable[[], str | None] = lambda: None) -> None:
         self.sites = sites
         self.admission = admission
         self.tracker = tracker
@@ -75,6 +75,8 @@ class TunnelEndpoints:
         self._inner_context = inner_context
         self._authenticated = authenticated
         self._wireguard = wireguard
+        self._fleet_header = fleet_header
+        self.draining = False  # the relay drains: a tunnel accepted now is told to go elsewhere at once
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         identity = await self.admission.admit_request(request)
@@ -84,7 +86,7 @@ class TunnelEndpoints:
             raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n",
                                     headers={REFUSED_HEADER: identity.value})
         self._authenticated(request.transport)
-        ws = await accept_websocket(request)
+        ws = await accept_websocket(request, self._fleet_header())
         await self.serve_session(identity, ws, f"{request.remote}", "websocket", agent_name(request))
         return ws
 
@@ -94,7 +96,7 @@ class TunnelEndpoints:
         if site is None:
             log.warning("refused wireguard tunnel from %s: no peer has that address", request.remote)
             raise web.HTTPForbidden(text="unknown WireGuard peer\n")
-        ws = await accept_websocket(request)
+        ws = await accept_websocket(request, self._fleet_header())
         await self.serve_session(Identity(site, None, None), ws, f"{request.remote} (wireguard)", "wireguard",
                                  agent_name(request))
         return ws
@@ -144,6 +146,8 @@ class TunnelEndpoints:
         previous = site.connected(session, identity, peer, transport, agent)
         log.info("tunnel=%s connected from %s (agent %s)", site.name, peer, agent or "-",
                  extra={"tunnel": site.name, "peer": peer, "agent": agent})
+        if self.draining:
+            session.go_away(ErrorCode.GOING_AWAY, "relay draining")
         if previous is not None:
             # Not awaited: the old connection may be a peer that stopped reading, and the site's new
             # tunnel is served from this moment whatever state the old one is in.
@@ -173,9 +177,12 @@ def agent_name(request: web.Request) -> str:
     return name if AGENT_NAME.fullmatch(name) else ""
 
 
-async def accept_websocket(request: web.Request) -> web.WebSocketResponse:
-    """Upgrade to the tunnel's WebSocket: no compression, the mux's message bound, pings answered."""
+async def accept_websocket(request: web.Request, fleet: str | None = None) -> web.WebSocketResponse:
+    """Upgrade to the tunnel's WebSocket: no compression, the mux's message bound, pings answered; with
+    ``fleet``, the 101 carries it as ``Tunnel-Fleet`` (the relays an agent may dial, docs/protocol.md §1.3)."""
     tune(request.transport)
     ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True, protocols=SUBPROTOCOLS)
+    if fleet is not None:
+        ws.headers[FLEET_HEADER] = fleet
     await ws.prepare(request)
     return ws

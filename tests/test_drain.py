@@ -84,11 +84,15 @@ def _admin(relay, path: str):
 
 
 def test_sigterm_drains_an_association_in_flight_then_exits(procs, tmp_path, slow_pacs):
-    relay, _agent = _site(procs, tmp_path, slow_pacs, drain_deadline=20.0)
+    relay, agent = _site(procs, tmp_path, slow_pacs, drain_deadline=20.0)
     results: list = []
     thread = _slow_echo(relay, results)
     relay.proc.kill(signal.SIGTERM)
     wait_until(lambda: _admin(relay, "/readyz")[0] == 503, 2, message="readiness to fail first")
+    # The agent is told to move at once (GOAWAY GOING_AWAY), while its association here carries on.
+    wait_until(lambda: "peer is going away (GOING_AWAY)" in agent.proc.log_text(), 2,
+               message="the agent to hear the relay going away")
+    assert not results
     assert "draining" in _admin(relay, "/readyz")[1]
     fleet = {r["name"]: r["state"] for r in _admin(relay, "/api/fleet")[1]["relays"]}
     assert fleet == {"relay-1": "draining"}

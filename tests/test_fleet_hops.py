@@ -6,8 +6,10 @@ pass for a relay's, nor a relay's for a site's. Real relays on a real PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
+import time
 import urllib.request
 
 import aiohttp
@@ -20,7 +22,9 @@ from tests.support.ports import free_port
 from tests.support.procs import wait_until
 from tests.support.rawdicom import request_reject
 from tests.support.stack import AgentRoute, ListenerRoute, enroll_agent, make_agent, start_agent, start_relay
+from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, parse_fleet
 from tunnel_link.tls import client_context
+from tunnel_link.transport import SUBPROTOCOLS
 
 SITE = "st-marys"
 
@@ -78,6 +82,26 @@ def test_with_no_tunnel_anywhere_the_caller_hears_2_3_1_at_once(procs, fleet):
     for relay in (relay_a, relay_b):
         reject, elapsed = request_reject(relay.dicom_port, "SM_PACS", "CLOUDAI")
         assert reject == (2, 3, 1) and elapsed < 1.0
+
+
+async def test_the_tunnel_upgrade_tells_the_agent_the_fleet_answering_relay_first(procs, fleet):
+    relay_a, relay_b, agent, _received = fleet
+    state = agent.root / "state"
+    context = client_context(state / "agent.crt", state / "agent.key", relay_a.state_dir / pki.CA_CERT)
+    wait_until(lambda: {r["name"]: r["tunnel_url"] for r in relay_a.admin("GET", "/api/fleet")["relays"]}
+               == {"relay-a": relay_a.url, "relay-b": relay_b.url}, 10.0, message="both relays announced")
+    async with aiohttp.ClientSession() as http:
+        for relay, other in ((relay_a, relay_b), (relay_b, relay_a)):
+            deadline = time.monotonic() + 5.0
+            while True:  # the answering relay reads the fleet once a second
+                async with http.ws_connect(relay.url, ssl=context, headers={AGENT_HEADER: "probe"},
+                                           protocols=SUBPROTOCOLS) as ws:
+                    listed = parse_fleet(ws._response.headers[FLEET_HEADER])
+                if len(listed) == 2 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert [(e.url, e.state) for e in listed] == [(relay.url, "serving"), (other.url, "serving")]
+            assert listed[0].zone != listed[1].zone
 
 
 async def _upgrade(url: str, context: ssl.SSLContext) -> int:

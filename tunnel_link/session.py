@@ -408,6 +408,17 @@ class MuxSession:
         self.mux.send_report(payload)
         self._write_now()
 
+    def go_away(self, code: ErrorCode = ErrorCode.GOING_AWAY, reason: str = "going away") -> None:
+        """Tell the peer to open no more streams here (GOAWAY ``code``) and close once the streams in
+        flight have finished; they carry on meanwhile. A drain's first word to each agent."""
+        if self._closing or self.mux.goaway_sent:
+            return
+        self.close_reason = self.close_reason or reason
+        self.mux.go_away(code)
+        self._write_now()
+        self._close_when_idle = True
+        self._close_if_idle()
+
     def close_nowait(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
         """Start closing and return at once: GOAWAY is written if the send buffer has room, then the
         transport is closed within ``CLOSE_TIMEOUT`` or aborted; ``run()`` returns soon after.
