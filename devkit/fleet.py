@@ -23,11 +23,11 @@ SHARED_PKI = ("ca.crt", "ca.key", "relay.crt", "relay.key")  # what the relays o
 
 def make_fleet(root: Path, server: PostgresServer, names: Sequence[str], *,
                listener_routes: Sequence[ListenerRoute], sites: dict[str, list[SiteDest]], heartbeat: float = 1.0,
-               fleet: Sequence[str] = (), peers: bool = True,
+               fleet: Sequence[str] = (), tunnel: Sequence[str] = (), peers: bool = True,
                procs: ProcessTracker | None = None) -> dict[str, RelayHandle]:
     """Relays named ``names`` (fleet names ``relay-<name>``, zones ``zone-<name>``) under ``root``; with
     ``peers`` each announces its tunnel port as its ``[fleet] address`` and its own tunnel URL as its
-    ``tunnel_url`` (agents then learn the fleet). ``fleet``: more ``[fleet]`` lines."""
+    ``tunnel_url`` (agents then learn the fleet). ``fleet``, ``tunnel``: more ``[fleet]``, ``[tunnel]`` lines."""
     secret = root / "registry-password"
     root.mkdir(parents=True, exist_ok=True)
     secret.write_text(server.password + "\n")
@@ -37,7 +37,7 @@ def make_fleet(root: Path, server: PostgresServer, names: Sequence[str], *,
     for name in names:
         lines = ["[fleet]", f'name = "relay-{name}"', f'zone = "zone-{name}"', *fleet]
         relay = make_relay(root / f"relay-{name}", listener_routes=listener_routes, sites=sites, heartbeat=heartbeat,
-                           extra=extra, sections=lines, procs=procs)
+                           extra=extra, sections=lines, tunnel=tunnel, procs=procs)
         if peers:  # appended to the [fleet] table, the file's last
             with relay.config.open("a") as config:
                 config.write(f'address = "{relay.host}:{relay.tunnel_port}"\ntunnel_url = "{relay.url}"\n')

@@ -29,7 +29,7 @@ __all__ = ["REFRESH", "TICK", "PresenceKeeper"]
 
 log = logging.getLogger("relay")
 
-TICK = 0.5  # seconds between looks at the site table
+TICK = 0.1  # seconds between looks at the site table (memory only; a write only when it changed)
 REFRESH = 1.0  # seconds between reads of the other relays' presence
 LOOK_AGAIN = 0.25  # seconds between the reads callers for a site not seen anywhere ask for
 LOOK_AGAIN_TIMEOUT = 1.0  # seconds such a caller waits for that read at most

@@ -3,10 +3,11 @@ Specification's JSON schema, its relay.toml through the relay's own loader, and 
 Debian's haproxy as a plain process on 127.0.0.1 (only its addresses and ports substituted) in front of two
 real relays sharing a real PostgreSQL, an agent enrolled and connected through it, and a storescp PACS.
 
-What a fleet does today, and so what is asserted: a site's tunnel lives on one relay, and a DICOM caller that
-haproxy sends to the other relay is refused (cross-relay routing is not built yet). So: stopping the relay
-that holds the tunnel (by PID) makes haproxy's health check take it out, the agent's reconnect through
-haproxy lands on the surviving relay, and from then on every C-ECHO through haproxy reaches the PACS.
+What is asserted: a site's tunnel lives on one relay, and a DICOM caller that haproxy sends to the other
+relay is carried there one hop, so every C-ECHO through haproxy reaches the PACS whichever relay takes it.
+Stopping the relay that holds the tunnel (by PID) makes haproxy's health check take it out, the agent's
+reconnect through haproxy lands on the surviving relay, and from then on every C-ECHO through haproxy
+still reaches the PACS.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
-from relay import pki
+from devkit.fleet import make_fleet
 from relay.config import load_relay_settings
 from relay.guard import host_allowed
 from tests.support import missing_prerequisite
@@ -35,14 +36,12 @@ from tests.support.stack import (
     RelayHandle,
     enroll_agent,
     make_agent,
-    make_relay,
     start_agent,
     start_relay,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose"
-SHARED_STATE = (pki.CA_CERT, pki.CA_KEY, pki.RELAY_CERT, pki.RELAY_KEY)  # one CA for the fleet
 SITE = "st-marys"
 SERVER_LINE = re.compile(r"^(\s*server (relay-\d) )relay-\d:(\d+) check port 8081$", re.M)
 FAILOVER_TIMEOUT = 30.0
@@ -134,20 +133,13 @@ def local_haproxy_cfg(tunnel_port: int, dicom_port: int, relays: dict[str, Relay
 @pytest.fixture
 def fleet_behind_haproxy(procs, postgres, tmp_path):
     """relay-1 and relay-2 on one registry and one CA, haproxy in front, a PACS; the agent not enrolled."""
-    password = tmp_path / "registry-password"
-    password.write_text(postgres.password + "\n")
-    password.chmod(0o600)
     tunnel_port, dicom_port = free_ports(2)
-    extra = [f'registry_url = "{postgres.url}"', f'registry_password_file = "{password}"']
     public = [f'public_url = "wss://127.0.0.1:{tunnel_port}/tunnel"']  # tokens send agents to haproxy
     pacs = free_port()
     start_storescp(procs, pacs, "PACS", tmp_path / "pacs")
-    relays = {name: make_relay(tmp_path / name, listener_routes=[ListenerRoute("SM_PACS", SITE, "pacs")],
-                               sites={SITE: []}, heartbeat=1.0, extra=extra, tunnel=public,
-                               sections=["[fleet]", f'name = "{name}"'])
-              for name in ("relay-1", "relay-2")}
-    for file in SHARED_STATE:
-        shutil.copy2(relays["relay-1"].state_dir / file, relays["relay-2"].state_dir / file)
+    relays = {f"relay-{name}": relay for name, relay in make_fleet(
+        tmp_path / "fleet", postgres, ("1", "2"), listener_routes=[ListenerRoute("SM_PACS", SITE, "pacs")],
+        sites={SITE: []}, tunnel=public).items()}
     for name, relay in relays.items():
         start_relay(procs, relay, name=name)
     cfg = tmp_path / "haproxy.cfg"
@@ -168,6 +160,12 @@ def test_haproxy_takes_a_stopped_relay_out_and_the_agent_reconnects_to_the_other
                         message="a relay to hold the site's tunnel", watch=[haproxy, agent.proc])
     survivor = next(n for n in relays if n != holder)
     assert echoscu("127.0.0.1", relays[holder].dicom_port, "SM_PACS", "CLOUDAI").ok  # the path, without haproxy
+    wait_until(lambda: relays[survivor].admin("GET", "/api/fleet")["presence"].get(SITE) == [holder], 5,
+               message="the survivor to see which relay holds the tunnel")
+    assert echoscu("127.0.0.1", relays[survivor].dicom_port, "SM_PACS", "CLOUDAI").ok  # one hop to the holder
+    for _ in range(4):  # haproxy spreads callers over both relays: each reaches the PACS
+        result = echoscu("127.0.0.1", dicom_port, "SM_PACS", "CLOUDAI")
+        assert result.ok, result
 
     procs.stop(relays[holder].proc)
     for backend in ("relays-tunnel", "relays-dicom"):
