@@ -147,14 +147,25 @@ class PeerLinks:
             await self._look_again()
 
     async def carry(self, site: str, listener: str, req: AssociateRequest) -> TunnelStream | None:
-        """A stream for ``listener`` to the first relay holding ``site``'s tunnel that can be reached (serving
-        ones first); None if none can."""
-        for holder in self.view.holders_of(site):
-            try:
-                session = await self._session(holder)
-                return await session.open_stream(OpenPayload(TargetKind.LISTENER, listener, req.calling_ae))
-            except (LinkError, ConnectionDraining, StreamLimitReached) as exc:
-                log.warning("relay %s (%s) cannot take a hop now: %s", holder.relay, holder.address, exc)
+        """A stream for ``listener`` to the first relay holding ``site``'s tunnel that can take it (serving
+        ones first, never one whose connection here says it is draining); if none can, the fleet's
+        presence is read again and the relays not yet tried are. None if still none can."""
+        tried: set[str] = set()
+        for attempt in range(2):
+            if attempt:
+                await self.look_again()
+            for holder in self.view.holders_of(site):
+                if holder.relay in tried:
+                    continue
+                tried.add(holder.relay)
+                link = self._links.get(holder.relay)
+                if link is not None and link.address == holder.address and link.session.draining:
+                    continue  # it drains: its tunnels take no new association either
+                try:
+                    session = await self._session(holder)
+                    return await session.open_stream(OpenPayload(TargetKind.LISTENER, listener, req.calling_ae))
+                except (LinkError, ConnectionDraining, StreamLimitReached) as exc:
+                    log.warning("relay %s (%s) cannot take a hop now: %s", holder.relay, holder.address, exc)
         return None
 
     async def _session(self, holder: Holder) -> MuxSession:
@@ -268,6 +279,7 @@ class PeerEndpoint:
         self._authenticated = authenticated
         self._accept = accept
         self.active = 0  # associations carried here by peers, in flight
+        self.draining = False  # the relay drains: peers are told to carry no new association here
         self.peers: dict[str, int] = {}  # peer relay -> its connections here
         self._sessions: set[MuxSession] = set()
 
@@ -287,6 +299,8 @@ class PeerEndpoint:
                              on_stream=self._hop, label=f"peer:{peer}")
         self.peers[peer] = self.peers.get(peer, 0) + 1
         self._sessions.add(session)
+        if self.draining:
+            session.go_away(ErrorCode.GOING_AWAY, "relay draining", close_when_idle=False)
         log.info("peer relay %s connected from %s", peer, request.remote)
         try:
             await session.run()
@@ -297,6 +311,12 @@ class PeerEndpoint:
                 del self.peers[peer]
             log.info("peer relay %s disconnected: %s", peer, session.close_reason or "closed")
         return ws
+
+    def go_away_all(self) -> None:
+        """The relay drains: every peer hears GOAWAY (it carries nothing new here; what it carries finishes)."""
+        self.draining = True
+        for session in list(self._sessions):  # kept up, so the peer goes on knowing this relay drains
+            session.go_away(ErrorCode.GOING_AWAY, "relay draining", close_when_idle=False)
 
     def close_all(self, reason: str) -> None:
         """GOAWAY on every peer's connection (the relay stops); their associations here end with it."""

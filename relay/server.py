@@ -124,6 +124,8 @@ class Relay:
         # its associations have finished.
         if self._endpoints is not None:
             self._endpoints.draining = True
+        if self._peer_endpoint is not None:
+            self._peer_endpoint.go_away_all()
         for _site, tunnel in self.table.live_tunnels():
             tunnel.session.go_away(ErrorCode.GOING_AWAY, "relay draining")
         deadline = self.settings.fleet.drain_deadline

@@ -247,3 +247,35 @@ async def test_an_unknown_subprotocol_ends_the_session_before_any_frame() -> Non
         await session.run()
     assert "dicom-tunnel.9" in session.close_reason
     assert a.sent == 0  # not even the opening WINDOW
+
+
+async def test_go_away_lets_the_streams_in_flight_finish_then_closes_when_idle() -> None:
+    """A drain's first word (``MuxSession.go_away``): the peer opens nothing new, what is open carries on,
+    and the connection closes once it is idle; a peer relay's link instead stays up, saying it drains."""
+    done = asyncio.Event()
+
+    async def serve(stream: TunnelStream) -> None:
+        listener = Listener(stream, consume=True)
+        stream.attach(listener)
+        await listener.eof.wait()
+        stream.send(b"answer")
+        stream.end()
+        done.set()
+
+    async with sessions(serve) as (agent, relay):
+        stream = await agent.open_stream(CALLED)
+        stream.send(b"question")
+        await settle()
+        relay.go_away(ErrorCode.GOING_AWAY, "relay draining")
+        await settle()
+        assert agent.goaway_code is ErrorCode.GOING_AWAY and agent.draining and not relay.closing
+        stream.end()
+        assert await stream.read() == b"answer"  # the stream in flight finished after the GOAWAY
+        await done.wait()
+        await asyncio.wait_for(relay.ended.wait(), GUARD)  # idle: closed by itself
+        assert relay.close_reason == "relay draining"
+
+    async with sessions(_refuse) as (agent, relay):
+        relay.go_away(ErrorCode.GOING_AWAY, "relay draining", close_when_idle=False)
+        await settle()
+        assert agent.draining and not relay.closing and not relay.ended.is_set()

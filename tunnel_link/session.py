@@ -323,6 +323,7 @@ class MuxSession:
             self._tasks = tasks
             self.up.set()
             await self.flush()
+            self._close_if_idle()  # told to go away before it ran
             helpers = [tasks.create_task(self._timer()), tasks.create_task(self.transport.pump())]
             try:
                 await self._read_loop()
@@ -408,16 +409,21 @@ class MuxSession:
         self.mux.send_report(payload)
         self._write_now()
 
-    def go_away(self, code: ErrorCode = ErrorCode.GOING_AWAY, reason: str = "going away") -> None:
-        """Tell the peer to open no more streams here (GOAWAY ``code``) and close once the streams in
-        flight have finished; they carry on meanwhile. A drain's first word to each agent."""
+    def go_away(self, code: ErrorCode = ErrorCode.GOING_AWAY, reason: str = "going away", *,
+                close_when_idle: bool = True) -> None:
+        """Tell the peer to open no more streams here (GOAWAY ``code``); the streams in flight carry on.
+        With ``close_when_idle`` the connection closes once they have finished (a drain's first word to
+        each agent); without, it stays up, saying so, until closed (to a peer relay, which then keeps
+        knowing this one drains)."""
         if self._closing or self.mux.goaway_sent:
             return
         self.close_reason = self.close_reason or reason
-        self.mux.go_away(code)
-        self._write_now()
-        self._close_when_idle = True
-        self._close_if_idle()
+        self.mux.go_away(code)  # before run(): it leaves with the first flush
+        if self._tasks is not None:
+            self._write_now()
+        if close_when_idle:
+            self._close_when_idle = True
+            self._close_if_idle()
 
     def close_nowait(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
         """Start closing and return at once: GOAWAY is written if the send buffer has room, then the
