@@ -8,6 +8,7 @@ make the agent dial anywhere else.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -35,6 +36,7 @@ from tunnel_runtime.settings import (
 
 __all__ = [
     "AgentDestination",
+    "AgentFleetConfig",
     "AgentListenerConfig",
     "AgentRoute",
     "AgentSettings",
@@ -64,6 +66,7 @@ def _validate_relay_url(url: str) -> str:
 
 
 RelayUrl = Annotated[str, AfterValidator(_validate_relay_url)]
+AgentName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 DEFAULT_STATE_DIR = Path("/var/lib/tunnel-agent")
 
 
@@ -100,6 +103,16 @@ class WireGuardAgentConfig(StrictModel):
     fallback_after: Seconds = 15.0  # no tunnel over WireGuard within this: use the WebSocket transport
     retry_interval: Seconds = 60.0  # while on the fallback, seconds between WireGuard probes
     implementation: Literal["auto", "kernel", "userspace"] = "auto"  # auto: kernel, else wireguard-go
+
+
+class AgentFleetConfig(StrictModel):
+    """``[fleet]``: how many relays of the fleet the agent holds tunnels to (docs/protocol.md §1.3).
+
+    The first tunnel goes to ``relay_url`` (usually the fleet's load balancer); with ``tunnels`` above 1
+    the agent also dials ``tunnels - 1`` other relays directly, from the list the relays send
+    (``Tunnel-Fleet``), in other zones when it can. 1: one tunnel, to ``relay_url`` only."""
+
+    tunnels: Annotated[int, Field(ge=1, le=8)] = 2
 
 
 class AgentRoute(StrictModel):
@@ -167,6 +180,9 @@ class AgentSettings(TomlSettings):
     # Unset: the URL from the enrollment token, recorded by `tunnel-agent enroll` (state_dir/enrollment.json).
     # Set (in the file or TUNNEL_AGENT_RELAY_URL), it wins over the enrollment's: only for a relay that moved.
     relay_url: RelayUrl | None = None
+    # This agent's name among the site's agents (the Tunnel-Agent header): a relay keeps one tunnel per
+    # agent of a site, a newer one from the same name replacing the older. Default: the host name.
+    agent_name: AgentName = Field(default_factory=lambda: _hostname())
     cert_file: Path = Path()  # empty: {state_dir}/agent.crt
     key_file: Path = Path()  # empty: {state_dir}/agent.key (0600, made on this host, never sent)
     ca_file: Path = Path()  # empty: {state_dir}/ca.crt (the pinned relay CA)
@@ -197,6 +213,7 @@ class AgentSettings(TomlSettings):
     routes: list[AgentRoute] = Field(default_factory=list)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     destinations: list[AgentDestination] = Field(default_factory=list)
+    fleet: AgentFleetConfig = Field(default_factory=AgentFleetConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +263,15 @@ class AgentSettings(TomlSettings):
 
     def route(self, name: str) -> AgentRoute | None:
         return next((r for r in self.routes if r.name == name), None)
+
+
+def _hostname() -> str:
+    """The machine's name as an agent name: its first label, in the characters an agent name allows."""
+    label = socket.gethostname().split(".")[0]
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "-" for ch in label)[:63]
+    if not cleaned:
+        return "agent"
+    return cleaned if cleaned[:1].isalnum() else f"agent-{cleaned}"[:63]
 
 
 def load_agent_settings(path: Path | None) -> AgentSettings:

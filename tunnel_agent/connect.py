@@ -9,6 +9,11 @@ With a proxy (:mod:`tunnel_agent.proxy` chooses it), aiohttp connects to the pro
 relay's name is resolved by the proxy, never here, and nothing is ever sent to the relay directly. The
 proxy's own failures (refused CONNECT, unreachable, silent) become :class:`ProxyError` with a one-line,
 secret-free reason; failures past the proxy (TLS with the relay, the WebSocket handshake) pass through.
+
+Every upgrade request names the agent (``Tunnel-Agent``, ``tunnel_core.discovery``); ``on_upgrade`` gets the
+relay's ``101`` headers (its ``Tunnel-Fleet``) once the tunnel is open. Another relay of the fleet is dialed
+at its own ``url`` with the same certificate, pinned CA and proxy rules, its certificate checked against
+``server_hostname`` (the host of ``relay_url``: a fleet's relays share one server certificate).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -26,6 +31,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tunnel_agent.proxy import ProxyError, ProxyRoute, choose_proxy
+from tunnel_core.discovery import AGENT_HEADER
 from tunnel_core.refusal import REFUSED_HEADER, token_of_close_message
 from tunnel_link.innertls import InnerTlsError, InnerTlsFailure, inner_tls_client
 from tunnel_link.session import MAX_MESSAGE_IN
@@ -35,24 +41,31 @@ from tunnel_link.transport import SUBPROTOCOLS
 if TYPE_CHECKING:
     from tunnel_agent.config import AgentSettings
 
-__all__ = ["ProxyError", "open_tunnel", "proxy_failure", "refusal_token"]
+__all__ = ["ProxyError", "UpgradeHeaders", "open_tunnel", "proxy_failure", "refusal_token", "upgrade_trace"]
 
 log = logging.getLogger("agent")
 
 _REASON_MAX = 80
 
+UpgradeHeaders = Callable[[Mapping[str, str]], None]
+
 
 @asynccontextmanager
 async def open_tunnel(
-    settings: AgentSettings, ssl_ctx: ssl.SSLContext, *, environ: Mapping[str, str] | None = None
+    settings: AgentSettings, ssl_ctx: ssl.SSLContext, *, environ: Mapping[str, str] | None = None,
+    url: str | None = None, server_hostname: str | None = None, on_upgrade: UpgradeHeaders | None = None,
 ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    """Connect to ``settings.relay_url`` within ``settings.connect_timeout`` and yield the WebSocket.
+    """Connect to ``url`` (default ``settings.relay_url``) within ``settings.connect_timeout`` and yield the
+    WebSocket.
 
-    ``ssl_ctx`` is the client context for the relay (certificate and pinned CA). ``environ`` (default
-    ``os.environ``) is where ``HTTPS_PROXY``/``NO_PROXY`` are read when ``[proxy] url`` is unset.
+    ``ssl_ctx`` is the client context for the relay (certificate and pinned CA); ``server_hostname``, if
+    given, is the name the relay's certificate is checked against instead of ``url``'s host. ``environ``
+    (default ``os.environ``) is where ``HTTPS_PROXY``/``NO_PROXY`` are read when ``[proxy] url`` is unset.
+    ``on_upgrade`` is called with the relay's upgrade response headers once the tunnel is open.
     Raises :class:`ProxyError` for the proxy's failures; other errors are aiohttp's or ``TimeoutError``.
     """
-    proxy = choose_proxy(settings.proxy, settings.relay_url, os.environ if environ is None else environ)
+    target = url or settings.relay_url or ""
+    proxy = choose_proxy(settings.proxy, target, os.environ if environ is None else environ)
     inner = settings.tls_mode == "inner"
     # In inner mode the outer TLS may end at an inspecting proxy: it trusts the configured corporate CA
     # (or the system store) and presents no certificate; the pinned mutual TLS runs inside the WebSocket.
@@ -60,24 +73,40 @@ async def open_tunnel(
     # No DNS cache: every attempt re-resolves, so a relay that moved is found again.
     connector = aiohttp.TCPConnector(ssl=outer_ctx, use_dns_cache=False, force_close=True, limit=1)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
+    heard: list[Mapping[str, str]] = []
     # trust_env=False: the proxy is chosen above, explicitly; aiohttp must not pick another one.
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as http:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                     trace_configs=[upgrade_trace(heard.append)]) as http:
+        via = {"server_hostname": server_hostname} if server_hostname else {}
         if proxy is None:
-            ws = await _handshake(http, settings)
+            ws = await _handshake(http, settings, target, via)
         else:
             log.info("connecting to the relay through proxy %s (from %s)", proxy.address, proxy.source)
             try:
-                ws = await _handshake(http, settings, proxy)
+                ws = await _handshake(http, settings, target, {**via, **proxy.request_kwargs()})
             except (aiohttp.ClientError, TimeoutError) as exc:
-                failure = proxy_failure(proxy, target_of(settings.relay_url), exc, settings.connect_timeout)
+                failure = proxy_failure(proxy, target_of(target), exc, settings.connect_timeout)
                 if failure is None:
                     raise
                 raise failure from exc
         tune_socket(ws.get_extra_info("socket"))
-        if inner:
-            yield await inner_tls_client(ws, ssl_ctx, settings.relay_host, settings.connect_timeout)
-        else:
-            yield ws
+        opened = await inner_tls_client(ws, ssl_ctx, settings.relay_host, settings.connect_timeout) if inner else ws
+        if on_upgrade is not None and heard:
+            on_upgrade(heard[-1])
+        yield opened
+
+
+def upgrade_trace(record: UpgradeHeaders) -> aiohttp.TraceConfig:
+    """An aiohttp trace that hands ``record`` the headers of every ``101 Switching Protocols`` answer (the
+    public way to read a WebSocket upgrade's response headers)."""
+    async def request_end(_session: object, _context: object, params: aiohttp.TraceRequestEndParams) -> None:
+        if params.response.status == HTTPStatus.SWITCHING_PROTOCOLS:
+            record(params.response.headers)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(request_end)
+    trace.freeze()
+    return trace
 
 
 def refusal_token(exc: BaseException, *, inner: bool) -> str | None:
@@ -102,20 +131,22 @@ def outer_context(settings: AgentSettings) -> ssl.SSLContext:
     return ctx
 
 
-def tunnel_url(settings: AgentSettings) -> str:
-    """The WebSocket URL for the configured mode: ``relay_url``, or its ``/inner`` path in inner-TLS mode."""
+def tunnel_url(settings: AgentSettings, url: str | None = None) -> str:
+    """The WebSocket URL for the configured mode: ``url`` (default ``relay_url``), or its ``/inner`` path in
+    inner-TLS mode."""
+    url = url or settings.relay_url or ""
     if settings.tls_mode != "inner":
-        return settings.relay_url
-    parts = urlsplit(settings.relay_url)
+        return url
+    parts = urlsplit(url)
     return parts._replace(path=parts.path.rstrip("/") + "/inner").geturl()
 
 
-async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings,
-                     proxy: ProxyRoute | None = None) -> aiohttp.ClientWebSocketResponse:
-    via = proxy.request_kwargs() if proxy is not None else {}
+async def _handshake(http: aiohttp.ClientSession, settings: AgentSettings, url: str,
+                     via: Mapping[str, object]) -> aiohttp.ClientWebSocketResponse:
     async with asyncio.timeout(settings.connect_timeout):
-        return await http.ws_connect(tunnel_url(settings), compress=0, max_msg_size=MAX_MESSAGE_IN,
-                                     autoping=True, autoclose=True, protocols=SUBPROTOCOLS, **via)
+        return await http.ws_connect(tunnel_url(settings, url), compress=0, max_msg_size=MAX_MESSAGE_IN,
+                                     autoping=True, autoclose=True, protocols=SUBPROTOCOLS,
+                                     headers={AGENT_HEADER: settings.agent_name}, **via)
 
 
 def proxy_failure(proxy: ProxyRoute, target: str, exc: BaseException, timeout: float) -> ProxyError | None:

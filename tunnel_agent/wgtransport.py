@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from tunnel_agent.connect import UpgradeHeaders, upgrade_trace
 from tunnel_agent.status import TransportStatus, WireGuardStatus
 from tunnel_agent.wginterface import AgentInterface
 from tunnel_agent.wgregistration import (
@@ -48,6 +49,7 @@ from tunnel_agent.wgregistration import (
     save_registration,
 )
 from tunnel_core.codes import ErrorCode
+from tunnel_core.discovery import AGENT_HEADER
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.session import MAX_MESSAGE_IN
 from tunnel_link.sockets import tune_socket
@@ -102,12 +104,15 @@ class WireGuardTransport:
         self._stale = False  # register again before the next use
         self._peer: WgPeer | None = None
         self._peer_at: float | None = None
+        self._on_upgrade: UpgradeHeaders | None = None
 
     # --- the agent's entry points -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def open(self, fallback: Opener) -> AsyncIterator[WebSocket]:
-        """Yield the tunnel's WebSocket for one connection; see the class doc."""
+    async def open(self, fallback: Opener, *, on_upgrade: UpgradeHeaders | None = None) -> AsyncIterator[WebSocket]:
+        """Yield the tunnel's WebSocket for one connection; see the class doc. ``on_upgrade`` gets the relay's
+        upgrade response headers of a connection over WireGuard (the fallback opener reports its own)."""
+        self._on_upgrade = on_upgrade  # one connection at a time: read by _ws_connect
         if self.plan.use_wireguard(self._clock()):
             async with AsyncExitStack() as stack:
                 ws = await self._try_wireguard(stack)
@@ -198,16 +203,7 @@ class WireGuardTransport:
         return await self._ws_connect(stack, reg, deadline)
 
     async def _ws_connect(self, stack: AsyncExitStack, reg: Registration, deadline: float) -> WebSocket:
-        # Bound to our tunnel address: the relay knows the site by it. No proxy: this is inside WireGuard.
-        connector = aiohttp.TCPConnector(local_addr=(reg.address, 0), use_dns_cache=False, force_close=True,
-                                         limit=1)
-        http = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False))
-        async with asyncio.timeout_at(deadline):
-            ws = await http.ws_connect(reg.tunnel_url, compress=0, max_msg_size=MAX_MESSAGE_IN,
-                                       autoping=True, autoclose=True, protocols=SUBPROTOCOLS)
-        tune_socket(ws.get_extra_info("socket"))
-        return ws
+        return await _websocket_through(stack, reg, deadline, self.settings.agent_name, self._on_upgrade)
 
     # --- registration -------------------------------------------------------------------------------
 
@@ -277,6 +273,24 @@ class WireGuardTransport:
             if await _close_when_idle(self._session, self.config.retry_interval):
                 return
             # Busy for a whole retry_interval: probe again (WireGuard may have gone meanwhile), then wait again.
+
+async def _websocket_through(stack: AsyncExitStack, reg: Registration, deadline: float, agent_name: str,
+                             on_upgrade: UpgradeHeaders | None) -> WebSocket:
+    """The tunnel's WebSocket through the WireGuard interface, its HTTP session closed with ``stack``."""
+    # Bound to our tunnel address: the relay knows the site by it. No proxy: this is inside WireGuard.
+    connector = aiohttp.TCPConnector(local_addr=(reg.address, 0), use_dns_cache=False, force_close=True, limit=1)
+    heard: list[Mapping[str, str]] = []
+    http = await stack.enter_async_context(
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False,
+                              trace_configs=[upgrade_trace(heard.append)]))
+    async with asyncio.timeout_at(deadline):
+        ws = await http.ws_connect(reg.tunnel_url, compress=0, max_msg_size=MAX_MESSAGE_IN, autoping=True,
+                                   autoclose=True, protocols=SUBPROTOCOLS, headers={AGENT_HEADER: agent_name})
+    tune_socket(ws.get_extra_info("socket"))
+    if on_upgrade is not None and heard:
+        on_upgrade(heard[-1])
+    return ws
+
 
 @asynccontextmanager
 async def _watching(*coroutines: Any) -> AsyncIterator[None]:
