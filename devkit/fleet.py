@@ -16,7 +16,7 @@ from devkit.postgres import PostgresServer
 from devkit.procs import ProcessTracker
 from devkit.stack import ListenerRoute, RelayHandle, SiteDest, make_relay
 
-__all__ = ["SHARED_PKI", "make_fleet"]
+__all__ = ["SHARED_PKI", "haproxy_config", "make_fleet"]
 
 SHARED_PKI = ("ca.crt", "ca.key", "relay.crt", "relay.key")  # what the relays of one fleet share
 
@@ -48,3 +48,21 @@ def make_fleet(root: Path, server: PostgresServer, names: Sequence[str], *,
             for file in SHARED_PKI:
                 shutil.copy2(first.state_dir / file, relay.state_dir / file)
     return relays
+
+
+def haproxy_config(tunnel_port: int, dicom_port: int, relays: Sequence[RelayHandle]) -> str:
+    """An L4 balancer in front of ``relays`` on 127.0.0.1, shaped as deploy/compose/haproxy.cfg is
+    (least connections, a failed connect redispatched, ``/readyz`` checked every second here to keep
+    tests short): ``tunnel_port`` for agents, ``dicom_port`` for cloud callers."""
+    lines = ["global", "    maxconn 4000", "defaults", "    mode tcp", "    balance leastconn", "    retries 3",
+             "    option redispatch", "    timeout connect 2s", "    timeout client 1h", "    timeout server 1h",
+             "    timeout check 2s", "    default-server check inter 1s fall 2 rise 2"]
+    for kind, port in (("tunnel", tunnel_port), ("dicom", dicom_port)):
+        lines += [f"frontend {kind}", f"    bind 127.0.0.1:{port}", f"    default_backend relays-{kind}",
+                  f"backend relays-{kind}", "    option httpchk",
+                  "    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost",
+                  "    http-check expect status 200"]
+        for index, relay in enumerate(relays):
+            target = relay.tunnel_port if kind == "tunnel" else relay.dicom_port
+            lines.append(f"    server relay-{index} 127.0.0.1:{target} check port {relay.admin_port}")
+    return "\n".join(lines) + "\n"

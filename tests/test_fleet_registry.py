@@ -24,10 +24,12 @@ from tests.support.stack import (
     ListenerRoute,
     RelayHandle,
     _cli,
+    enroll,
     enroll_agent,
     http_json,
     make_agent,
     make_relay,
+    site_add,
     start_agent,
     start_relay,
 )
@@ -169,3 +171,38 @@ def test_a_relay_stops_on_time_while_its_registry_is_frozen(procs, fleet, postgr
 
 def _admin_ready_reason(relay: RelayHandle) -> str:
     return http_json(f"http://127.0.0.1:{relay.admin_port}/readyz")["reason"]
+
+
+def test_postgresql_stopped_for_30s_associations_flow_enrollment_says_503_and_all_recovers(procs, fleet, postgres,
+                                                                                          tmp_path):
+    relay_a, relay_b, agent = fleet
+    enroll_agent(relay_b, agent)
+    start_agent(procs, agent, relay_b)
+    newcomer = make_agent(relay_a, "general", tmp_path / "newcomer", routes=[], enrolled=True)
+    token = site_add(relay_a, "general")  # issued before the outage, redeemed during it
+    postgres.stop()
+    try:
+        stopped = time.monotonic()
+        echoes = 0
+        for _ in range(60):  # bounded: one C-ECHO a half second for 30 s
+            assert echoscu("127.0.0.1", relay_b.dicom_port, "SM_PACS", "CLOUDAI", timeout=10).ok
+            echoes += 1
+            if time.monotonic() - stopped >= 30.0:
+                break
+            time.sleep(0.5)
+        refused = enroll(newcomer, token)
+        assert refused.returncode != 0 and "unavailable" in (refused.stdout + refused.stderr).lower()
+        code, text = _admin_error(relay_a, "POST", "/api/sites", {"name": "during-outage"})
+        assert code == 503 and "PostgreSQL" in text
+    finally:
+        postgres.start()
+    assert echoes >= 50 and time.monotonic() - stopped >= 30.0
+    # Back without touching the relays: enrollment with the same token, writes, presence, readiness.
+    assert enroll(newcomer, token).returncode == 0
+    wait_until(lambda: _admin_error(relay_a, "POST", "/api/sites", {"name": "after-outage"})[0] == 200, 30,
+               message="relay a to write to the registry again")
+    wait_until(lambda: relay_a.admin("GET", "/api/fleet")["presence"] == {"st-marys": ["relay-b"]}, 15,
+               message="relay b's presence written again")
+    for relay in (relay_a, relay_b):
+        wait_until(lambda r=relay: _admin_ready_reason(r) == "ready", 15, message="readiness to recover")
+    assert echoscu("127.0.0.1", relay_b.dicom_port, "SM_PACS", "CLOUDAI").ok
