@@ -1,7 +1,9 @@
-"""The agent: keeps one outbound tunnel to the relay up, and carries associations both ways.
+"""The agent: keeps outbound tunnels to the relays up, and carries associations both ways.
 
 Theory of operation: :class:`Agent` is the composition root. It builds, from the typed settings, the
-tunnel's supervisor (``tunnel_agent.tunnel``: connect, backoff, refusals), the DICOM edges
+tunnels' supervisor (``tunnel_agent.fleet``: the primary tunnel to ``relay_url`` and, with ``[fleet]
+tunnels`` above 1, tunnels to other relays of the fleet; each a ``tunnel_agent.tunnel``: connect,
+backoff, refusals), the DICOM edges
 (``tunnel_agent.carrier``: streams the relay opens reach only this config's ``[[routes]]``; the local
 listener carries callers out), the certificate's renewal (``tunnel_agent.renewal``), the health monitor
 (``tunnel_agent.health``) and, with ``transport = "wireguard"``, the WireGuard transport; it serves the
@@ -24,6 +26,7 @@ from tunnel_agent import metrics
 from tunnel_agent.carrier import Carrier
 from tunnel_agent.config import AgentSettings
 from tunnel_agent.enroll import relay_url_mismatch, with_enrollment
+from tunnel_agent.fleet import Fleet
 from tunnel_agent.health import HealthMonitor
 from tunnel_agent.renewal import Renewal
 from tunnel_agent.spool.service import SpoolService
@@ -58,13 +61,15 @@ class Agent:
         self.wireguard = (WireGuardTransport(settings, session=lambda: self.tunnel.session)
                           if settings.transport == "wireguard" else None)
         self.spool = SpoolService(settings, open_stream=self._open_stream) if settings.spooled() else None
-        self.carrier = Carrier(settings, self.tracker, session=lambda: self.tunnel.session,
+        self.carrier = Carrier(settings, self.tracker, session=lambda: self.fleet.pick(),
                                ingest=lambda: self.spool.ingest if self.spool else None)
-        self.tunnel = Tunnel(settings, on_stream=self.carrier.relay_stream, site_name=self.renewal.site_name,
-                             stopping=self._stopping, wireguard=self.wireguard, rand=rand)
+        self.fleet = Fleet(settings, on_stream=self.carrier.relay_stream, site_name=self.renewal.site_name,
+                           stopping=self._stopping, wireguard=self.wireguard, rand=rand)
+        self.tunnel: Tunnel = self.fleet.primary
         self.health = HealthMonitor(self.tunnel, self.renewal, settings.health, settings.routes,
                                     state_dir=settings.state_dir, version=__version__,
-                                    spool=self.spool.report if self.spool is not None else tuple)
+                                    spool=self.spool.report if self.spool is not None else tuple,
+                                    sessions=self.fleet.sessions)
 
     @property
     def state(self) -> AgentState:
@@ -79,13 +84,13 @@ class Agent:
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
             await self.start(stack)
-            jobs = [self.tunnel.run(), self.renewal.run(), self.health.run()]
+            jobs = [self.fleet.run(), self.renewal.run(), self.health.run()]
             if self.spool is not None:
                 jobs.append(self.spool.run())
             for job in jobs:
                 stack.push_async_callback(cancel_and_wait, asyncio.create_task(job))
             await self._stopping.wait()
-            await self.tunnel.close("agent shutting down")
+            await self.fleet.close("agent shutting down")
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Bind the status endpoint and the local DICOM listener; torn down with ``stack``."""
@@ -107,15 +112,16 @@ class Agent:
             log.warning("%s", mismatch)
 
     async def connect_forever(self) -> None:
-        """The tunnel's supervisor alone (``run()`` starts it with the renewal and the health monitor)."""
-        await self.tunnel.run()
+        """The tunnels' supervisor alone (``run()`` starts it with the renewal and the health monitor)."""
+        await self.fleet.run()
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def _open_stream(self, open_payload: OpenPayload) -> TunnelStream:
-        """A stream to the relay for the spool's forwarders; LinkError when there is no live tunnel."""
-        session = self.tunnel.session
+        """A stream to the relay for the spool's forwarders, on the live tunnel with the fewest streams;
+        LinkError when there is none."""
+        session = self.fleet.pick()
         if session is None or session.draining:
             raise LinkError("no tunnel to the relay")
         return await session.open_stream(open_payload)
@@ -147,6 +153,7 @@ class Agent:
             health=self.health.latest,
             transport=self.wireguard.status() if self.wireguard else TransportStatus(),
             spool=self.spool.snapshot() if self.spool is not None and self.spool.ingest is not None else (),
+            tunnels=self.fleet.status(),
         )
 
     def status(self) -> dict[str, object]:
@@ -161,8 +168,10 @@ class Agent:
             return web.json_response({"ok": True})
 
         async def readyz(request: web.Request) -> web.Response:
-            """Ready while the tunnel to the relay is up (``tunnel_core.health.agent_readiness``)."""
-            ready = agent_readiness(state=self.tunnel.state, last_error=self.tunnel.last_error)
+            """Ready while a tunnel to a relay is up (``tunnel_core.health.agent_readiness``): the primary, or
+            while it reconnects, another relay's."""
+            state = AgentState.CONNECTED if self.fleet.connected else self.tunnel.state
+            ready = agent_readiness(state=state, last_error=self.tunnel.last_error)
             return web.json_response({"ready": ready.ready, "reason": ready.reason},
                                      status=200 if ready.ready else 503)
 

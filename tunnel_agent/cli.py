@@ -165,6 +165,7 @@ def _human(status: dict) -> str:
         lines.append(f"last error:   {status['last_error']}")
     if status.get("next_attempt"):
         lines.append(f"next attempt: {_next_attempt(status['next_attempt'], time.time(), state in _STATE_NOTES)}")
+    lines += _tunnel_lines(status.get("tunnels") or [])
     lines.append(f"routes:       {', '.join(status['routes']) or '-'}")
     lines.append(f"listener:     {status.get('listener') or 'disabled'}")
     lines.append(f"associations: {len(status['associations'])} active")
@@ -173,6 +174,19 @@ def _human(status: dict) -> str:
                      f"in={a['bytes_from_caller']} out={a['bytes_to_caller']}")
     lines += _health_lines(status.get("health"))
     return "\n".join(lines)
+
+
+def _tunnel_lines(tunnels: list[dict]) -> list[str]:
+    """One line per tunnel (the primary to relay_url first), when there is more than the primary."""
+    if len(tunnels) < 2:
+        return []
+    lines = [f"tunnels:      {sum(1 for t in tunnels if t['state'] == AgentState.CONNECTED)} live"]
+    for t in tunnels:
+        name = f"{t['relay']} -> {t['reached']}" if t.get("reached") else t["relay"]
+        error = f", last error: {t['last_error']}" if t["last_error"] else ""
+        lines.append(f"  {name:<28} {t['host']:<24} {t['state']}, {t['connects']} connects, "
+                     f"{t['active_streams']} streams{error}")
+    return lines
 
 
 def _next_attempt(at: float, now: float, refused: bool) -> str:

@@ -171,8 +171,11 @@ class HealthMonitor:
 
     def __init__(self, tunnel: TunnelFacts, certificate: CertificateFacts, config: HealthConfig,
                  routes: list[AgentRoute], *, state_dir: Path, version: str,
-                 spool: Callable[[], tuple[SpoolReport, ...]] = tuple) -> None:
+                 spool: Callable[[], tuple[SpoolReport, ...]] = tuple,
+                 sessions: Callable[[], list[MuxSession]] | None = None) -> None:
         self.tunnel = tunnel
+        # Where reports go: every live tunnel (``tunnel_agent.fleet``); default the one tunnel's session.
+        self.sessions = sessions or (lambda: [s] if (s := tunnel.session) is not None else [])
         self.spool = spool  # the spool destinations' summary, sent with each report
         self.certificate = certificate
         self.config = config
@@ -182,7 +185,7 @@ class HealthMonitor:
         self.latest: HealthReport | None = None
         self.rounds = 0
         self._process = psutil.Process()
-        self._reported_to: MuxSession | None = None
+        self._reported_to: set[MuxSession] = set()  # the sessions of the latest send (a bounded set)
         psutil.cpu_percent(interval=None)  # start the measuring window of the first report
 
     async def run(self) -> None:
@@ -201,8 +204,7 @@ class HealthMonitor:
     async def _report_to_new_tunnels(self) -> None:
         """The relay drops a closed tunnel's report: tell each new tunnel at once, not a round later."""
         while True:
-            session = self.tunnel.session
-            if session is not None and session is not self._reported_to:
+            if any(session not in self._reported_to for session in self.sessions()):
                 self.send_report()
             await asyncio.sleep(SESSION_POLL)
 
@@ -242,13 +244,15 @@ class HealthMonitor:
             renewal_error=self.certificate.renewal_error, spool=self.spool())
 
     def send_report(self) -> None:
-        """Rebuild the report and send it over the tunnel, if one is up."""
+        """Rebuild the report and send it over every tunnel that is up."""
         self.latest = self.report()
-        session = self.tunnel.session
-        if session is None:
+        sessions = self.sessions()
+        self._reported_to = set(sessions)
+        if not sessions:
             return
-        self._reported_to = session
+        payload = self.latest.encode()
         try:
-            session.send_report(self.latest.encode())
+            for session in sessions:
+                session.send_report(payload)
         except UsageError as exc:  # larger than a REPORT frame may be: a bug, not a network fault
             log.error("health report not sent: %s", exc)

@@ -148,6 +148,9 @@ def _tunnel_families(status: AgentStatus) -> Iterator[Metric]:
                             value=len(status.associations))
     yield GaugeMetricFamily(f"{PREFIX}_active_streams", "Open mux streams of the tunnel",
                             value=status.active_streams)
+    yield GaugeMetricFamily(f"{PREFIX}_tunnels_live", "Tunnels to relays up and taking new streams "
+                            "(the primary and, with [fleet] tunnels above 1, those to other relays)",
+                            value=status.live_tunnels)
 
 
 def _certificate_families(status: AgentStatus) -> Iterator[Metric]:

@@ -17,7 +17,7 @@ from tunnel_core.health import AgentState, HealthReport, Readiness, agent_readin
 from tunnel_link.associations import Association
 from tunnel_runtime.procstats import ProcessStats
 
-__all__ = ["TRANSPORT_WEBSOCKET", "AgentStatus", "TransportStatus", "WireGuardStatus"]
+__all__ = ["TRANSPORT_WEBSOCKET", "AgentStatus", "TransportStatus", "TunnelStatus", "WireGuardStatus"]
 
 TRANSPORT_WEBSOCKET = "websocket"
 
@@ -57,6 +57,26 @@ class TransportStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class TunnelStatus:
+    """One tunnel (or one draining connection) for the status: ``relay`` is the fleet name, or
+    ``relay_url`` for the primary (``reached`` then names the relay it reached, when known)."""
+
+    relay: str
+    reached: str | None
+    host: str
+    state: str
+    connects: int
+    last_error: str
+    active_streams: int
+    connected_since: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"relay": self.relay, "reached": self.reached, "host": self.host, "state": self.state,
+                "connects": self.connects, "last_error": self.last_error, "active_streams": self.active_streams,
+                "connected_since": self.connected_since}
+
+
+@dataclass(frozen=True, slots=True)
 class AgentStatus:
     """One consistent view of the agent. ``next_attempt`` is set only while ``state.waiting``."""
 
@@ -80,6 +100,12 @@ class AgentStatus:
     health: HealthReport | None  # the report last sent to the relay
     transport: TransportStatus
     spool: tuple[DestinationStatus, ...] = ()  # the mode = "spool" destinations, by name
+    tunnels: tuple[TunnelStatus, ...] = ()  # every tunnel, the primary first (the fields above are the primary's)
+
+    @property
+    def live_tunnels(self) -> int:
+        """Tunnels up and taking new streams (not draining)."""
+        return sum(1 for t in self.tunnels if t.state == AgentState.CONNECTED)
 
     @property
     def reconnects(self) -> int:
@@ -113,4 +139,5 @@ class AgentStatus:
             "health": self.health.as_dict() if self.health is not None else None,
             "spool": {d.name: d.as_dict() for d in self.spool},
             **self.transport.as_dict(),
+            **({"tunnels": [t.as_dict() for t in self.tunnels]} if self.tunnels else {}),
         }

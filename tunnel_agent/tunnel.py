@@ -9,6 +9,12 @@
   until a new certificate is in place (a re-enrollment), whichever comes first.
 - With ``transport = "wireguard"`` the WebSocket goes through the WireGuard interface, with the ordinary
   transport as its fallback (``tunnel_agent.wgtransport``).
+- One ``Tunnel`` is one relay connection kept up: the primary, to ``relay_url``, or (``url``) one of the
+  fleet's other relays (``tunnel_agent.fleet``). ``on_upgrade`` hears each upgrade's response headers,
+  ``on_goaway`` each GOAWAY the relay sends, before the tunnel connects again. A connection told GOAWAY
+  finishes its streams until the relay closes it (at most ``DRAIN_MAX``): dialing the same relay again
+  meanwhile would replace it there (a relay keeps one tunnel per agent name), so the fleet supervisor
+  opens the replacement elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -30,15 +36,21 @@ from tunnel_core.codes import ErrorCode
 from tunnel_core.health import AgentState
 from tunnel_core.mux import Mux, Role
 from tunnel_core.refusal import Refusal, RefusalKind, refusal_from_goaway, refusal_from_token, retry_delay
+from tunnel_link.aio import cancel_and_wait
 from tunnel_link.session import MuxSession, TunnelStream
 from tunnel_link.tls import client_context
 
-__all__ = ["CERTIFICATE_WATCH", "Tunnel"]
+__all__ = ["CERTIFICATE_WATCH", "DRAIN_MAX", "PRIMARY", "Tunnel"]
 
 log = logging.getLogger("agent")
 
 CERTIFICATE_WATCH = 2.0  # seconds between looks at cert_file while refused: a re-enrollment is tried at once
 _REFUSED_STATE = {RefusalKind.REVOKED: AgentState.REVOKED, RefusalKind.REFUSED: AgentState.REFUSED}
+PRIMARY = "relay_url"  # the name of the tunnel to relay_url
+GOAWAY_POLL = 0.1  # seconds between looks at a live session for a GOAWAY from the relay
+DRAIN_MAX = 3660.0  # seconds a connection that was told GOAWAY may go on (the relay's drain_deadline is 3600 at most)
+UpgradeHook = Callable[["Tunnel", Mapping[str, str]], None]
+GoAwayHook = Callable[["Tunnel", MuxSession], None]
 
 
 class Tunnel:
@@ -46,12 +58,24 @@ class Tunnel:
     a refusal's hint) and the WireGuard transport if any; ``await run()`` until ``stopping`` is set.
 
     ``state``, ``session`` (the live one, or None), ``connects``, ``last_error`` and ``next_attempt`` are
-    for the status; ``next_attempt`` means something only while ``state.waiting``."""
+    for the status; ``next_attempt`` means something only while ``state.waiting``. ``relay`` is the fleet
+    name of the relay the latest connection reached (the first ``Tunnel-Fleet`` entry), when known.
+
+    ``url`` (default: ``relay_url``) is where to connect, ``server_hostname`` the name the relay's
+    certificate must carry (default: ``url``'s host), ``name`` the tunnel's name in logs and status."""
 
     def __init__(self, settings: AgentSettings, *, on_stream: Callable[[TunnelStream], Awaitable[None]],
                  site_name: Callable[[], str], stopping: asyncio.Event,
-                 wireguard: WireGuardTransport | None = None, rand: Callable[[], float] = random.random) -> None:
+                 wireguard: WireGuardTransport | None = None, rand: Callable[[], float] = random.random,
+                 url: str | None = None, server_hostname: str | None = None, name: str = PRIMARY,
+                 on_upgrade: UpgradeHook | None = None, on_goaway: GoAwayHook | None = None) -> None:
         self.settings = settings
+        self.url = url
+        self.server_hostname = server_hostname
+        self.name = name
+        self.relay: str | None = None
+        self._on_upgrade = on_upgrade
+        self._on_goaway = on_goaway
         self.limits = settings.mux.to_limits()
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
         self.session: MuxSession | None = None
@@ -63,6 +87,11 @@ class Tunnel:
         self._site_name = site_name
         self._stopping = stopping
         self._wireguard = wireguard
+
+    @property
+    def target(self) -> str:
+        """The URL this tunnel dials."""
+        return self.url or self.settings.relay_url or ""
 
     async def run(self) -> None:
         """Connect, serve and reconnect until ``stopping``: after a failure the backoff, after a refusal by
@@ -77,13 +106,15 @@ class Tunnel:
             except aiohttp.ClientConnectorCertificateError as exc:
                 # Fail closed, and say who is in the way: usually a TLS-inspecting proxy.
                 self.last_error = await explain_untrusted_relay(self.settings, exc)
-                log.error("tunnel to relay refused: %s", self.last_error)
+                log.error("tunnel %s to relay refused: %s", self.name, self.last_error)
             except Exception as exc:  # the supervisor must survive anything transient; say what it was
                 token = refusal_token(exc, inner=self.settings.tls_mode == "inner")
                 refusal = refusal_from_token(token, site=self._site_name())
                 if refusal is None:
                     self.last_error = _describe(exc)
-                    log.warning("tunnel to relay failed: %s", self.last_error)
+                    log.warning("tunnel %s to relay failed: %s", self.name, self.last_error)
+            if self._stopping.is_set():
+                return
             if refusal is None:
                 delay = self.backoff.next_delay()
                 self.state = AgentState.BACKOFF
@@ -96,6 +127,10 @@ class Tunnel:
                           self.last_error, delay)
             self.next_attempt = time.time() + delay
             await self._wait(delay, watch_certificate=refusal is not None)
+
+    def stop(self) -> None:
+        """Connect no more once the live connection ends (it is not closed: see :meth:`close`)."""
+        self._stopping.set()
 
     async def close(self, reason: str) -> None:
         """End the live tunnel, if any, with GOAWAY ``GOING_AWAY`` (bounded by the session's close timeout)."""
@@ -125,23 +160,49 @@ class Tunnel:
         ssl_ctx = client_context(s.cert_file, s.key_file, s.ca_file)
         # Direct or through the configured HTTP proxy; a proxy's failure is a one-line ProxyError. With
         # transport = "wireguard", through the WireGuard interface, with that as its fallback.
+        heard: list[Mapping[str, str]] = []
+
+        def opener():
+            return open_tunnel(s, ssl_ctx, url=self.url, server_hostname=self.server_hostname,
+                               on_upgrade=heard.append)
+
         wireguard = self._wireguard
-        opening = wireguard.open(lambda: open_tunnel(s, ssl_ctx)) if wireguard else open_tunnel(s, ssl_ctx)
-        async with opening as ws:
+        async with wireguard.open(opener, on_upgrade=heard.append) if wireguard else opener() as ws:
+            if heard and self._on_upgrade is not None:
+                self._on_upgrade(self, heard[-1])
             session = MuxSession(ws, Mux(Role.AGENT, self.limits), heartbeat_interval=s.heartbeat_interval,
-                                 on_stream=self._on_stream, label="relay")
+                                 on_stream=self._on_stream, label="relay" if self.name == PRIMARY else self.name)
             self.session, self.state, self.last_error = session, AgentState.CONNECTED, ""
             self.connects += 1
             self.backoff.reset()
-            log.info("tunnel to relay connected (%s)", s.relay_url)
+            log.info("tunnel %s to relay connected (%s)", self.name, self.target)
+            served = asyncio.create_task(session.run())
             try:
-                await session.run()
+                await self._serve(session, served)
             finally:
+                await cancel_and_wait(served)  # at once when it ended; on cancellation, the session's end
                 self.session = None
                 self.state = AgentState.DISCONNECTED
                 self.last_error = session.close_reason or "closed"
-                log.info("tunnel to relay closed: %s", self.last_error)
+                log.info("tunnel %s to relay closed: %s", self.name, self.last_error)
         return refusal_from_goaway(session.goaway_code, site=self._site_name())
+
+    async def _serve(self, session: MuxSession, served: asyncio.Task[None]) -> None:
+        """Wait for ``served`` (the session's run) to end, reporting a GOAWAY from the relay to ``on_goaway``
+        as soon as it is seen (and before this returns); a connection that was told to go away is closed
+        ``DRAIN_MAX`` after, if the relay has not closed it by then."""
+        told_at: float | None = None
+        while not served.done():
+            await asyncio.wait({served}, timeout=GOAWAY_POLL)
+            if session.goaway_code is None:
+                continue
+            if told_at is None:
+                told_at = time.monotonic()
+                if self._on_goaway is not None:
+                    self._on_goaway(self, session)
+            elif time.monotonic() - told_at > DRAIN_MAX and not served.done():
+                await session.close(ErrorCode.GOING_AWAY, "the relay did not end its drain")
+        await served
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

@@ -1,0 +1,253 @@
+"""The agent's tunnels to several relays of a fleet (tunnel_agent.fleet), against fake relays in this event
+loop: aiohttp WebSocket servers over mutual TLS on 127.0.0.1 that speak the mux as the relay and answer the
+upgrade with Tunnel-Fleet, listing each other (the answering relay first)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from relay import pki
+from tests.support.ports import free_port
+from tunnel_agent import metrics
+from tunnel_agent.agent import Agent
+from tunnel_agent.cli import _human
+from tunnel_agent.config import load_agent_settings
+from tunnel_core.codes import ErrorCode, TargetKind
+from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, FleetEntry, encode_fleet
+from tunnel_core.frames import OpenPayload
+from tunnel_core.mux import Mux, Role
+from tunnel_link.aio import cancel_and_wait
+from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
+from tunnel_link.tls import server_context
+from tunnel_link.transport import SUBPROTOCOLS
+
+SITE = "hospital-a"
+AGENT_NAME = "gw-1"
+WAIT = 15.0  # seconds any one wait of these tests may take
+
+
+class FakeRelay:
+    """One relay of the fleet: accepts tunnels, keeps their sessions, answers with ``fleet()``'s header."""
+
+    def __init__(self, name: str, zone: str, state_dir: Path) -> None:
+        self.name, self.zone, self.port = name, zone, free_port()
+        self.state_dir = state_dir
+        self.url = f"wss://127.0.0.1:{self.port}/tunnel"
+        self.sessions: list[MuxSession] = []
+        self.agents: list[str | None] = []  # the Tunnel-Agent header of each upgrade
+        self.reports: list[bytes] = []
+        self.header: Callable[[], str | None] = lambda: None
+        self.new_session = asyncio.Event()
+
+    @property
+    def entry(self) -> FleetEntry:
+        return FleetEntry(self.name, self.zone, self.url, "serving")
+
+    def live(self) -> list[MuxSession]:
+        return [s for s in self.sessions if not s.ended.is_set()]
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        app = web.Application()
+        app.router.add_get("/tunnel", self._tunnel)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        ctx = server_context(self.state_dir / "relay.crt", self.state_dir / "relay.key", self.state_dir / "ca.crt")
+        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start()
+        stack.push_async_callback(self._close_all)
+
+    async def _close_all(self) -> None:
+        await asyncio.gather(*(s.close(ErrorCode.GOING_AWAY, "test over") for s in self.live()))
+
+    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+        self.agents.append(request.headers.get(AGENT_HEADER))
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True, protocols=SUBPROTOCOLS)
+        if (header := self.header()) is not None:
+            ws.headers[FLEET_HEADER] = header
+        await ws.prepare(request)
+
+        async def on_stream(stream: TunnelStream) -> None:
+            await stream.reset(ErrorCode.UNKNOWN_ROUTE)
+
+        session = MuxSession(ws, Mux(Role.RELAY), heartbeat_interval=5.0, on_stream=on_stream, label=self.name,
+                             on_report=self.reports.append)
+        self.sessions.append(session)
+        self.new_session.set()
+        await session.run()
+        return ws
+
+    async def going_away(self) -> MuxSession:
+        """GOAWAY GOING_AWAY on the live tunnel, which stays open (a relay that drains)."""
+        (session,) = self.live()
+        session.mux.go_away(ErrorCode.GOING_AWAY)
+        await session.flush()
+        return session
+
+
+def fleet_of(relays: list[FakeRelay]) -> None:
+    """Each relay lists the fleet, itself first."""
+    for relay in relays:
+        relay.header = lambda me=relay: encode_fleet([me.entry, *(r.entry for r in relays if r is not me)])
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CA, one server certificate shared by the fleet, one site certificate."""
+    root = tmp_path_factory.mktemp("fleet-pki")
+    pki.init_ca(root / "relay")
+    pki.issue_server_cert(root / "relay", ["127.0.0.1"])
+    pki.issue_site_cert(root / "relay", SITE, root / "agent")
+    return root
+
+
+def agent_for(certs: Path, tmp_path: Path, relay_url: str, tunnels: int) -> Agent:
+    config = tmp_path / "agent.toml"
+    agent_dir = certs / "agent"
+    config.write_text("\n".join([
+        f'relay_url = "{relay_url}"', f'state_dir = "{tmp_path / "state"}"', f'agent_name = "{AGENT_NAME}"',
+        f'cert_file = "{agent_dir / "agent.crt"}"', f'key_file = "{agent_dir / "agent.key"}"',
+        f'ca_file = "{agent_dir / "ca.crt"}"', "connect_timeout = 5.0", "backoff_initial = 0.05",
+        "backoff_max = 0.5", "[status]", 'host = "127.0.0.1"', f"port = {free_port()}",
+        "[listener]", "enabled = false", "[fleet]", f"tunnels = {tunnels}"]) + "\n")
+    return Agent(load_agent_settings(config), rand=lambda: 0.0)
+
+
+@asynccontextmanager
+async def running(certs: Path, tmp_path: Path, zones: list[str], *, tunnels: int,
+                  fleet: bool = True) -> AsyncIterator[tuple[Agent, list[FakeRelay]]]:
+    """Relays r-a, r-b... in ``zones`` (r-a is relay_url) and an agent keeping ``tunnels`` tunnels; all ended
+    on the way out, also on failure."""
+    relays = [FakeRelay(f"r-{chr(ord('a') + i)}", zone, certs / "relay") for i, zone in enumerate(zones)]
+    if fleet:
+        fleet_of(relays)
+    async with AsyncExitStack() as stack:
+        for relay in relays:
+            await relay.start(stack)
+        agent = agent_for(certs, tmp_path, relays[0].url, tunnels)
+        task = asyncio.create_task(agent.connect_forever())
+
+        async def stop() -> None:
+            agent.stop()
+            async with asyncio.timeout(WAIT):
+                await agent.fleet.close("test over")
+            await cancel_and_wait(task)
+
+        stack.push_async_callback(stop)
+        yield agent, relays
+
+
+async def until(check: Callable[[], object], what: str) -> None:
+    try:
+        async with asyncio.timeout(WAIT):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {WAIT:g} s: {what}") from None
+
+
+def connected(relay: FakeRelay) -> bool:
+    return bool(relay.live())
+
+
+async def test_two_tunnels_to_two_relays_in_different_zones(certs, tmp_path):
+    async with running(certs, tmp_path, ["z1", "z1", "z2"], tunnels=2) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(c), "a tunnel to r-a (relay_url) and one to r-c (zone z2)")
+        assert not b.sessions  # r-b shares r-a's zone
+        assert set(agent.fleet.extras) == {"r-c"}
+        assert a.agents[0] == c.agents[0] == AGENT_NAME
+        # Streams the agent opens take the tunnel with the fewest streams.
+        first = agent.fleet.pick()
+        assert first is not None
+        stream = await first.open_stream(OpenPayload(TargetKind.CALLED_AE, "CLOUD", "MODALITY"))
+        second = agent.fleet.pick()
+        assert second is not None and second is not first
+        await stream.release()
+        # Health reports go to every live tunnel.
+        agent.health.send_report()
+        await until(lambda: a.reports and c.reports, "a REPORT on both tunnels")
+        status = agent.status()
+        rows = {row["relay"]: row for row in status["tunnels"]}
+        assert set(rows) == {"relay_url", "r-c"}
+        assert rows["relay_url"]["reached"] == "r-a" and rows["relay_url"]["state"] == "connected"
+        assert rows["r-c"]["host"] == "127.0.0.1" and rows["r-c"]["connects"] == 1
+        assert status["state"] == "connected" and status["relay_url"] == a.url  # the primary's, as before
+        assert agent.snapshot().live_tunnels == 2
+        scraped = generate_latest(metrics.registry_for(agent.snapshot, agent.tracker)).decode()
+        assert "\ndicom_tunnel_tunnels_live 2.0\n" in scraped
+        text = _human(status)  # tunnel-agent status
+        assert "tunnels:      2 live" in text and "relay_url -> r-a" in text and "\n  r-c " in text
+
+
+async def test_going_away_opens_a_replacement_before_the_draining_tunnel_closes(certs, tmp_path):
+    async with running(certs, tmp_path, ["z1", "z1", "z2"], tunnels=2) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(c), "tunnels to r-a and r-c")
+        draining = await c.going_away()
+        await until(lambda: connected(b), "a replacement tunnel to r-b")
+        assert not draining.ended.is_set()  # make before break: r-c's tunnel is still up
+        assert set(agent.fleet.extras) == {"r-b"}
+        assert [t.name for t in agent.fleet.retired] == ["r-c"]
+        rows = [(row["relay"], row["state"]) for row in agent.status()["tunnels"]]
+        assert rows == [("relay_url", "connected"), ("r-b", "connected"), ("r-c", "draining")]
+        assert agent.fleet.pick() is not None and agent.fleet.pick() is not agent.fleet.retired[0].session
+        # The relay ends its drain: the tunnel is gone and not dialed again.
+        await draining.close(ErrorCode.GOING_AWAY, "drain over")
+        await until(lambda: not agent.fleet.retired, "r-c's tunnel ended and forgotten")
+        assert len(c.sessions) == 1  # and not dialed again
+        assert len(agent.fleet.sessions()) == 2
+
+
+async def test_a_relay_that_goes_away_and_closes_at_once_is_not_dialed_again(certs, tmp_path):
+    async with running(certs, tmp_path, ["z1", "z1", "z2"], tunnels=2) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(c), "tunnels to r-a and r-c")
+        c.live()[0].close_nowait(ErrorCode.GOING_AWAY, "replaced")  # GOAWAY, then the close at once
+        await until(lambda: connected(b), "a replacement tunnel to r-b")
+        await until(lambda: not agent.fleet.retired, "r-c's tunnel forgotten")
+        assert len(c.sessions) == 1 and set(agent.fleet.extras) == {"r-b"}
+
+
+async def test_a_draining_primary_gets_a_stand_in_then_dials_relay_url_again(certs, tmp_path):
+    async with running(certs, tmp_path, ["z1", "z2", "z3"], tunnels=2) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(b), "tunnels to r-a (relay_url) and r-b")
+        draining = await a.going_away()
+        await until(lambda: connected(c), "a stand-in tunnel to r-c while the primary drains")
+        assert not draining.ended.is_set() and len(a.sessions) == 1  # relay_url is not dialed meanwhile
+        rows = [(row["relay"], row["state"]) for row in agent.status()["tunnels"]]
+        assert rows == [("relay_url", "draining"), ("r-b", "connected"), ("r-c", "connected")]
+        assert agent.fleet.pick() is not agent.tunnel.session
+        # The relay ends its drain: the primary dials relay_url again, and one extra tunnel goes (the
+        # stand-in: both carry nothing), closed by the agent's GOAWAY once idle.
+        await draining.close(ErrorCode.GOING_AWAY, "drain over")
+        await until(lambda: len(a.live()) == 1 and len(a.sessions) == 2, "the primary back through relay_url")
+        await until(lambda: not connected(c) and not agent.fleet.retired, "the stand-in let go")
+        assert set(agent.fleet.extras) == {"r-b"} and connected(b) and len(b.sessions) == 1
+
+
+async def test_one_tunnel_is_one_tunnel(certs, tmp_path):
+    async with running(certs, tmp_path, ["z1", "z2"], tunnels=1) as (agent, (a, b)):
+        await until(lambda: connected(a), "the tunnel to relay_url")
+        await asyncio.sleep(1.5)  # a negative: more than the fleet supervisor's round
+        assert not b.sessions and agent.fleet.extras == {}
+        assert [row["relay"] for row in agent.status()["tunnels"]] == ["relay_url"]
+        assert agent.snapshot().live_tunnels == 1
+
+
+async def test_a_malformed_fleet_leaves_the_primary_only(certs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="agent")
+    async with running(certs, tmp_path, ["z1", "z2"], tunnels=2, fleet=False) as (agent, (a, b)):
+        secret = "S" * 200
+        a.header = lambda: '[{"name":"r-b","zone":"' + secret + '","url":"' + b.url + '","state":"serving"}]'
+        await until(lambda: connected(a), "the tunnel to relay_url")
+        await asyncio.sleep(1.5)  # a negative: more than the fleet supervisor's round
+        assert not b.sessions and agent.fleet.extras == {} and agent.fleet.entries == []
+        warnings = [r.getMessage() for r in caplog.records if FLEET_HEADER in r.getMessage()]
+        assert len(warnings) == 1 and "ignored" in warnings[0]
+        assert "S" * 40 in warnings[0] and "S" * 80 not in warnings[0]  # at most 80 characters of it
+        assert agent.tunnel.relay is None

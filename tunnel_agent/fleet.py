@@ -1,0 +1,236 @@
+"""The agent's tunnels to several relays of a fleet (``[fleet] tunnels``), replaced make-before-break.
+
+Theory of operation. The *primary* tunnel goes to ``relay_url``, usually the fleet's load balancer, exactly
+as with one tunnel. Every relay answers a tunnel upgrade with the fleet it belongs to (``Tunnel-Fleet``,
+``tunnel_core.discovery``), itself first, so the agent learns which relay each tunnel reached and which
+others it may dial. :class:`Fleet` keeps ``tunnels - 1`` *extra* tunnels to other serving relays, chosen
+by ``choose_relays`` (other zones first), each a :class:`~tunnel_agent.tunnel.Tunnel` of its own (its
+backoff, its reconnect loop) dialing the relay's ``url`` directly with the same certificate, pinned CA and
+proxy rules, the relay's certificate checked against ``relay_url``'s host (a fleet's relays share one).
+
+- A malformed or missing list changes nothing: the agent keeps the tunnels it has (with none known:
+  the primary only). Every upgrade refreshes the list.
+- A GOAWAY ``GOING_AWAY`` means the relay drains (or replaced our tunnel by a newer one of ours): its name
+  is avoided for ``AVOID_FOR`` seconds, and a replacement is opened at once, to another relay from the
+  list, while the old tunnel finishes its streams until the relay closes it. For the primary that
+  replacement is a *stand-in*, one extra tunnel more while the primary drains (or is down); the primary
+  itself dials ``relay_url`` again once its connection has ended (dialing it sooner could reach the
+  draining relay while a balancer still sends there, and a relay keeps one tunnel per agent name: the
+  new one would cut the old one's associations). Once the primary is back, the extra tunnel carrying the fewest
+  streams is let go gently (our GOAWAY: it closes when its streams are done).
+- An extra tunnel whose relay left the list, stopped serving, is avoided, or is where the primary landed
+  (the relay keeps one tunnel per agent name: the newer replaced ours) is *retired*: it does not
+  reconnect, and one still serving is closed. There are never more than ``tunnels`` tunnels besides the
+  draining ones, and at most ``MAX_RETIRED`` of those.
+- Streams the agent opens take the live, non-draining tunnel with the fewest streams (:meth:`pick`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from urllib.parse import urlsplit
+
+from tunnel_agent.config import AgentSettings
+from tunnel_agent.status import TunnelStatus
+from tunnel_agent.tunnel import PRIMARY, Tunnel
+from tunnel_agent.wgtransport import WireGuardTransport
+from tunnel_core.codes import ErrorCode
+from tunnel_core.discovery import FLEET_HEADER, DiscoveryError, FleetEntry, choose_relays, parse_fleet
+from tunnel_link.aio import cancel_and_wait
+from tunnel_link.session import MuxSession, TunnelStream
+
+__all__ = ["AVOID_FOR", "Fleet"]
+
+log = logging.getLogger("agent")
+
+AVOID_FOR = 60.0  # seconds a relay that said it drains is not dialed again
+RECONCILE_EVERY = 1.0  # seconds between looks at the tunnels when nothing else wakes the supervisor
+MAX_RETIRED = 8  # retired extra tunnels still finishing; beyond it, the oldest is closed
+SHOWN = 80  # characters of a malformed header a log line may repeat
+
+
+class Fleet:
+    """Build with the settings and what a tunnel needs; ``await run()`` until ``stopping`` (or cancelled),
+    ``await close(reason)`` to end every tunnel. ``primary`` is the tunnel to ``relay_url``."""
+
+    def __init__(self, settings: AgentSettings, *, on_stream: Callable[[TunnelStream], Awaitable[None]],
+                 site_name: Callable[[], str], stopping: asyncio.Event,
+                 wireguard: WireGuardTransport | None = None, rand: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.wanted = settings.fleet.tunnels
+        self.entries: list[FleetEntry] = []  # the latest list a relay sent, its own entry first
+        self.extras: dict[str, Tunnel] = {}  # by relay name: the extra tunnels kept up
+        self.retired: list[Tunnel] = []  # extra tunnels that no longer reconnect, finishing their streams
+        self._on_stream = on_stream
+        self._site_name = site_name
+        self._stopping = stopping
+        self._rand = rand
+        self._clock = clock
+        self._avoid: dict[str, float] = {}  # relay name -> until (clock)
+        self._changed = asyncio.Event()
+        self._tasks: dict[Tunnel, asyncio.Task[None]] = {}
+        self.primary = Tunnel(settings, on_stream=on_stream, site_name=site_name, stopping=stopping,
+                              wireguard=wireguard, rand=rand, on_upgrade=self._heard, on_goaway=self._going_away)
+
+    # --- the agent's entry points ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The primary's loop and, with ``tunnels`` above 1, the supervisor of the extra tunnels."""
+        if self.wanted == 1:
+            await self.primary.run()
+            return
+        primary = asyncio.create_task(self.primary.run())
+        try:
+            while not self._stopping.is_set():
+                self._reconcile()
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=RECONCILE_EVERY)
+                except TimeoutError:
+                    pass
+            await primary
+        finally:
+            for task in [primary, *self._tasks.values()]:
+                await cancel_and_wait(task)
+
+    async def close(self, reason: str) -> None:
+        """End every tunnel with GOAWAY ``GOING_AWAY``, each bounded by its session's close timeout."""
+        tunnels = [self.primary, *self.extras.values(), *self.retired]
+        for tunnel in tunnels[1:]:
+            tunnel.stop()
+        await asyncio.gather(*(t.close(reason) for t in tunnels))
+
+    def tunnels(self) -> list[Tunnel]:
+        """The primary, the extra tunnels, then the retired ones."""
+        return [self.primary, *self.extras.values(), *self.retired]
+
+    def pick(self) -> MuxSession | None:
+        """The live, non-draining session with the fewest streams (the primary's on a tie), or None."""
+        live = [s for s in (t.session for t in self.tunnels()) if s is not None and not s.draining]
+        return min(live, key=lambda s: s.active_streams) if live else None
+
+    def sessions(self) -> list[MuxSession]:
+        """Every connection still up, draining ones included (health reports go to each)."""
+        return [s for s in (t.session for t in self.tunnels()) if s is not None and not s.closing]
+
+    @property
+    def connected(self) -> int:
+        """Tunnels up and taking new streams."""
+        return sum(1 for t in self.tunnels() if t.session is not None and not t.session.draining)
+
+    def status(self) -> tuple[TunnelStatus, ...]:
+        rows = []
+        for tunnel in self.tunnels():
+            host = urlsplit(tunnel.target).hostname or ""
+            reached = tunnel.relay if tunnel.name == PRIMARY else None
+            session = tunnel.session
+            state = "draining" if session is not None and session.draining else tunnel.state.value
+            rows.append(TunnelStatus(tunnel.name, reached, host, state, tunnel.connects, tunnel.last_error,
+                                     session.active_streams if session else 0,
+                                     session.connected_at if session else None))
+        return tuple(rows)
+
+    # --- what the tunnels report -----------------------------------------------------------------------
+
+    def _heard(self, tunnel: Tunnel, headers: Mapping[str, str]) -> None:
+        """An upgrade answer: learn which relay ``tunnel`` reached and the fleet's list, if well-formed."""
+        value = headers.get(FLEET_HEADER)
+        if value is None:
+            tunnel.relay = None
+            if self.wanted > 1:
+                log.info("tunnel %s: the relay sent no %s; keeping the tunnels there are", tunnel.name, FLEET_HEADER)
+            return
+        try:
+            entries = parse_fleet(value)
+        except DiscoveryError as exc:
+            tunnel.relay = None
+            shown = "".join(ch if " " <= ch <= "~" else "?" for ch in value[:SHOWN])
+            log.warning("tunnel %s: ignored the relay's %s (%s): %r%s", tunnel.name, FLEET_HEADER, exc, shown,
+                        "..." if len(value) > SHOWN else "")
+            return
+        tunnel.relay = entries[0].name
+        if tunnel.name != PRIMARY and tunnel.relay != tunnel.name:
+            log.warning("tunnel %s: the relay at %s says it is %s", tunnel.name, tunnel.target, tunnel.relay)
+        self.entries = entries
+        self._changed.set()
+
+    def _going_away(self, tunnel: Tunnel, session: MuxSession) -> None:
+        """``tunnel``'s relay sent GOAWAY: with ``GOING_AWAY`` it drains, so avoid it and replace the tunnel."""
+        if session.goaway_code is not ErrorCode.GOING_AWAY or self.wanted == 1:
+            return
+        name = tunnel.relay if tunnel.name == PRIMARY else tunnel.name
+        if name is not None:
+            self._avoid[name] = self._clock() + AVOID_FOR
+        log.info("tunnel %s: relay %s is going away; avoiding it for %.0f s and opening a replacement",
+                 tunnel.name, name or "(unknown)", AVOID_FOR)
+        if tunnel is not self.primary and self.extras.get(tunnel.name) is tunnel:
+            self._retire(tunnel, close=False)
+        self._changed.set()
+
+    # --- keeping the extra tunnels -----------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Retire the extra tunnels that must go, then open the missing ones (see the module doc)."""
+        now = self._clock()
+        self._avoid = {name: until for name, until in self._avoid.items() if until > now}
+        here = self.primary.relay
+        serving = {e.name for e in self.entries if e.serving}
+        for name, tunnel in list(self.extras.items()):
+            if self._tasks[tunnel].done():
+                del self.extras[name]
+            elif name not in serving or name in self._avoid or name == here:
+                log.info("tunnel %s: no longer a relay to hold a tunnel to; retiring it", name)
+                self._retire(tunnel, close=name not in self._avoid)
+        for tunnel in [t for t in self.retired if self._tasks[t].done()]:
+            self.retired.remove(tunnel)
+        kept = {*self.extras.values(), *self.retired}
+        for tunnel, task in list(self._tasks.items()):
+            if task.done() and tunnel not in kept:
+                del self._tasks[tunnel]
+        wanted = self.wanted - (1 if self._primary_up() else 0)  # a stand-in while the primary drains or is down
+        if len(self.extras) > wanted:
+            newest_first = reversed(self.extras.values())  # on a tie the newest goes: the stand-in
+            self._let_go(min(newest_first, key=lambda t: t.session.active_streams if t.session else -1))
+        chosen = choose_relays(self.entries, wanted + 1, current=here, avoid=set(self._avoid), keep=set(self.extras))
+        for entry in [e for e in chosen if e.name != here][:wanted]:
+            if entry.name not in self.extras and len(self.extras) < wanted:
+                self._start(entry)
+
+    def _primary_up(self) -> bool:
+        session = self.primary.session
+        return session is not None and not session.draining
+
+    def _let_go(self, tunnel: Tunnel) -> None:
+        """One extra tunnel too many (the primary is back): no new streams on it, closed once idle."""
+        log.info("tunnel %s: one tunnel more than [fleet] tunnels; letting it go once idle", tunnel.name)
+        self._retire(tunnel, close=False)
+        if tunnel.session is not None:
+            tunnel.session.go_away(ErrorCode.GOING_AWAY, "one tunnel more than needed")
+
+    def _start(self, entry: FleetEntry) -> None:
+        tunnel = Tunnel(self.settings, on_stream=self._on_stream, site_name=self._site_name,
+                        stopping=asyncio.Event(), rand=self._rand, url=entry.url,
+                        server_hostname=self.settings.relay_host, name=entry.name,
+                        on_upgrade=self._heard, on_goaway=self._going_away)
+        log.info("tunnel %s: opening an extra tunnel to %s (zone %s)", entry.name, entry.url, entry.zone or "-")
+        self.extras[entry.name] = tunnel
+        self._tasks[tunnel] = asyncio.create_task(tunnel.run())
+
+    def _retire(self, tunnel: Tunnel, *, close: bool) -> None:
+        """``tunnel`` no longer reconnects; with ``close`` a connection still serving is ended now."""
+        self.extras.pop(tunnel.name, None)
+        self.retired.append(tunnel)
+        tunnel.stop()
+        session = tunnel.session
+        if close and session is not None and not session.draining:
+            session.close_nowait(ErrorCode.GOING_AWAY, "this relay is no longer chosen")
+        while len(self.retired) > MAX_RETIRED:
+            oldest = self.retired.pop(0)
+            if oldest.session is not None:
+                oldest.session.close_nowait(ErrorCode.GOING_AWAY, "too many draining tunnels")
+            self._tasks[oldest].cancel()  # awaited by run() at its end; forgotten by _reconcile once done
