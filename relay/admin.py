@@ -126,9 +126,11 @@ def build_app(api: AdminApi, guards: RelayGuards, *, token: str, metrics: Handle
 
     async def fleet(request: web.Request) -> web.Response:
         now = time.time()
-        relays, presence = await api.registry.call(lambda r: (r.fleet(now), r.presence(now)))
+        relays, presence, paths = await api.registry.call(lambda r: (r.fleet(now), r.presence(now), r.paths(now)))
         return _json({"relay": api.settings.fleet.name, "relays": [r.as_dict() for r in relays],
-                      "presence": presence})
+                      "presence": presence,
+                      "paths": {site: [{"relay": relay, "agents": agents} for relay, agents in held]
+                                for site, held in paths.items()}})
 
     async def drain(request: web.Request) -> web.Response:
         api.drain()

@@ -229,7 +229,7 @@ def _sites(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sites, indent=2))
         return 0
-    presence = _admin_call(args.config, "GET", "/api/fleet")["presence"]
+    paths = _admin_call(args.config, "GET", "/api/fleet")["paths"]
     now = time.time()
     print(f"{'SITE':<20} {'CONDITION':<9} {'TRANSPORT':<20} {'CONNECTED SINCE':<20} {'RTT':>9} {'ASSOC':>5} "
           f"{'ECHO OK':>7} {'CERT':>6}  {'TUNNELS ON':<24} REASON")
@@ -243,15 +243,17 @@ def _sites(args: argparse.Namespace) -> int:
         since = _when(site["connected_since"]) if site.get("connected_since") else "-"
         print(f"{site['name']:<20} {site['condition']:<9} {site.get('transport') or '-':<20} {since:<20} "
               f"{rtt:>9} {site['active_streams']:>5} {echo:>7} {cert:>6}  "
-              f"{_paths(presence.get(site['name'], [])):<24} {site['reason']}")
+              f"{_paths(paths.get(site['name'], [])):<24} {site['reason']}")
     return 0
 
 
-def _paths(relays: list[str]) -> str:
-    """The relays holding a site's tunnels; one alone is flagged: it is the site's single path."""
-    if not relays:
+def _paths(held: list[dict]) -> str:
+    """A site's paths, ``relay/agent`` each (just the relay for an agent without a name); one alone is
+    flagged: it is the site's single path (dashboard.js says the same)."""
+    pairs = [f"{h['relay']}/{agent}" if agent else h["relay"] for h in held for agent in (h["agents"] or [""])]
+    if not pairs:
         return "-"
-    return f"{relays[0]} (single path)" if len(relays) == 1 else ", ".join(relays)
+    return f"{pairs[0]} (single path)" if len(pairs) == 1 else ", ".join(pairs)
 
 
 def _fleet(args: argparse.Namespace) -> int:

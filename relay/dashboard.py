@@ -276,7 +276,7 @@ class DashboardSource(Protocol):
 
     async def registered_sites(self) -> list[RegisteredSite]: ...
 
-    async def presence(self) -> dict[str, list[str]]: ...
+    async def presence(self) -> dict[str, list[tuple[str, list[str]]]]: ...
 
 
 class Dashboard:
@@ -330,7 +330,8 @@ class Dashboard:
             "session": _session_view(session),
             "relay": {"started": status.started, "ready": ready.ready, "ready_reason": ready.reason,
                       "process": status.process.as_dict(), "active_associations": len(status.associations)},
-            "sites": [{**self._site_row(s), "tunnels_on": holders.get(s.name, [])}
+            "sites": [{**self._site_row(s), "tunnels_on": [{"relay": relay, "agents": agents}
+                                                            for relay, agents in holders.get(s.name, [])]}
                       for s in self._all_sites(status, now, registered)],
             "outcomes": {"interval_s": self.history.interval, "totals": dict(status.outcomes),
                          "series": self.history.series(status.outcomes, now)},

@@ -11,7 +11,7 @@ the version the relays reload their routing on (``relay.engines``), and they lea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from relay.store import Store
@@ -53,13 +53,16 @@ class RelayRecord:
 class FleetRows(Store):
     """Relays and presence (part of ``relay.registry.Registry``)."""
 
-    def announce(self, relay: str, zone: str, state: str, sites: Iterable[str], now: float, lease: float,
-                 address: str = "", tunnel_url: str = "") -> None:
-        """This relay is ``state`` and holds the tunnels of exactly ``sites``, until ``now + lease``; peers
-        reach it at ``address``, agents at ``tunnel_url``."""
+    def announce(self, relay: str, zone: str, state: str, sites: Iterable[str] | Mapping[str, Sequence[str]],
+                 now: float, lease: float, address: str = "", tunnel_url: str = "") -> None:
+        """This relay is ``state`` and holds the tunnels of exactly ``sites`` (each with the names of the
+        agents whose tunnels they are, when a mapping), until ``now + lease``; peers reach it at
+        ``address``, agents at ``tunnel_url``."""
         if state not in RELAY_STATES[:2]:
             raise ValueError(f"a relay announces itself serving or draining, not {state!r}")
-        held, until = set(sites), now + lease
+        agents = {site: ",".join(sorted(names)) for site, names in sites.items()} \
+            if isinstance(sites, Mapping) else {site: "" for site in sites}
+        held, until = set(agents), now + lease
         with self._tx(change=False):
             self._db.execute(
                 "INSERT INTO relays(name, zone, state, started_at, lease_until, address, tunnel_url) "
@@ -73,9 +76,12 @@ class FleetRows(Store):
             for site in listed - held:
                 self._db.execute("DELETE FROM presence WHERE relay = ? AND site = ?", (relay, site))
             for site in held - listed:
-                self._db.execute("INSERT INTO presence(site, relay, since, lease_until) VALUES (?,?,?,?)",
-                                 (site, relay, now, until))
+                self._db.execute("INSERT INTO presence(site, relay, since, lease_until, agents) VALUES (?,?,?,?,?)",
+                                 (site, relay, now, until, agents[site]))
             self._db.execute("UPDATE presence SET lease_until = ? WHERE relay = ?", (until, relay))
+            for site in held & listed:
+                self._db.execute("UPDATE presence SET agents = ? WHERE relay = ? AND site = ? AND agents <> ?",
+                                 (agents[site], relay, site, agents[site]))
 
     def leave(self, relay: str) -> None:
         """This relay stops: it holds nothing and is gone at once (not after its lease)."""
@@ -100,6 +106,15 @@ class FleetRows(Store):
                 "WHERE p.lease_until > ? AND r.state <> 'gone' ORDER BY p.site, p.relay", (now,)):
             holders.setdefault(site, []).append(relay)
         return holders
+
+    def paths(self, now: float) -> dict[str, list[tuple[str, list[str]]]]:
+        """Site -> (relay, the agents whose tunnels it holds) for every live lease: the site's paths."""
+        paths: dict[str, list[tuple[str, list[str]]]] = {}
+        for site, relay, agents in self._db.execute(
+                "SELECT p.site, p.relay, p.agents FROM presence p JOIN relays r ON r.name = p.relay "
+                "WHERE p.lease_until > ? AND r.state <> 'gone' ORDER BY p.site, p.relay", (now,)):
+            paths.setdefault(site, []).append((relay, [a for a in agents.split(",") if a]))
+        return paths
 
     def holders(self, now: float) -> dict[str, list[Holder]]:
         """Site -> the live relays holding its tunnel, serving ones first, with their peer addresses."""

@@ -56,7 +56,7 @@ class PresenceKeeper:
         self._reading: asyncio.Task[None] | None = None
         self.clock = clock
         self.state = "serving"
-        self._announced: tuple[str, frozenset[str]] | None = None
+        self._announced: tuple[str, dict[str, tuple[str, ...]]] | None = None
         self._announced_at = float("-inf")
         self._failing = False
 
@@ -106,7 +106,7 @@ class PresenceKeeper:
     async def tick(self) -> bool:
         """Announce if the sites or the state changed, or a third of the lease went by; True if written."""
         now = self.clock()
-        current = (self.state, frozenset(self.sites.online()))
+        current = (self.state, self.sites.online_agents())
         if current == self._announced and now - self._announced_at < self.lease / 3:
             return False
         state, held = current

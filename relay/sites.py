@@ -204,6 +204,12 @@ class SiteTable:
     def online(self) -> set[str]:
         return {name for name, site in self.sites.items() if site.online}
 
+    def online_agents(self) -> dict[str, tuple[str, ...]]:
+        """Site -> the agents whose tunnels here take new streams (sites with none left out)."""
+        held = {name: tuple(sorted(t.agent for t in site.tunnels.values() if t.usable))
+                for name, site in self.sites.items()}
+        return {name: agents for name, agents in held.items() if agents}
+
     def live(self) -> Iterator[SiteState]:
         """The sites with a session (draining or not)."""
         return (site for site in self.sites.values() if site.tunnels)

@@ -171,7 +171,7 @@ class StatusSource:
         self.tracker = tracker
         self.registry = registry
         self._records: list[SiteRecord] = []
-        self._presence: dict[str, list[str]] = {}
+        self._presence: dict[str, list[tuple[str, list[str]]]] = {}
         self.started = started
         self.wireguard = wireguard
         self.serving = False
@@ -197,12 +197,12 @@ class StatusSource:
         """Whether the registry's database answered the last call (no I/O here)."""
         return self.registry.available
 
-    async def presence(self) -> dict[str, list[str]]:
-        """Site -> the fleet's relays that hold its tunnels now; while the registry cannot be read, the last
-        answer read."""
+    async def presence(self) -> dict[str, list[tuple[str, list[str]]]]:
+        """Site -> its paths now: each relay of the fleet holding its tunnels, with the agents whose tunnels
+        they are; while the registry cannot be read, the last answer read."""
         now = time.time()
         try:
-            self._presence = await self.registry.call(lambda r: r.presence(now))
+            self._presence = await self.registry.call(lambda r: r.paths(now))
         except RegistryUnavailable as exc:
             log.warning("tunnel holders shown as last read: %s", exc)
         return self._presence

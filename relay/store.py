@@ -113,10 +113,12 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX presence_relay ON presence(relay);
     """,
     # 5: where the other relays reach each relay for a hop (its [fleet] address; empty: it takes none), and
-    # the URL agents dial to reach it directly (its [fleet] tunnel_url; empty: agents are not told of it).
+    # the URL agents dial to reach it directly (its [fleet] tunnel_url; empty: agents are not told of it);
+    # and which of a site's agents hold the tunnels a relay has for it (names, comma-separated).
     """
     ALTER TABLE relays ADD COLUMN address {TEXT} NOT NULL DEFAULT '';
     ALTER TABLE relays ADD COLUMN tunnel_url {TEXT} NOT NULL DEFAULT '';
+    ALTER TABLE presence ADD COLUMN agents {TEXT} NOT NULL DEFAULT '';
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -85,6 +85,17 @@ def test_holders_name_where_peers_reach_each_relay_serving_ones_first(two) -> No
     assert a.holders(116.0) == {}  # both leases ran out
 
 
+def test_paths_name_the_agents_whose_tunnels_each_relay_holds(two) -> None:
+    a, b = two
+    a.announce("relay-a", "", "serving", {"st-marys": ("gw-2", "gw-1")}, 100.0, LEASE)
+    b.announce("relay-b", "", "serving", {"st-marys": ("gw-1",), "north": ("",)}, 100.0, LEASE)
+    assert a.paths(101.0) == {"north": [("relay-b", [])],
+                              "st-marys": [("relay-a", ["gw-1", "gw-2"]), ("relay-b", ["gw-1"])]}
+    a.announce("relay-a", "", "serving", {"st-marys": ("gw-2",)}, 102.0, LEASE)  # gw-1 moved away
+    assert a.paths(103.0)["st-marys"][0] == ("relay-a", ["gw-2"])
+    assert a.presence(103.0)["st-marys"] == ["relay-a", "relay-b"]
+
+
 def test_a_relay_announces_only_serving_or_draining(two) -> None:
     with pytest.raises(ValueError, match="serving or draining"):
         two[0].announce("relay-a", "", "gone", [], 1.0, LEASE)

@@ -49,10 +49,16 @@
     return days < 0 ? "expired " + fmtTime(notAfter) : days.toFixed(1) + " days (" + fmtTime(notAfter) + ")";
   }
 
-  // The fleet's relays holding the site's tunnels; one alone is the site's single path.
-  function fmtTunnelsOn(relays) {
-    if (!relays || relays.length === 0) return DASH;
-    return relays.length === 1 ? relays[0] + " (single path)" : relays.join(", ");
+  // The site's paths: relay/agent for each agent tunnel the fleet's relays hold (the relay alone for an
+  // agent without a name); one alone is the site's single path (as relay/cli.py's _paths says).
+  function fmtTunnelsOn(held) {
+    const pairs = [];
+    for (const path of held || []) {
+      const agents = path.agents && path.agents.length ? path.agents : [""];
+      for (const agent of agents) pairs.push(agent ? path.relay + "/" + agent : path.relay);
+    }
+    if (pairs.length === 0) return DASH;
+    return pairs.length === 1 ? pairs[0] + " (single path)" : pairs.join(", ");
   }
 
   function fmtEcho(echo) {
