@@ -54,10 +54,13 @@ class FleetRows(Store):
     """Relays and presence (part of ``relay.registry.Registry``)."""
 
     def announce(self, relay: str, zone: str, state: str, sites: Iterable[str] | Mapping[str, Sequence[str]],
-                 now: float, lease: float, address: str = "", tunnel_url: str = "") -> None:
+                 now: float, lease: float, address: str = "", tunnel_url: str = "",
+                 started_at: float | None = None) -> None:
         """This relay is ``state`` and holds the tunnels of exactly ``sites`` (each with the names of the
         agents whose tunnels they are, when a mapping), until ``now + lease``; peers reach it at
-        ``address``, agents at ``tunnel_url``."""
+        ``address``, agents at ``tunnel_url``. ``started_at``: when this run of the relay began (it tells
+        agents a restarted relay from the one that drained); None: kept from the row unless the relay was
+        gone, else ``now``."""
         if state not in RELAY_STATES[:2]:
             raise ValueError(f"a relay announces itself serving or draining, not {state!r}")
         agents = {site: ",".join(sorted(names)) for site, names in sites.items()} \
@@ -69,9 +72,10 @@ class FleetRows(Store):
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, "
                 "state = excluded.state, lease_until = excluded.lease_until, address = excluded.address, "
                 "tunnel_url = excluded.tunnel_url, started_at = CASE "
-                "WHEN relays.state = 'gone' OR relays.lease_until < ? THEN excluded.started_at "
+                "WHEN ? OR relays.state = 'gone' OR relays.lease_until < ? THEN excluded.started_at "
                 "ELSE relays.started_at END",
-                (relay, zone, state, now, until, address, tunnel_url, now))
+                (relay, zone, state, now if started_at is None else started_at, until, address, tunnel_url,
+                 started_at is not None, now))
             listed = {row[0] for row in self._db.execute("SELECT site FROM presence WHERE relay = ?", (relay,))}
             for site in listed - held:
                 self._db.execute("DELETE FROM presence WHERE relay = ? AND site = ?", (relay, site))

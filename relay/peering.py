@@ -52,7 +52,7 @@ from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.tls import client_context
 from tunnel_link.transport import SUBPROTOCOLS
 
-__all__ = ["CONNECT_TIMEOUT", "HOP_DIRECTION", "PEER_PATH", "FleetView", "PeerEndpoint", "PeerLinks"]
+__all__ = ["CONNECT_TIMEOUT", "HOP_DIRECTION", "PEER_PATH", "FleetView", "PeerEndpoint", "PeerLinks", "run_token"]
 
 log = logging.getLogger("relay")
 
@@ -79,7 +79,7 @@ class FleetView:
     def update(self, holders: dict[str, list[Holder]], relays: Iterable[RelayRecord] = ()) -> None:
         self._holders = {site: peers for site, relays in holders.items()
                          if (peers := [h for h in relays if h.relay != self.name and h.address])}
-        self._dialable = [FleetEntry(r.name, r.zone, r.tunnel_url, r.state) for r in relays
+        self._dialable = [FleetEntry(r.name, r.zone, r.tunnel_url, r.state, run_token(r.started_at)) for r in relays
                           if r.name != self.name and r.tunnel_url and r.state in (SERVING, DRAINING)]
         self._header = None
 
@@ -89,7 +89,8 @@ class FleetView:
         if self.me is None:
             return None
         if self._header is None:
-            me = FleetEntry(self.me.name, self.me.zone, self.me.url, DRAINING if self.draining else SERVING)
+            me = FleetEntry(self.me.name, self.me.zone, self.me.url, DRAINING if self.draining else SERVING,
+                            self.me.since)
             try:
                 self._header = encode_fleet([me, *self._dialable[:MAX_ENTRIES - 1]])
             except DiscoveryError as exc:  # too long a list: this relay alone still tells the agent who it is
@@ -106,6 +107,11 @@ class FleetView:
     def holders_of(self, site: str) -> list[Holder]:
         """Serving relays first (the registry's order), then draining ones."""
         return list(self._holders.get(site, ()))
+
+
+def run_token(started_at: float) -> str:
+    """``FleetEntry.since`` for a relay whose run began at ``started_at``: the same on every relay's list."""
+    return f"{started_at:.3f}"
 
 
 @dataclass(slots=True)

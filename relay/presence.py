@@ -43,7 +43,7 @@ class PresenceKeeper:
 
     def __init__(self, registry: AsyncRegistry, sites: SiteTable, *, name: str, zone: str, lease: float,
                  address: str = "", tunnel_url: str = "", view: FleetView | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 started: float | None = None, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
         self.sites = sites
         self.name = name
@@ -51,6 +51,7 @@ class PresenceKeeper:
         self.lease = lease
         self.address = address
         self.tunnel_url = tunnel_url
+        self.started = started
         self.view = view
         self._read_started_at = float("-inf")  # when the last read of the others' presence began
         self._reading: asyncio.Task[None] | None = None
@@ -112,7 +113,7 @@ class PresenceKeeper:
         state, held = current
         try:
             await self.registry.call(lambda r: r.announce(self.name, self.zone, state, held, now, self.lease,
-                                                                self.address, self.tunnel_url))
+                                                                self.address, self.tunnel_url, self.started))
         except RegistryError as exc:
             if not self._failing:
                 log.error("fleet presence not written (other relays will see this one's lease run out): %s", exc)

@@ -34,7 +34,7 @@ from relay import admin, dashboard, enroll, guard, listeners, metrics
 from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.identity import Admission
-from relay.peering import PEER_PATH, FleetView, PeerEndpoint, PeerLinks
+from relay.peering import PEER_PATH, FleetView, PeerEndpoint, PeerLinks, run_token
 from relay.presence import PresenceKeeper
 from relay.registry import DestinationRecord, Registry, RouteRecord, open_registry
 from relay.registrygate import AsyncRegistry
@@ -88,7 +88,8 @@ class Relay:
         self._listeners: list[PipeServer] = []
         self._presence: PresenceKeeper | None = None
         f = settings.fleet
-        self.fleet_view = FleetView(f.name, FleetEntry(f.name, f.zone, f.tunnel_url, SERVING) if f.tunnel_url else None)
+        self.fleet_view = FleetView(f.name, FleetEntry(f.name, f.zone, f.tunnel_url, SERVING, run_token(self.started))
+                                    if f.tunnel_url else None)
         self._peer_endpoint: PeerEndpoint | None = None
         self._endpoints: TunnelEndpoints | None = None
 
@@ -189,7 +190,8 @@ class Relay:
             self.bound["wireguard"] = await wireguard.start(stack, wg_app)
         presence = self._presence = PresenceKeeper(registry, self.table, name=s.fleet.name, zone=s.fleet.zone,
                                                    lease=s.fleet.lease, address=s.fleet.address,
-                                                   tunnel_url=s.fleet.tunnel_url, view=self.fleet_view)
+                                                   tunnel_url=s.fleet.tunnel_url, view=self.fleet_view,
+                                                   started=self.started)
         # Callers for sites whose tunnels another relay holds are carried there, one hop.
         hops = PeerLinks(self.fleet_view, state_dir=s.state_dir, ca_path=s.tunnel_ca_path, name=s.fleet.name,
                          limits=s.mux.to_limits(), heartbeat_interval=s.tunnel.heartbeat_interval,

@@ -149,9 +149,11 @@ class TunnelEndpoints:
         if self.draining:
             session.go_away(ErrorCode.GOING_AWAY, "relay draining")
         if previous is not None:
-            # Not awaited: the old connection may be a peer that stopped reading, and the site's new
-            # tunnel is served from this moment whatever state the old one is in.
-            previous.close_nowait(ErrorCode.GOING_AWAY, "replaced by a newer connection from the site")
+            # The agent's older tunnel takes no new stream from now on and closes once its associations have
+            # finished (an agent whose second tunnel landed here through a balancer moves that one, and
+            # nothing in flight is cut). Not awaited: the old connection may be a peer that stopped
+            # reading, and the new tunnel is served from this moment; a dead one ends at its heartbeat.
+            previous.go_away(ErrorCode.GOING_AWAY, "replaced by a newer connection from the agent")
         try:
             await session.run()
         finally:

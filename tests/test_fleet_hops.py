@@ -39,7 +39,7 @@ def fleet(procs, postgres, tmp_path):
     for name, relay in relays.items():
         start_relay(procs, relay, name=f"relay-{name}")
     agent = make_agent(relays["b"], SITE, tmp_path / "agent", routes=[AgentRoute("pacs", pacs)], enrolled=True,
-                       heartbeat=1.0)
+                       heartbeat=1.0, sections=["[fleet]", "tunnels = 1"])  # relay b's alone
     enroll_agent(relays["b"], agent)
     start_agent(procs, agent, relays["b"])
     wait_until(lambda: relays["a"].admin("GET", "/api/fleet")["presence"].get(SITE) == ["relay-b"], 10.0,
@@ -90,6 +90,7 @@ async def test_the_tunnel_upgrade_tells_the_agent_the_fleet_answering_relay_firs
     context = client_context(state / "agent.crt", state / "agent.key", relay_a.state_dir / pki.CA_CERT)
     wait_until(lambda: {r["name"]: r["tunnel_url"] for r in relay_a.admin("GET", "/api/fleet")["relays"]}
                == {"relay-a": relay_a.url, "relay-b": relay_b.url}, 10.0, message="both relays announced")
+    runs: dict[str, dict[str, str]] = {}
     async with aiohttp.ClientSession() as http:
         for relay, other in ((relay_a, relay_b), (relay_b, relay_a)):
             deadline = time.monotonic() + 5.0
@@ -102,6 +103,9 @@ async def test_the_tunnel_upgrade_tells_the_agent_the_fleet_answering_relay_firs
                 await asyncio.sleep(0.2)
             assert [(e.url, e.state) for e in listed] == [(relay.url, "serving"), (other.url, "serving")]
             assert listed[0].zone != listed[1].zone
+            runs[relay.url] = {e.url: e.since for e in listed}
+    # Each relay's run token is the same on every relay's list.
+    assert runs[relay_a.url] == runs[relay_b.url] and all(runs[relay_a.url].values())
 
 
 async def _upgrade(url: str, context: ssl.SSLContext) -> int:

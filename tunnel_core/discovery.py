@@ -59,6 +59,7 @@ _KEYS = ("name", "zone", "url", "state")
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _RELAY_NAME = AGENT_NAME
 _ZONE = re.compile(r"[A-Za-z0-9._-]{0,63}")
+_SINCE = re.compile(r"[A-Za-z0-9._-]{0,32}")
 _URL_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
 _HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
@@ -71,12 +72,15 @@ class DiscoveryError(CoreError, ValueError):
 @dataclass(frozen=True, slots=True)
 class FleetEntry:
     """One relay of the fleet: its fleet ``name``, ``zone`` ("" when unset), the direct tunnel ``url``
-    agents may dial, and ``state`` (:data:`SERVING` or :data:`DRAINING`)."""
+    agents may dial, ``state`` (:data:`SERVING` or :data:`DRAINING`), and ``since``: an opaque token of
+    this run of the relay (it changes when the relay restarts; "" when the relay sent none), so an agent
+    that avoids a relay it saw draining knows the relay listed later under the same name is a new one."""
 
     name: str
     zone: str
     url: str
     state: str
+    since: str = ""
 
     @property
     def serving(self) -> bool:
@@ -101,8 +105,8 @@ def encode_fleet(entries: Iterable[FleetEntry]) -> str:
             raise DiscoveryError("not a FleetEntry")
         _check_entry(entry)
     _check_unique(listed)
-    text = json.dumps([{key: getattr(e, key) for key in _KEYS} for e in listed],
-                      separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    text = json.dumps([{**{key: getattr(e, key) for key in _KEYS}, **({"since": e.since} if e.since else {})}
+                       for e in listed], separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     if len(text) > MAX_HEADER_BYTES:
         raise DiscoveryError(f"the fleet list takes {len(text)} bytes, over {MAX_HEADER_BYTES}")
     return text
@@ -184,7 +188,10 @@ def _entry_of(item: object) -> FleetEntry:
     values = [item.get(key) for key in _KEYS]
     if not all(isinstance(value, str) for value in values):
         raise DiscoveryError("an entry lacks one of name, zone, url, state as a string")
-    entry = FleetEntry(*values)
+    since = item.get("since", "")
+    if not isinstance(since, str):
+        raise DiscoveryError("an entry's since is not a string")
+    entry = FleetEntry(*values, since=since)
     _check_entry(entry)
     return entry
 
@@ -198,6 +205,8 @@ def _check_entry(entry: FleetEntry) -> None:
         raise DiscoveryError("an entry's zone is not a zone name")
     if entry.state not in _STATES:
         raise DiscoveryError("an entry's state is neither serving nor draining")
+    if not isinstance(entry.since, str) or not _SINCE.fullmatch(entry.since):
+        raise DiscoveryError("an entry's since is not a short token")
     _check_url(entry.url)
 
 
