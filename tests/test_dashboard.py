@@ -178,7 +178,7 @@ def stack(module_procs, tmp_path_factory):
                        sites={UP_SITE: [SiteDest("CLOUD", free_port())], DOWN_SITE: []})
     # A spool destination too, so its summary travels in the health report to the site page.
     agent = make_agent(relay, UP_SITE, root / "agent", routes=[AgentRoute("pacs", pacs_port, "PACS")],
-                       extra=[f'state_dir = "{root / "agent" / "state"}"'],
+                       extra=[f'state_dir = "{root / "agent" / "state"}"', 'agent_name = "gw-1"'],
                        sections=["[[destinations]]", 'name = "cloud-spool"', 'called_ae = "CLOUDSPOOL"',
                                  'mode = "spool"'])
     start_relay(module_procs, relay)
@@ -436,8 +436,8 @@ async def test_chromium_logs_in_and_shows_the_relays_state(stack, procs, tmp_pat
             assert shown[DOWN_SITE]["condition"] == "down" and shown[DOWN_SITE]["reason"] == "never connected"
             assert shown[UP_SITE]["condition"] in {"up", "degraded"}
             assert shown[UP_SITE]["connected_since"] != "—"
-            # Which relays of the fleet hold the site's tunnel: here only this one, flagged as its single path.
-            me = relay.admin("GET", "/api/fleet")["relay"]
+            # Which relays and agents hold the site's tunnel: here one agent on this relay, its single path.
+            me = relay.admin("GET", "/api/fleet")["relay"] + "/gw-1"
             holders = f"document.querySelector('tr[data-site=\"{UP_SITE}\"] [data-field=tunnels_on]').textContent"
             await page.wait_for(f"{holders} === {json.dumps(me + ' (single path)')}", PAGE_TIMEOUT)
             assert await page.evaluate(

@@ -57,7 +57,7 @@ def fleet(procs, postgres, tmp_path):
     for name, relay in relays.items():
         start_relay(procs, relay, name=f"relay-{name}")
     agent = make_agent(relays["b"], "st-marys", tmp_path / "agent", routes=[AgentRoute("pacs", pacs)],
-                       enrolled=True, heartbeat=1.0)
+                       enrolled=True, heartbeat=1.0, extra=['agent_name = "gw-1"'])
     return relays["a"], relays["b"], agent
 
 
@@ -139,12 +139,13 @@ def test_the_fleet_shows_which_relay_holds_each_site_and_a_relay_that_stops(proc
                message="relay a to see that relay b holds st-marys")
     answer = relay_a.admin("GET", "/api/fleet")
     assert answer["relay"] == "relay-a"
+    assert answer["paths"] == {"st-marys": [{"relay": "relay-b", "agents": ["gw-1"]}]}
     assert {(r["name"], r["zone"], r["state"], r["sites"]) for r in answer["relays"]} == {
         ("relay-a", "zone-a", "serving", 0), ("relay-b", "zone-b", "serving", 1)}
     listing = _cli(RELAY, "fleet", "--config", str(relay_a.config)).stdout
     assert "relay-b" in listing and "serving" in listing and "(this relay)" in listing
     sites = _cli(RELAY, "sites", "--config", str(relay_a.config)).stdout
-    assert "relay-b (single path)" in sites  # one relay holds the site: flagged
+    assert "relay-b/gw-1 (single path)" in sites  # one agent on one relay: flagged
 
     procs.stop(relay_b.proc)  # a clean stop withdraws at once, without waiting for the lease
     answer = relay_a.admin("GET", "/api/fleet")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -26,8 +25,8 @@ import yaml
 from devkit.fleet import make_fleet
 from relay.config import load_relay_settings
 from relay.guard import host_allowed
-from tests.support import missing_prerequisite
 from tests.support.dcmtk import echoscu, start_storescp
+from tests.support.haproxy import haproxy_binary
 from tests.support.ports import free_port, free_ports
 from tests.support.procs import wait_for_port, wait_until
 from tests.support.stack import (
@@ -98,15 +97,8 @@ def test_the_compose_relay_config_loads_and_answers_haproxys_checks(tmp_path):
     assert "hdr Host localhost" in cfg
 
 
-def _haproxy() -> str:
-    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if path is None:
-        missing_prerequisite("haproxy (Debian package haproxy) is not installed")
-    return path
-
-
 def test_haproxy_accepts_the_config_as_shipped():
-    done = subprocess.run([_haproxy(), "-c", "-f", str(COMPOSE / "haproxy.cfg")], capture_output=True, text=True,
+    done = subprocess.run([haproxy_binary(), "-c", "-f", str(COMPOSE / "haproxy.cfg")], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -144,11 +136,12 @@ def fleet_behind_haproxy(procs, postgres, tmp_path):
         start_relay(procs, relay, name=name)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(local_haproxy_cfg(tunnel_port, dicom_port, relays))
-    haproxy = procs.spawn([_haproxy(), "-db", "-f", str(cfg)], name="haproxy")
+    haproxy = procs.spawn([haproxy_binary(), "-db", "-f", str(cfg)], name="haproxy")
     wait_for_port("127.0.0.1", tunnel_port, 15, proc=haproxy)
     wait_for_port("127.0.0.1", dicom_port, 15, proc=haproxy)
+    # One tunnel, through haproxy: this compose file publishes no relay but the balancer.
     agent = make_agent(relays["relay-1"], SITE, tmp_path / "agent", routes=[AgentRoute("pacs", pacs)],
-                       enrolled=True, heartbeat=1.0)
+                       enrolled=True, heartbeat=1.0, sections=["[fleet]", "tunnels = 1"])
     return relays, haproxy, agent, dicom_port
 
 
