@@ -21,7 +21,6 @@ This module alone knows every satellite; each is handed the narrow collaborator 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -33,6 +32,7 @@ from aiohttp import web
 from relay import admin, dashboard, enroll, guard, listeners, metrics
 from relay.admintoken import admin_token
 from relay.config import RelaySettings
+from relay.drain import Drain
 from relay.identity import Admission
 from relay.peering import PEER_PATH, FleetView, PeerEndpoint, PeerLinks, run_token
 from relay.presence import PresenceKeeper
@@ -43,7 +43,6 @@ from relay.sites import SiteState, SiteTable, reload_routing
 from relay.status import StatusSource
 from relay.tunnel import TunnelEndpoints, accept_websocket
 from relay.wgtransport import RelayWireGuard
-from tunnel_core.codes import ErrorCode
 from tunnel_core.dicom import AssociateRequest, RejectReason
 from tunnel_core.discovery import SERVING, FleetEntry
 from tunnel_core.health import Readiness, relay_readiness
@@ -56,8 +55,6 @@ from tunnel_link.session import TunnelStream
 from tunnel_link.tls import server_context
 
 log = logging.getLogger("relay")
-
-DRAIN_POLL = 0.1  # seconds between looks at the associations still in flight during a drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +87,7 @@ class Relay:
         f = settings.fleet
         self.fleet_view = FleetView(f.name, FleetEntry(f.name, f.zone, f.tunnel_url, SERVING, run_token(self.started))
                                     if f.tunnel_url else None)
-        self._peer_endpoint: PeerEndpoint | None = None
-        self._endpoints: TunnelEndpoints | None = None
+        self._drain: Drain | None = None
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
@@ -106,44 +102,10 @@ class Relay:
         self._stopping.set()
 
     async def drain(self) -> None:
-        """Leave gently, within ``[fleet] drain_deadline``: readiness fails first, the fleet sees this relay
-        draining, the DICOM listeners stop taking callers (the balancer sends them to another relay), and
-        the cloud associations in flight get until the deadline to finish. Whatever is left then ends with
-        the tunnels as the relay stops (GOAWAY to each agent, which reconnects elsewhere; the callers'
-        associations aborted)."""
-        running = self._started()
-        if running.status.draining:
-            return
-        running.status.draining = True
-        self.fleet_view.set_draining()
-        if self._presence is not None:
-            self._presence.state = "draining"
-            await self._presence.tick()
-        for server in self._listeners:
-            server.stop_accepting()
-        # Agents move first (make-before-break): each opens a tunnel elsewhere, and this one closes once
-        # its associations have finished.
-        if self._endpoints is not None:
-            self._endpoints.draining = True
-        if self._peer_endpoint is not None:
-            self._peer_endpoint.go_away_all()
-        for _site, tunnel in self.table.live_tunnels():
-            tunnel.session.go_away(ErrorCode.GOING_AWAY, "relay draining")
-        deadline = self.settings.fleet.drain_deadline
-        log.info("relay draining: %d cloud associations in flight, %.0f s for them to finish",
-                 self._in_flight(), deadline)
-        started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(deadline):
-                while self._in_flight() and not self._hurry.is_set():
-                    await asyncio.sleep(DRAIN_POLL)
-        left = self._in_flight()
-        log.info("relay drained in %.1f s; %s", time.monotonic() - started,
-                 f"{left} cloud associations left, ended now" if left else "no cloud association left")
-
-    def _in_flight(self) -> int:
-        carried = self._peer_endpoint.active if self._peer_endpoint is not None else 0
-        return sum(server.active for server in self._listeners) + carried
+        """Leave gently, within ``[fleet] drain_deadline`` (``relay.drain``)."""
+        self._started()
+        if self._drain is not None:
+            await self._drain.run()
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Bind every port; everything is torn down when ``stack`` closes."""
@@ -169,12 +131,12 @@ class Relay:
             RevocationSweep(self.table, registry, wireguard), wireguard)
         admission = Admission(registry)
         # Its own context: the inner handshake runs in memory BIOs, apart from the listener's.
-        endpoints = self._endpoints = TunnelEndpoints(
+        endpoints = TunnelEndpoints(
             self.table, admission, self.tracker, limits=s.mux.to_limits(),
             heartbeat_interval=s.tunnel.heartbeat_interval,
             inner_context=server_context(s.tunnel_cert_path, s.tunnel_key_path, s.tunnel_ca_path),
             authenticated=self._authenticated, wireguard=wireguard, fleet_header=self.fleet_view.fleet_header)
-        peers = self._peer_endpoint = PeerEndpoint(
+        peers = PeerEndpoint(
             self.table, self.tracker, self._route_here, limits=s.mux.to_limits(),
             heartbeat_interval=s.tunnel.heartbeat_interval, authenticated=self._authenticated,
             accept=accept_websocket)
@@ -208,6 +170,8 @@ class Relay:
         stack.push_async_callback(presence.leave)  # after the keeper is stopped (the stack runs backwards)
         keeper = asyncio.create_task(presence.run())
         stack.push_async_callback(cancel_and_wait, keeper)
+        self._drain = Drain(running.status, self.fleet_view, presence, self._listeners, endpoints, peers, self.table,
+                            s.fleet.drain_deadline, self._hurry)
         running.status.serving = True
         log.info("relay up: %s", ", ".join(f"{k}={h}:{p}" for k, (h, p) in self.bound.items()))
 
