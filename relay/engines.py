@@ -39,7 +39,11 @@ import psycopg
 
 from relay.registryerrors import RegistryError, RegistryUnavailable
 
-__all__ = ["Engine", "PostgresEngine", "PostgresTarget", "SqliteEngine", "render_migration"]
+__all__ = ["NOTIFY_CHANNEL", "Engine", "PostgresEngine", "PostgresTarget", "SqliteEngine", "render_migration"]
+
+# The channel every write NOTIFYs at commit, with "change" (a registry change) or "presence" (the fleet's
+# presence): a hint the other relays act on at once (``relay.notify``); their periodic reads cover a miss.
+NOTIFY_CHANNEL = "dicom_tunnel_registry"
 
 # One key for the registry's write lock (pg_advisory_xact_lock): "DICOMREG" as a 64-bit integer.
 _WRITE_LOCK = int.from_bytes(b"DICOMREG", "big") - 2**63
@@ -258,6 +262,7 @@ class PostgresEngine:
                 yield
                 if change:
                     conn.execute("UPDATE registry_generation SET n = n + 1")
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, "change" if change else "presence"))
         except psycopg.Error as exc:
             raise self._translate(exc) from None
 

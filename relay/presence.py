@@ -86,6 +86,14 @@ class PresenceKeeper:
         except TimeoutError:
             pass
 
+    def hint(self) -> None:
+        """Another relay wrote its presence (a NOTIFY hint, ``relay.notify``): read the fleet's soon, at most
+        one read per ``LOOK_AGAIN`` whatever the number of hints."""
+        if self.view is None or (self._reading is not None and not self._reading.done()):
+            return
+        delay = max(0.0, self._read_started_at + LOOK_AGAIN - self.clock())
+        self._reading = asyncio.create_task(self._read(delay))
+
     async def refresh(self) -> None:
         """Read which relays hold which sites' tunnels into the view, if ``REFRESH`` went by."""
         if self.view is not None and self.clock() - self._read_started_at >= REFRESH:

@@ -10,6 +10,7 @@ another process wrote, and keeps the WireGuard peers equal to the registry's. Th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Protocol
@@ -26,6 +27,7 @@ __all__ = ["SWEEP_INTERVAL", "PeerSync", "RevocationSweep"]
 log = logging.getLogger("relay")
 
 SWEEP_INTERVAL = 1.0  # seconds between re-checks of live tunnels against the registry and the clock
+MIN_SWEEP_GAP = 0.05  # seconds a hint-woken sweep waits, so that the hints of one burst share it
 
 
 class PeerSync(Protocol):
@@ -46,6 +48,11 @@ class RevocationSweep:
         self.sites = sites
         self.registry = registry
         self.wireguard = wireguard
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Another relay changed the registry (a NOTIFY hint, ``relay.notify``): sweep now, not at the next tick."""
+        self._wake.set()
 
     async def enforce(self, now: float | None = None, *, sync_wireguard: bool = True,
                       wait: bool = True) -> list[str]:
@@ -104,7 +111,11 @@ class RevocationSweep:
     async def run(self) -> None:
         outage = False
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SWEEP_INTERVAL):
+                    await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(MIN_SWEEP_GAP)  # a burst of hints is one sweep
             try:
                 changed = await reload_routing(self.sites, self.registry, only_if_changed=True)  # another wrote
                 await self.enforce(sync_wireguard=changed, wait=False)

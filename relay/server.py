@@ -34,6 +34,7 @@ from relay.admintoken import admin_token
 from relay.config import RelaySettings
 from relay.drain import Drain
 from relay.identity import Admission
+from relay.notify import RegistryHints
 from relay.peering import PEER_PATH, FleetView, PeerEndpoint, PeerLinks, run_token
 from relay.presence import PresenceKeeper
 from relay.registry import DestinationRecord, Registry, RouteRecord, open_registry
@@ -165,6 +166,10 @@ class Relay:
             self._listeners.append(server)
         stack.push_async_callback(self.table.close_all, "relay shutting down")
         stack.callback(peers.close_all, "relay shutting down")
+        if opened.target is not None:  # PostgreSQL: act on the other relays' writes at once (NOTIFY hints)
+            hints = RegistryHints(opened.target, lambda kind: self._hint(running, kind))
+            hints.start()
+            stack.push_async_callback(hints.stop)
         sweeper = asyncio.create_task(running.revocations.run())
         stack.push_async_callback(cancel_and_wait, sweeper)
         stack.push_async_callback(presence.leave)  # after the keeper is stopped (the stack runs backwards)
@@ -203,6 +208,12 @@ class Relay:
                               metrics=metrics.handler(running.status, self.tracker, self.guards, self.gate))
         dashboard.add_routes(app, board)
         return app
+
+    def _hint(self, running: _Running, kind: str) -> None:
+        if kind == "change":
+            running.revocations.wake()
+        elif self._presence is not None:
+            self._presence.hint()
 
     async def _route_here(self, listener: str, req: AssociateRequest,
                           assoc: Association) -> TunnelStream | RejectReason:

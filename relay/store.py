@@ -159,6 +159,11 @@ class Store:
     def kind(self) -> str:
         return self._db.kind
 
+    @property
+    def target(self) -> PostgresTarget | None:
+        """The shared PostgreSQL database, for a session of its own (``relay.notify``); None for SQLite."""
+        return self._db.target if isinstance(self._db, PostgresEngine) else None
+
     def close(self) -> None:
         self._db.close()
 
