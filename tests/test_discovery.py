@@ -195,3 +195,14 @@ def test_choose_prefers_new_zones_then_names() -> None:
     assert [e.name for e in choose_relays(fleet, 2, current=None, avoid=set(), keep={"b"})] == ["b", "a"]
     assert choose_relays(fleet, 0, current="c", avoid=set()) == []
     assert choose_relays([], 3, current="c", avoid=set()) == []
+
+
+def test_choose_avoids_a_run_not_the_relay_restarted() -> None:
+    fleet = [FleetEntry("a", "z1", "wss://a/t", "serving", "t2"), FleetEntry("b", "z2", "wss://b/t", "serving", "t1"),
+             FleetEntry("c", "z3", "wss://c/t", "serving"), FleetEntry("d", "z4", "wss://d/t", "draining", "t9")]
+    runs = {"a": "t1", "b": "t1", "c": "t1", "d": "t1"}
+    # a restarted (t2 is not the avoided t1); b is the avoided run; c sent no since: its name decides; d drains.
+    assert [e.name for e in choose_relays(fleet, 4, current=None, avoid=runs)] == ["a"]
+    assert [e.name for e in choose_relays(fleet, 4, current="a", avoid={"a": ""})] == ["b", "c"]  # no run: the name
+    assert [e.name for e in choose_relays(fleet, 4, current=None, avoid={"a"})] == ["b", "c"]  # names, as before
+    assert [e.name for e in choose_relays(fleet, 4, current=None, avoid={})] == ["a", "b", "c"]

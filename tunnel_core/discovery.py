@@ -16,14 +16,15 @@ agent that came in through a load balancer learns which relay it reached.
   known". Keys of an entry beyond the four are ignored, so the relay may add some later.
 - :func:`choose_relays` picks, deterministically (no randomness, no clock), up to ``k`` serving relays:
   the one the agent is on first, then the ones it already holds, then relays in zones not yet used,
-  then by name.
+  then by name. A relay the agent avoids may be named with the run it avoids (its ``since``): an entry of
+  that name with another non-empty ``since`` is the relay restarted, and may be chosen again.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -134,9 +135,13 @@ def parse_fleet(text: str) -> list[FleetEntry]:
     return entries
 
 
-def choose_relays(entries: Sequence[FleetEntry], k: int, *, current: str | None, avoid: Collection[str],
-                  keep: Collection[str] = ()) -> list[FleetEntry]:
-    """Up to ``k`` serving relays of ``entries`` for the agent to hold tunnels to, none named in ``avoid``.
+def choose_relays(entries: Sequence[FleetEntry], k: int, *, current: str | None,
+                  avoid: Collection[str] | Mapping[str, str], keep: Collection[str] = ()) -> list[FleetEntry]:
+    """Up to ``k`` serving relays of ``entries`` for the agent to hold tunnels to, none that ``avoid`` names.
+
+    ``avoid`` holds relay names, or maps each name to the ``since`` of the run avoided: an entry of that name
+    whose ``since`` is another non-empty token is a new run of the relay and is not avoided (with "" on
+    either side, the name alone decides).
 
     In order: ``current`` (the relay the agent is connected to) if it is serving and not avoided; then the
     relays named in ``keep`` (ones the agent already holds tunnels to), by name, under the same condition;
@@ -146,7 +151,7 @@ def choose_relays(entries: Sequence[FleetEntry], k: int, *, current: str | None,
         return []
     candidates: dict[str, FleetEntry] = {}
     for entry in entries:
-        if entry.serving and entry.name not in avoid:
+        if entry.serving and not _avoided(entry, avoid):
             candidates.setdefault(entry.name, entry)
     chosen: list[FleetEntry] = []
     first = [current] if current is not None else []
@@ -161,6 +166,13 @@ def choose_relays(entries: Sequence[FleetEntry], k: int, *, current: str | None,
         chosen.append(pick)
         zones.add(pick.zone)
     return chosen
+
+
+def _avoided(entry: FleetEntry, avoid: Collection[str] | Mapping[str, str]) -> bool:
+    if entry.name not in avoid:
+        return False
+    run = avoid[entry.name] if isinstance(avoid, Mapping) else ""
+    return not (run and entry.since and run != entry.since)
 
 
 # --- checks ------------------------------------------------------------------------------------------
