@@ -1,6 +1,8 @@
 """The agent's tunnels to several relays of a fleet (tunnel_agent.fleet), against fake relays in this event
 loop: aiohttp WebSocket servers over mutual TLS on 127.0.0.1 that speak the mux as the relay and answer the
-upgrade with Tunnel-Fleet, listing each other (the answering relay first)."""
+upgrade with Tunnel-Fleet, listing each other (the answering relay first). Like a relay, one sends an
+agent's older tunnel GOAWAY when a newer one of the same agent name arrives. A balancer, when a test wants
+one, is a TCP forwarder on 127.0.0.1 that the test points at one relay or another."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, FleetEntry, encode
 from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import Mux, Role
 from tunnel_link.aio import cancel_and_wait
+from tunnel_link.errors import StreamResetError
 from tunnel_link.session import MAX_MESSAGE_IN, MuxSession, TunnelStream
 from tunnel_link.tls import server_context
 from tunnel_link.transport import SUBPROTOCOLS
@@ -46,10 +49,13 @@ class FakeRelay:
         self.reports: list[bytes] = []
         self.header: Callable[[], str | None] = lambda: None
         self.new_session = asyncio.Event()
+        self.state, self.since = "serving", "run-1"  # what the fleet's lists say of this relay
+        self.hold = False  # echo the streams agents open (until they end them) instead of refusing them
+        self.replace_first = 0.0  # seconds between the GOAWAY to an agent's older tunnel and the 101
 
     @property
     def entry(self) -> FleetEntry:
-        return FleetEntry(self.name, self.zone, self.url, "serving")
+        return FleetEntry(self.name, self.zone, self.url, self.state, self.since)
 
     def live(self) -> list[MuxSession]:
         return [s for s in self.sessions if not s.ended.is_set()]
@@ -68,21 +74,42 @@ class FakeRelay:
         await asyncio.gather(*(s.close(ErrorCode.GOING_AWAY, "test over") for s in self.live()))
 
     async def _tunnel(self, request: web.Request) -> web.StreamResponse:
-        self.agents.append(request.headers.get(AGENT_HEADER))
+        agent = request.headers.get(AGENT_HEADER)
+        previous = [s for s, name in zip(self.sessions, self.agents, strict=True) if name == agent]
+        self.agents.append(agent)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True, protocols=SUBPROTOCOLS)
         if (header := self.header()) is not None:
             ws.headers[FLEET_HEADER] = header
+        if self.replace_first:
+            self._replace(previous)
+            await asyncio.sleep(self.replace_first)
         await ws.prepare(request)
 
         async def on_stream(stream: TunnelStream) -> None:
-            await stream.reset(ErrorCode.UNKNOWN_ROUTE)
+            if not self.hold:
+                await stream.reset(ErrorCode.UNKNOWN_ROUTE)
+                return
+            try:
+                while data := await stream.read():
+                    stream.send(data)
+                    stream.consumed(len(data))
+            except StreamResetError:
+                pass
 
         session = MuxSession(ws, Mux(Role.RELAY), heartbeat_interval=5.0, on_stream=on_stream, label=self.name,
                              on_report=self.reports.append)
         self.sessions.append(session)
         self.new_session.set()
+        self._replace(previous)
         await session.run()
         return ws
+
+    @staticmethod
+    def _replace(previous: list[MuxSession]) -> None:
+        """As a relay does: the agent's older tunnel takes no new stream and closes once idle."""
+        for older in previous:
+            if not older.ended.is_set():
+                older.go_away(ErrorCode.GOING_AWAY, "replaced by a newer connection from the agent")
 
     async def going_away(self) -> MuxSession:
         """GOAWAY GOING_AWAY on the live tunnel, which stays open (a relay that drains)."""
@@ -96,6 +123,51 @@ def fleet_of(relays: list[FakeRelay]) -> None:
     """Each relay lists the fleet, itself first."""
     for relay in relays:
         relay.header = lambda me=relay: encode_fleet([me.entry, *(r.entry for r in relays if r is not me)])
+
+
+class Balancer:
+    """A TCP forwarder on 127.0.0.1 to ``to``'s port (TLS goes through untouched), as haproxy in front of
+    the fleet; the test points it elsewhere by setting ``to``."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"wss://127.0.0.1:{self.port}/tunnel"
+        self.to: FakeRelay | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+
+        async def stop() -> None:
+            server.close()
+            for task in list(self._pipes):
+                await cancel_and_wait(task)
+            await server.wait_closed()
+
+        stack.push_async_callback(stop)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None and self.to is not None
+        self._pipes.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.to.port)
+            try:
+                await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            finally:
+                up_writer.close()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._pipes.discard(task)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +193,20 @@ def agent_for(certs: Path, tmp_path: Path, relay_url: str, tunnels: int) -> Agen
 
 
 @asynccontextmanager
-async def running(certs: Path, tmp_path: Path, zones: list[str], *, tunnels: int,
-                  fleet: bool = True) -> AsyncIterator[tuple[Agent, list[FakeRelay]]]:
-    """Relays r-a, r-b... in ``zones`` (r-a is relay_url) and an agent keeping ``tunnels`` tunnels; all ended
-    on the way out, also on failure."""
+async def running(certs: Path, tmp_path: Path, zones: list[str], *, tunnels: int, fleet: bool = True,
+                  balancer: Balancer | None = None) -> AsyncIterator[tuple[Agent, list[FakeRelay]]]:
+    """Relays r-a, r-b... in ``zones`` (r-a is relay_url, or where ``balancer``, relay_url then, first
+    forwards to) and an agent keeping ``tunnels`` tunnels; all ended on the way out, also on failure."""
     relays = [FakeRelay(f"r-{chr(ord('a') + i)}", zone, certs / "relay") for i, zone in enumerate(zones)]
     if fleet:
         fleet_of(relays)
     async with AsyncExitStack() as stack:
         for relay in relays:
             await relay.start(stack)
-        agent = agent_for(certs, tmp_path, relays[0].url, tunnels)
+        if balancer is not None:
+            balancer.to = relays[0]
+            await balancer.start(stack)
+        agent = agent_for(certs, tmp_path, balancer.url if balancer else relays[0].url, tunnels)
         task = asyncio.create_task(agent.connect_forever())
 
         async def stop() -> None:
@@ -144,13 +219,24 @@ async def running(certs: Path, tmp_path: Path, zones: list[str], *, tunnels: int
         yield agent, relays
 
 
-async def until(check: Callable[[], object], what: str) -> None:
+async def until(check: Callable[[], object], what: str, *, within: float = WAIT) -> None:
     try:
-        async with asyncio.timeout(WAIT):
+        async with asyncio.timeout(within):
             while not check():
                 await asyncio.sleep(0.02)
     except TimeoutError:
-        raise AssertionError(f"not within {WAIT:g} s: {what}") from None
+        raise AssertionError(f"not within {within:g} s: {what}") from None
+
+
+async def until_echoed(stream: TunnelStream, expected: bytes) -> None:
+    got = b""
+    async with asyncio.timeout(WAIT):
+        while len(got) < len(expected):
+            data = await stream.read()
+            assert data, "the stream ended"
+            stream.consumed(len(data))
+            got += data
+    assert got == expected
 
 
 def connected(relay: FakeRelay) -> bool:
@@ -190,7 +276,7 @@ async def test_going_away_opens_a_replacement_before_the_draining_tunnel_closes(
     async with running(certs, tmp_path, ["z1", "z1", "z2"], tunnels=2) as (agent, (a, b, c)):
         await until(lambda: connected(a) and connected(c), "tunnels to r-a and r-c")
         draining = await c.going_away()
-        await until(lambda: connected(b), "a replacement tunnel to r-b")
+        await until(lambda: connected(b) and agent.fleet.connected == 2, "a replacement tunnel to r-b")
         assert not draining.ended.is_set()  # make before break: r-c's tunnel is still up
         assert set(agent.fleet.extras) == {"r-b"}
         assert [t.name for t in agent.fleet.retired] == ["r-c"]
@@ -228,6 +314,62 @@ async def test_a_draining_primary_gets_a_stand_in_then_dials_relay_url_again(cer
         await until(lambda: len(a.live()) == 1 and len(a.sessions) == 2, "the primary back through relay_url")
         await until(lambda: not connected(c) and not agent.fleet.retired, "the stand-in let go")
         assert set(agent.fleet.extras) == {"r-b"} and connected(b) and len(b.sessions) == 1
+
+
+async def test_a_drained_relay_restarted_is_used_again_at_once(certs, tmp_path):
+    """A rolling restart: r-b drains and restarts, then r-a (relay_url). The fresh list the primary brings
+    back names r-b's new run: the agent dials it again at once, not once the 60 s of avoidance are over."""
+    async with running(certs, tmp_path, ["z1", "z2"], tunnels=2) as (agent, (a, b)):
+        await until(lambda: connected(a) and connected(b), "tunnels to r-a (relay_url) and r-b")
+        b.state = "draining"
+        draining = await b.going_away()
+        await until(lambda: [t.name for t in agent.fleet.retired] == ["r-b"], "r-b's tunnel retired")
+        assert agent.fleet.avoided() == {"r-b": "run-1"}
+        await draining.close(ErrorCode.GOING_AWAY, "drain over")
+        b.state, b.since = "serving", "run-2"  # r-b restarted
+        a.state = "draining"
+        draining = await a.going_away()
+        await until(lambda: agent.fleet.avoided() == {"r-a": "run-1", "r-b": "run-1"}, "r-a avoided too")
+        assert len(b.sessions) == 1  # the list the agent holds still names r-b's drained run
+        a.state, a.since = "serving", "run-2"
+        await draining.close(ErrorCode.GOING_AWAY, "drain over")  # r-a restarted: the primary dials it again
+        await until(lambda: len(a.live()) == 1 and len(a.sessions) == 2, "the primary back through relay_url")
+        await until(lambda: connected(b), "a tunnel to r-b's new run", within=5.0)
+        assert set(agent.fleet.extras) == {"r-b"} and agent.fleet.avoided() == {"r-b": "run-1"}
+        assert agent.fleet.connected == 2
+
+
+@pytest.mark.parametrize("replace_first", [0.0, 0.5], ids=["upgrade-first", "goaway-first"])
+async def test_the_primary_landing_on_the_extras_relay_moves_the_extra(certs, tmp_path, replace_first):
+    """Through the balancer the primary reaches r-b, where the extra tunnel is: r-b keeps serving and is not
+    avoided, the extra moves to another relay, and its stream in flight finishes where it is."""
+    balancer = Balancer()
+    async with running(certs, tmp_path, ["z1", "z2", "z3"], tunnels=2, balancer=balancer) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(b), "tunnels to r-a (through the balancer) and r-b")
+        assert agent.tunnel.relay == "r-a" and set(agent.fleet.extras) == {"r-b"}
+        b.hold, b.replace_first = True, replace_first
+        old = agent.fleet.extras["r-b"]
+        assert old.session is not None
+        stream = await old.session.open_stream(OpenPayload(TargetKind.CALLED_AE, "CLOUD", "MODALITY"))
+        stream.send(b"in flight")
+        await until(lambda: b.live()[0].active_streams == 1, "the stream on r-b")
+        balancer.to = b
+        draining = await a.going_away()  # r-a drains: a stand-in to r-c, r-a avoided
+        await until(lambda: connected(c), "a stand-in tunnel to r-c")
+        await draining.close(ErrorCode.GOING_AWAY, "drain over")  # the primary dials the balancer: r-b
+        await until(lambda: len(b.sessions) == 2 and agent.tunnel.relay == "r-b" and agent.fleet.connected == 2
+                    and set(agent.fleet.extras) == {"r-c"}, "the primary on r-b, the extra on r-c")
+        assert "r-b" not in agent.fleet.avoided() and set(agent.fleet.avoided()) == {"r-a"}
+        assert [t.name for t in agent.fleet.retired] == ["r-b"]
+        # The old tunnel is not cut while its stream goes on: what the stream sends comes back.
+        assert stream.send(b" and more") == len(b" and more")
+        await until_echoed(stream, b"in flight and more")
+        assert not b.sessions[0].ended.is_set()
+        await stream.release()
+        await until(lambda: b.sessions[0].ended.is_set() and not agent.fleet.retired, "the old tunnel closed")
+        assert len(b.live()) == 1 and connected(c) and len(b.sessions) == 2 and not a.live()
+        assert {agent.tunnel.relay, *agent.fleet.extras} == {"r-b", "r-c"} and agent.fleet.connected == 2
+        assert set(agent.fleet.avoided()) == {"r-a"}  # also after the relay's GOAWAY to the old tunnel
 
 
 async def test_one_tunnel_is_one_tunnel(certs, tmp_path):

@@ -9,19 +9,26 @@ backoff, its reconnect loop) dialing the relay's ``url`` directly with the same 
 proxy rules, the relay's certificate checked against ``relay_url``'s host (a fleet's relays share one).
 
 - A malformed or missing list changes nothing: the agent keeps the tunnels it has (with none known:
-  the primary only). Every upgrade refreshes the list.
-- A GOAWAY ``GOING_AWAY`` means the relay drains (or replaced our tunnel by a newer one of ours): its name
-  is avoided for ``AVOID_FOR`` seconds, and a replacement is opened at once, to another relay from the
-  list, while the old tunnel finishes its streams until the relay closes it. For the primary that
-  replacement is a *stand-in*, one extra tunnel more while the primary drains (or is down); the primary
-  itself dials ``relay_url`` again once its connection has ended (dialing it sooner could reach the
-  draining relay while a balancer still sends there, and a relay keeps one tunnel per agent name: the
-  new one would cut the old one's associations). Once the primary is back, the extra tunnel carrying the fewest
-  streams is let go gently (our GOAWAY: it closes when its streams are done).
-- An extra tunnel whose relay left the list, stopped serving, is avoided, or is where the primary landed
-  (the relay keeps one tunnel per agent name: the newer replaced ours) is *retired*: it does not
-  reconnect, and one still serving is closed. There are never more than ``tunnels`` tunnels besides the
-  draining ones, and at most ``MAX_RETIRED`` of those.
+  the primary only). Every upgrade refreshes the list, and the tunnels are looked at again at once.
+- A GOAWAY ``GOING_AWAY`` means the relay drains: that run of it (its name and ``since``) is avoided for
+  ``AVOID_FOR`` seconds at most, and a replacement is opened at once, to another relay from the list,
+  while the old tunnel finishes its streams until the relay closes it. For the primary that replacement
+  is a *stand-in*, one extra tunnel more while the primary drains (or is down); the primary itself dials
+  ``relay_url`` again once its connection has ended (dialing it sooner could reach the draining relay
+  while a balancer still sends there, and a relay keeps one tunnel per agent name: the new one would
+  replace the old one). Once the primary is back, the extra tunnel carrying the fewest streams is let go
+  gently (our GOAWAY: it closes when its streams are done). A later list naming the drained relay with
+  another ``since`` shows it restarted: it is a candidate again at once. The primary reaching a relay that
+  lists itself serving ends the avoidance of that relay (a draining relay lists itself draining).
+- The one other reason for that GOAWAY: the relay keeps one tunnel per agent name, and the primary,
+  through the balancer, reached the relay an extra tunnel is on; the relay then sends the older one GOAWAY
+  and closes it once idle. That relay serves: it is not avoided. The agent moves the extra tunnel to
+  another relay as soon as the primary's upgrade says where it landed (the extra is told GOAWAY, takes no
+  new stream and closes once its streams are done), whichever of the two it hears first.
+- An extra tunnel whose relay left the list, stopped serving or is avoided is *retired*: it does not
+  reconnect, and one still serving is closed; one where the primary landed is retired gently (above).
+  There are never more than ``tunnels`` tunnels besides the draining ones, and at most ``MAX_RETIRED``
+  of those.
 - Streams the agent opens take the live, non-draining tunnel with the fewest streams (:meth:`pick`).
 """
 
@@ -47,7 +54,7 @@ __all__ = ["AVOID_FOR", "Fleet"]
 
 log = logging.getLogger("agent")
 
-AVOID_FOR = 60.0  # seconds a relay that said it drains is not dialed again
+AVOID_FOR = 60.0  # seconds at most a relay's run that said it drains is not dialed again
 RECONCILE_EVERY = 1.0  # seconds between looks at the tunnels when nothing else wakes the supervisor
 MAX_RETIRED = 8  # retired extra tunnels still finishing; beyond it, the oldest is closed
 SHOWN = 80  # characters of a malformed header a log line may repeat
@@ -71,7 +78,7 @@ class Fleet:
         self._stopping = stopping
         self._rand = rand
         self._clock = clock
-        self._avoid: dict[str, float] = {}  # relay name -> until (clock)
+        self._avoid: dict[str, tuple[str, float]] = {}  # relay name -> (the run avoided, "" for any; until)
         self._changed = asyncio.Event()
         self._tasks: dict[Tunnel, asyncio.Task[None]] = {}
         self.primary = Tunnel(settings, on_stream=on_stream, site_name=site_name, stopping=stopping,
@@ -114,6 +121,11 @@ class Fleet:
         live = [s for s in (t.session for t in self.tunnels()) if s is not None and not s.draining]
         return min(live, key=lambda s: s.active_streams) if live else None
 
+    def avoided(self) -> dict[str, str]:
+        """The relays avoided now: name -> the run (``since``) avoided, "" when any run of it is."""
+        now = self._clock()
+        return {name: since for name, (since, until) in self._avoid.items() if until > now}
+
     def sessions(self) -> list[MuxSession]:
         """Every connection still up, draining ones included (health reports go to each)."""
         return [s for s in (t.session for t in self.tunnels()) if s is not None and not s.closing]
@@ -140,6 +152,7 @@ class Fleet:
     def _heard(self, tunnel: Tunnel, headers: Mapping[str, str]) -> None:
         """An upgrade answer: learn which relay ``tunnel`` reached and the fleet's list, if well-formed."""
         value = headers.get(FLEET_HEADER)
+        tunnel.relay_since = ""
         if value is None:
             tunnel.relay = None
             if self.wanted > 1:
@@ -153,21 +166,28 @@ class Fleet:
             log.warning("tunnel %s: ignored the relay's %s (%s): %r%s", tunnel.name, FLEET_HEADER, exc, shown,
                         "..." if len(value) > SHOWN else "")
             return
-        tunnel.relay = entries[0].name
+        reached = entries[0]
+        tunnel.relay, tunnel.relay_since = reached.name, reached.since
         if tunnel.name != PRIMARY and tunnel.relay != tunnel.name:
             log.warning("tunnel %s: the relay at %s says it is %s", tunnel.name, tunnel.target, tunnel.relay)
+        if tunnel is self.primary and reached.serving and self._avoid.pop(reached.name, None) is not None:
+            log.info("tunnel %s: reached relay %s, which serves; no longer avoiding it", tunnel.name, reached.name)
         self.entries = entries
-        self._changed.set()
+        self._changed.set()  # the supervisor looks again at once, with this list
 
     def _going_away(self, tunnel: Tunnel, session: MuxSession) -> None:
-        """``tunnel``'s relay sent GOAWAY: with ``GOING_AWAY`` it drains, so avoid it and replace the tunnel."""
+        """``tunnel``'s relay sent GOAWAY ``GOING_AWAY``: it drains (avoid that run of it), or it took the
+        primary instead (:func:`_beside`); either way the tunnel is replaced elsewhere."""
         if session.goaway_code is not ErrorCode.GOING_AWAY or self.wanted == 1:
             return
         name = tunnel.relay if tunnel.name == PRIMARY else tunnel.name
-        if name is not None:
-            self._avoid[name] = self._clock() + AVOID_FOR
-        log.info("tunnel %s: relay %s is going away; avoiding it for %.0f s and opening a replacement",
-                 tunnel.name, name or "(unknown)", AVOID_FOR)
+        if tunnel is not self.primary and _beside(self.primary, tunnel):
+            log.info("tunnel %s: the relay took the primary tunnel instead; moving this one elsewhere", name)
+        else:
+            if name is not None:
+                self._avoid[name] = (tunnel.relay_since, self._clock() + AVOID_FOR)
+            log.info("tunnel %s: relay %s (run %s) is going away; avoiding it for %.0f s at most and opening a "
+                     "replacement", tunnel.name, name or "(unknown)", tunnel.relay_since or "-", AVOID_FOR)
         if tunnel is not self.primary and self.extras.get(tunnel.name) is tunnel:
             self._retire(tunnel, close=False)
         self._changed.set()
@@ -176,16 +196,18 @@ class Fleet:
 
     def _reconcile(self) -> None:
         """Retire the extra tunnels that must go, then open the missing ones (see the module doc)."""
-        now = self._clock()
-        self._avoid = {name: until for name, until in self._avoid.items() if until > now}
+        runs = self.avoided()
+        self._avoid = {name: self._avoid[name] for name in runs}
         here = self.primary.relay
-        serving = {e.name for e in self.entries if e.serving}
+        allowed = {e.name for e in choose_relays(self.entries, len(self.entries), current=None, avoid=runs)}
         for name, tunnel in list(self.extras.items()):
             if self._tasks[tunnel].done():
                 del self.extras[name]
-            elif name not in serving or name in self._avoid or name == here:
+            elif name == here:
+                self._let_go(tunnel, "the primary tunnel reached this relay too; moving this one elsewhere")
+            elif name not in allowed:
                 log.info("tunnel %s: no longer a relay to hold a tunnel to; retiring it", name)
-                self._retire(tunnel, close=name not in self._avoid)
+                self._retire(tunnel, close=name not in runs)
         for tunnel in [t for t in self.retired if self._tasks[t].done()]:
             self.retired.remove(tunnel)
         kept = {*self.extras.values(), *self.retired}
@@ -195,8 +217,9 @@ class Fleet:
         wanted = self.wanted - (1 if self._primary_up() else 0)  # a stand-in while the primary drains or is down
         if len(self.extras) > wanted:
             newest_first = reversed(self.extras.values())  # on a tie the newest goes: the stand-in
-            self._let_go(min(newest_first, key=lambda t: t.session.active_streams if t.session else -1))
-        chosen = choose_relays(self.entries, wanted + 1, current=here, avoid=set(self._avoid), keep=set(self.extras))
+            self._let_go(min(newest_first, key=lambda t: t.session.active_streams if t.session else -1),
+                         "one tunnel more than [fleet] tunnels")
+        chosen = choose_relays(self.entries, wanted + 1, current=here, avoid=runs, keep=set(self.extras))
         for entry in [e for e in chosen if e.name != here][:wanted]:
             if entry.name not in self.extras and len(self.extras) < wanted:
                 self._start(entry)
@@ -205,12 +228,12 @@ class Fleet:
         session = self.primary.session
         return session is not None and not session.draining
 
-    def _let_go(self, tunnel: Tunnel) -> None:
-        """One extra tunnel too many (the primary is back): no new streams on it, closed once idle."""
-        log.info("tunnel %s: one tunnel more than [fleet] tunnels; letting it go once idle", tunnel.name)
+    def _let_go(self, tunnel: Tunnel, why: str) -> None:
+        """An extra tunnel to end gently (one too many, or on the primary's relay): closed once idle."""
+        log.info("tunnel %s: %s; letting it go once idle", tunnel.name, why)
         self._retire(tunnel, close=False)
         if tunnel.session is not None:
-            tunnel.session.go_away(ErrorCode.GOING_AWAY, "one tunnel more than needed")
+            tunnel.session.go_away(ErrorCode.GOING_AWAY, why)
 
     def _start(self, entry: FleetEntry) -> None:
         tunnel = Tunnel(self.settings, on_stream=self._on_stream, site_name=self._site_name,
@@ -234,3 +257,10 @@ class Fleet:
             if oldest.session is not None:
                 oldest.session.close_nowait(ErrorCode.GOING_AWAY, "too many draining tunnels")
             self._tasks[oldest].cancel()  # awaited by run() at its end; forgotten by _reconcile once done
+
+
+def _beside(primary: Tunnel, extra: Tunnel) -> bool:
+    """``primary`` is up, not draining, on the relay ``extra`` is on: a GOAWAY to ``extra`` is the relay
+    replacing our older tunnel there (were the relay draining, the primary would hear it too, and avoid it)."""
+    session = primary.session
+    return session is not None and not session.draining and primary.relay == extra.name

@@ -59,7 +59,8 @@ class Tunnel:
 
     ``state``, ``session`` (the live one, or None), ``connects``, ``last_error`` and ``next_attempt`` are
     for the status; ``next_attempt`` means something only while ``state.waiting``. ``relay`` is the fleet
-    name of the relay the latest connection reached (the first ``Tunnel-Fleet`` entry), when known.
+    name of the relay the latest connection reached (the first ``Tunnel-Fleet`` entry), when known, and
+    ``relay_since`` that entry's ``since`` (the relay's run; "" when unknown).
 
     ``url`` (default: ``relay_url``) is where to connect, ``server_hostname`` the name the relay's
     certificate must carry (default: ``url``'s host), ``name`` the tunnel's name in logs and status."""
@@ -74,6 +75,7 @@ class Tunnel:
         self.server_hostname = server_hostname
         self.name = name
         self.relay: str | None = None
+        self.relay_since = ""
         self._on_upgrade = on_upgrade
         self._on_goaway = on_goaway
         self.limits = settings.mux.to_limits()
