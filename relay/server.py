@@ -45,7 +45,7 @@ from relay.status import StatusSource
 from relay.tunnel import TunnelEndpoints, accept_websocket
 from relay.wgtransport import RelayWireGuard
 from tunnel_core.dicom import AssociateRequest, RejectReason
-from tunnel_core.discovery import SERVING, FleetEntry
+from tunnel_core.discovery import FLEET_LIST_PATH, SERVING, FleetEntry
 from tunnel_core.health import Readiness, relay_readiness
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.associations import Association, AssociationTracker
@@ -189,6 +189,7 @@ class Relay:
         app.router.add_get(t.path, endpoints.websocket)
         app.router.add_get(t.inner_path, endpoints.inner_websocket)
         app.router.add_get(PEER_PATH, peers.websocket)
+        app.router.add_get(FLEET_LIST_PATH, endpoints.fleet_list)
         enroll.add_routes(app, enrollment, self.guards.enroll)
         runner = app_runner(app, request_timeout=t.request_deadline, logger_name="relay.http")
         await runner.setup()

@@ -90,6 +90,22 @@ class TunnelEndpoints:
         await self.serve_session(identity, ws, f"{request.remote}", "websocket", agent_name(request))
         return ws
 
+    async def fleet_list(self, request: web.Request) -> web.StreamResponse:
+        """``GET /fleet/v1/relays``: the ``Tunnel-Fleet`` list as a JSON body, for an agent that holds fewer
+        tunnels than it wants and whose lists went stale (docs/protocol.md §1.3). A site certificate the
+        registry lets in is required, as for the tunnel; 404 when this relay gives agents no list."""
+        identity = await self.admission.admit_request(request)
+        if isinstance(identity, RegistryDown):
+            raise web.HTTPServiceUnavailable(text=f"{REGISTRY_DOWN}\n")
+        if not isinstance(identity, Identity):
+            raise web.HTTPForbidden(text="a valid, unrevoked site certificate is required\n",
+                                    headers={REFUSED_HEADER: identity.value})
+        self._authenticated(request.transport)
+        listed = self._fleet_header()
+        if listed is None:
+            raise web.HTTPNotFound(text="this relay lists no fleet\n")
+        return web.Response(text=listed, content_type="application/json", headers={"Cache-Control": "no-store"})
+
     async def wireguard_websocket(self, request: web.Request) -> web.StreamResponse:
         """The WireGuard transport: the site is the peer whose tunnel address the connection comes from."""
         site = self._wireguard.site_of(request.remote) if self._wireguard is not None else None

@@ -22,7 +22,7 @@ from tests.support.ports import free_port
 from tests.support.procs import wait_until
 from tests.support.rawdicom import request_reject
 from tests.support.stack import AgentRoute, ListenerRoute, enroll_agent, make_agent, start_agent, start_relay
-from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, parse_fleet
+from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, FLEET_LIST_PATH, parse_fleet
 from tunnel_link.tls import client_context
 from tunnel_link.transport import SUBPROTOCOLS
 
@@ -104,6 +104,13 @@ async def test_the_tunnel_upgrade_tells_the_agent_the_fleet_answering_relay_firs
             assert [(e.url, e.state) for e in listed] == [(relay.url, "serving"), (other.url, "serving")]
             assert listed[0].zone != listed[1].zone
             runs[relay.url] = {e.url: e.since for e in listed}
+        # The same list as a body, for an agent whose lists went stale: a site certificate only.
+        async with http.get(f"https://127.0.0.1:{relay_a.tunnel_port}{FLEET_LIST_PATH}", ssl=context) as answer:
+            assert answer.status == 200
+            assert {e.url for e in parse_fleet(await answer.text())} == {relay_a.url, relay_b.url}
+        bare = ssl.create_default_context(cafile=relay_a.state_dir / pki.CA_CERT)  # no client certificate
+        async with http.get(f"https://127.0.0.1:{relay_a.tunnel_port}{FLEET_LIST_PATH}", ssl=bare) as answer:
+            assert answer.status == 403
     # Each relay's run token is the same on every relay's list.
     assert runs[relay_a.url] == runs[relay_b.url] and all(runs[relay_a.url].values())
 

@@ -36,6 +36,7 @@ __all__ = [
     "AGENT_NAME",
     "DRAINING",
     "FLEET_HEADER",
+    "FLEET_LIST_PATH",
     "MAX_ENTRIES",
     "MAX_HEADER_BYTES",
     "SERVING",
@@ -48,6 +49,9 @@ __all__ = [
 
 FLEET_HEADER = "Tunnel-Fleet"  # relay -> agent, on the 101 of the tunnel upgrade
 AGENT_HEADER = "Tunnel-Agent"  # agent -> relay, on every tunnel upgrade request
+# GET on a relay's tunnel port, with the site's certificate: the same list as a JSON body, for an agent
+# whose lists went stale (it holds fewer tunnels than it wants and no upgrade brought a new list)
+FLEET_LIST_PATH = "/fleet/v1/relays"
 MAX_ENTRIES = 32
 MAX_HEADER_BYTES = 8 * 1024
 MAX_URL = 512  # characters of one entry's URL
