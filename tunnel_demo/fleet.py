@@ -5,7 +5,8 @@ site joined and its C-ECHO carried through relay b; the same C-ECHO sent to rela
 to the site, carried one hop to relay b (its round trip beside the direct one); ``tunnel-relay fleet`` on
 relay a listing both relays and which holds the site's tunnel; a revocation written through relay a
 closing the tunnel on relay b; and relay b drained by SIGTERM, then listed as gone. Its own site, relays
-and agent: the other steps' relay and agent are not touched. Every process is the demo's ``ProcessTracker``'s, ended by PID.
+and agent: the other steps' relay and agent are not touched. Every process is the demo's
+``ProcessTracker``'s, ended by PID.
 """
 
 from __future__ import annotations
