@@ -69,6 +69,9 @@ async def test_raw_streams_with_site_a_certificate(procs, two_sites):
         # A claim in OPEN that disagrees with the A-ASSOCIATE-RQ that follows is refused.
         sid = await raw.open(TargetKind.CALLED_AE, "A_CLOUD", associate_rq("B_CLOUD", "MODALITY"))
         assert await raw.wait_reset(sid) is ErrorCode.PROTOCOL_ERROR
+        # Nor may a site speak as a peer relay on its tunnel: a listener hop toward B's route is refused.
+        sid = await raw.open(TargetKind.LISTENER, "cloud", associate_rq("B_PACS", "CLOUDAI"))
+        assert await raw.wait_reset(sid) is ErrorCode.PROTOCOL_ERROR
     assert not any((tmp / "cloud_b").iterdir())
     assert not any((tmp / "pacs_b").iterdir())
     # Site B's own agent is still connected and unaffected.
