@@ -14,7 +14,10 @@
   ``on_goaway`` each GOAWAY the relay sends, before the tunnel connects again. A connection told GOAWAY
   finishes its streams until the relay closes it (at most ``DRAIN_MAX``): dialing the same relay again
   meanwhile would replace it there (a relay keeps one tunnel per agent name), so the fleet supervisor
-  opens the replacement elsewhere.
+  opens the replacement elsewhere. ``failures`` counts the attempts in a row that did not connect (a
+  refusal is not counted: it is the registry's answer, the same on every relay), ``down_since`` is when
+  that streak began (the connection's end, or the first attempt), and ``on_failed`` hears each one: the
+  fleet supervisor gives up an extra tunnel whose relay is gone without a word.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ GOAWAY_POLL = 0.1  # seconds between looks at a live session for a GOAWAY from t
 DRAIN_MAX = 3660.0  # seconds a connection that was told GOAWAY may go on (the relay's drain_deadline is 3600 at most)
 UpgradeHook = Callable[["Tunnel", Mapping[str, str]], None]
 GoAwayHook = Callable[["Tunnel", MuxSession], None]
+FailedHook = Callable[["Tunnel"], None]
 
 
 class Tunnel:
@@ -63,13 +67,16 @@ class Tunnel:
     ``relay_since`` that entry's ``since`` (the relay's run; "" when unknown).
 
     ``url`` (default: ``relay_url``) is where to connect, ``server_hostname`` the name the relay's
-    certificate must carry (default: ``url``'s host), ``name`` the tunnel's name in logs and status."""
+    certificate must carry (default: ``url``'s host), ``name`` the tunnel's name in logs and status.
+    ``failures`` and ``down_since`` (on ``clock``; None while connected or after a refusal) are the streak
+    of attempts that did not connect (see the module doc)."""
 
     def __init__(self, settings: AgentSettings, *, on_stream: Callable[[TunnelStream], Awaitable[None]],
                  site_name: Callable[[], str], stopping: asyncio.Event,
                  wireguard: WireGuardTransport | None = None, rand: Callable[[], float] = random.random,
                  url: str | None = None, server_hostname: str | None = None, name: str = PRIMARY,
-                 on_upgrade: UpgradeHook | None = None, on_goaway: GoAwayHook | None = None) -> None:
+                 on_upgrade: UpgradeHook | None = None, on_goaway: GoAwayHook | None = None,
+                 on_failed: FailedHook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.url = url
         self.server_hostname = server_hostname
@@ -78,6 +85,10 @@ class Tunnel:
         self.relay_since = ""
         self._on_upgrade = on_upgrade
         self._on_goaway = on_goaway
+        self._on_failed = on_failed
+        self._clock = clock
+        self.failures = 0
+        self.down_since: float | None = None
         self.limits = settings.mux.to_limits()
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rand)
         self.session: MuxSession | None = None
@@ -100,6 +111,9 @@ class Tunnel:
         the relay (see the module doc) ``revoked_retry`` / ``refused_retry``."""
         while not self._stopping.is_set():
             self.state = AgentState.CONNECTING
+            if self.down_since is None:
+                self.down_since = self._clock()
+            connects = self.connects
             refusal: Refusal | None = None
             try:
                 refusal = await self._connect_once()
@@ -117,6 +131,7 @@ class Tunnel:
                     log.warning("tunnel %s to relay failed: %s", self.name, self.last_error)
             if self._stopping.is_set():
                 return
+            self._count(refusal, connected=self.connects > connects)
             if refusal is None:
                 delay = self.backoff.next_delay()
                 self.state = AgentState.BACKOFF
@@ -129,6 +144,15 @@ class Tunnel:
                           self.last_error, delay)
             self.next_attempt = time.time() + delay
             await self._wait(delay, watch_certificate=refusal is not None)
+
+    def _count(self, refusal: Refusal | None, *, connected: bool) -> None:
+        """Keep ``failures`` and ``down_since`` after an attempt; tell ``on_failed`` of one more failure."""
+        if refusal is not None:
+            self.failures, self.down_since = 0, None
+        elif not connected:
+            self.failures += 1
+            if self._on_failed is not None:
+                self._on_failed(self)
 
     def stop(self) -> None:
         """Connect no more once the live connection ends (it is not closed: see :meth:`close`)."""
@@ -176,6 +200,7 @@ class Tunnel:
                                  on_stream=self._on_stream, label="relay" if self.name == PRIMARY else self.name)
             self.session, self.state, self.last_error = session, AgentState.CONNECTED, ""
             self.connects += 1
+            self.failures, self.down_since = 0, None
             self.backoff.reset()
             log.info("tunnel %s to relay connected (%s)", self.name, self.target)
             served = asyncio.create_task(session.run())
@@ -184,6 +209,7 @@ class Tunnel:
             finally:
                 await cancel_and_wait(served)  # at once when it ended; on cancellation, the session's end
                 self.session = None
+                self.down_since = self._clock()
                 self.state = AgentState.DISCONNECTED
                 self.last_error = session.close_reason or "closed"
                 log.info("tunnel %s to relay closed: %s", self.name, self.last_error)
