@@ -1,8 +1,10 @@
 """The agent's tunnels to several relays of a fleet (tunnel_agent.fleet), against fake relays in this event
 loop: aiohttp WebSocket servers over mutual TLS on 127.0.0.1 that speak the mux as the relay and answer the
-upgrade with Tunnel-Fleet, listing each other (the answering relay first). Like a relay, one sends an
-agent's older tunnel GOAWAY when a newer one of the same agent name arrives. A balancer, when a test wants
-one, is a TCP forwarder on 127.0.0.1 that the test points at one relay or another."""
+upgrade with Tunnel-Fleet, listing each other (the answering relay first), and answer GET /fleet/v1/relays
+with the same list as it is now. Like a relay, one sends an agent's older tunnel GOAWAY when a newer one of
+the same agent name arrives; one can be killed (listener closed, connections aborted, no GOAWAY). A
+balancer, when a test wants one, is a TCP forwarder on 127.0.0.1 that the test points at one relay or
+another."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tunnel_agent.agent import Agent
 from tunnel_agent.cli import _human
 from tunnel_agent.config import load_agent_settings
 from tunnel_core.codes import ErrorCode, TargetKind
-from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, FleetEntry, encode_fleet
+from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, FLEET_LIST_PATH, FleetEntry, encode_fleet
 from tunnel_core.frames import OpenPayload
 from tunnel_core.mux import Mux, Role
 from tunnel_link.aio import cancel_and_wait
@@ -52,6 +54,10 @@ class FakeRelay:
         self.state, self.since = "serving", "run-1"  # what the fleet's lists say of this relay
         self.hold = False  # echo the streams agents open (until they end them) instead of refusing them
         self.replace_first = 0.0  # seconds between the GOAWAY to an agent's older tunnel and the 101
+        self.listing = True  # answer GET /fleet/v1/relays with the list (else 404, as a relay without one)
+        self.list_requests = 0
+        self._site: web.TCPSite | None = None
+        self._transports: list[asyncio.BaseTransport] = []
 
     @property
     def entry(self) -> FleetEntry:
@@ -63,18 +69,37 @@ class FakeRelay:
     async def start(self, stack: AsyncExitStack) -> None:
         app = web.Application()
         app.router.add_get("/tunnel", self._tunnel)
+        app.router.add_get(FLEET_LIST_PATH, self._fleet_list)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         ctx = server_context(self.state_dir / "relay.crt", self.state_dir / "relay.key", self.state_dir / "ca.crt")
-        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start()
+        self._site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx)
+        await self._site.start()
         stack.push_async_callback(self._close_all)
+
+    async def kill(self) -> None:
+        """As SIGKILL: the listener closes and every connection is aborted, without a GOAWAY."""
+        assert self._site is not None
+        await self._site.stop()
+        for transport in self._transports:
+            transport.abort()
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(*(s.ended.wait() for s in self.sessions))
+
+    async def _fleet_list(self, request: web.Request) -> web.Response:
+        self.list_requests += 1
+        if not self.listing or (listed := self.header()) is None:
+            raise web.HTTPNotFound(text="this relay lists no fleet\n")
+        return web.Response(text=listed, content_type="application/json")
 
     async def _close_all(self) -> None:
         await asyncio.gather(*(s.close(ErrorCode.GOING_AWAY, "test over") for s in self.live()))
 
     async def _tunnel(self, request: web.Request) -> web.StreamResponse:
         agent = request.headers.get(AGENT_HEADER)
+        assert request.transport is not None
+        self._transports.append(request.transport)
         previous = [s for s, name in zip(self.sessions, self.agents, strict=True) if name == agent]
         self.agents.append(agent)
         ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE_IN, autoping=True, protocols=SUBPROTOCOLS)
@@ -320,6 +345,7 @@ async def test_a_drained_relay_restarted_is_used_again_at_once(certs, tmp_path):
     """A rolling restart: r-b drains and restarts, then r-a (relay_url). The fresh list the primary brings
     back names r-b's new run: the agent dials it again at once, not once the 60 s of avoidance are over."""
     async with running(certs, tmp_path, ["z1", "z2"], tunnels=2) as (agent, (a, b)):
+        a.listing = b.listing = False  # the upgrade's list alone, not one fetched on demand (tested below)
         await until(lambda: connected(a) and connected(b), "tunnels to r-a (relay_url) and r-b")
         b.state = "draining"
         draining = await b.going_away()
@@ -393,3 +419,65 @@ async def test_a_malformed_fleet_leaves_the_primary_only(certs, tmp_path, caplog
         assert len(warnings) == 1 and "ignored" in warnings[0]
         assert "S" * 40 in warnings[0] and "S" * 80 not in warnings[0]  # at most 80 characters of it
         assert agent.tunnel.relay is None
+
+
+async def test_a_stale_list_is_fetched_again_while_short_of_tunnels(certs, tmp_path):
+    """r-c drains (avoided by its run) and r-b, the replacement, drains and stops for good: the agent holds
+    the primary alone, and the lists it heard name r-c draining. r-c restarts, and no upgrade happens on
+    the primary: the agent fetches the list through relay_url and dials r-c's new run."""
+    async with running(certs, tmp_path, ["z1", "z1", "z2"], tunnels=2) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(c), "tunnels to r-a (relay_url) and r-c")
+        c.state = "draining"
+        draining = await c.going_away()
+        await until(lambda: connected(b) and set(agent.fleet.extras) == {"r-b"}, "the replacement on r-b")
+        assert agent.fleet.avoided() == {"r-c": "run-1"}
+        await draining.close(ErrorCode.GOING_AWAY, "drain over")
+        b.state = "draining"
+        await b.going_away()
+        await until(lambda: not agent.fleet.extras, "r-b's tunnel retired")
+        await b.kill()  # and r-b is gone for good
+        await until(lambda: not agent.fleet.retired, "r-b's tunnel ended")
+        assert set(agent.fleet.avoided()) == {"r-b", "r-c"} and len(c.sessions) == 1
+        c.state, c.since = "serving", "run-2"  # r-c restarted; the primary's tunnel stays up
+        await until(lambda: connected(c), "a tunnel to r-c's new run", within=5.0)
+        assert len(c.sessions) == 2 and len(a.sessions) == 1 and a.list_requests >= 1
+        assert set(agent.fleet.extras) == {"r-c"} and agent.fleet.connected == 2
+
+
+async def test_an_extra_tunnel_on_a_killed_relay_is_given_up(certs, tmp_path):
+    """r-b is killed (no GOAWAY) and still listed as serving: the extra tunnel fails to reconnect, is given
+    up (r-b's run avoided, no longer counted) and replaced on r-c."""
+    balancer = Balancer()
+    async with running(certs, tmp_path, ["z1", "z2", "z3"], tunnels=2, balancer=balancer) as (agent, (a, b, c)):
+        await until(lambda: connected(a) and connected(b), "tunnels to r-a (through the balancer) and r-b")
+        assert not c.sessions
+        await b.kill()
+        await until(lambda: connected(c), "a tunnel to r-c", within=5.0)
+        await until(lambda: agent.fleet.connected == 2, "two tunnels up")
+        assert b.state == "serving" and set(agent.fleet.extras) == {"r-c"}
+        assert agent.fleet.avoided() == {"r-b": "run-1"} and not agent.fleet.retired
+        assert {row["relay"] for row in agent.status()["tunnels"]} == {"relay_url", "r-c"}
+
+
+@pytest.mark.parametrize("tunnels", [1, 2])
+async def test_the_list_is_fetched_only_while_short_of_tunnels(certs, tmp_path, tunnels):
+    """r-b lists itself draining: with two tunnels wanted the agent holds one and fetches the list until it
+    names r-b serving, then holds two and fetches no more; with one tunnel it never fetches, even while its
+    one tunnel drains."""
+    async with running(certs, tmp_path, ["z1", "z2"], tunnels=tunnels) as (agent, (a, b)):
+        b.state = "draining"  # before the agent's first upgrade: its task has not run yet
+
+        def fetched() -> int:
+            return a.list_requests + b.list_requests
+
+        await until(lambda: connected(a) and agent.fleet.entries, "the tunnel to relay_url, with the list")
+        if tunnels == 2:
+            await until(lambda: fetched() >= 1, "a fetch of the list", within=5.0)
+            assert not b.sessions
+            b.state = "serving"
+            await until(lambda: connected(b), "a tunnel to r-b, once a fetched list names it serving", within=5.0)
+            seen = fetched()
+        else:
+            await a.going_away()  # the one tunnel drains: none takes new streams
+        await asyncio.sleep(2.5)  # a negative: more than the poll's period
+        assert fetched() == (seen if tunnels == 2 else 0)

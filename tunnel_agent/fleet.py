@@ -29,6 +29,15 @@ proxy rules, the relay's certificate checked against ``relay_url``'s host (a fle
   reconnect, and one still serving is closed; one where the primary landed is retired gently (above).
   There are never more than ``tunnels`` tunnels besides the draining ones, and at most ``MAX_RETIRED``
   of those.
+- An extra tunnel whose relay is gone without a word (killed: no GOAWAY, still listed as serving) is
+  *given up* once it has failed to connect ``GIVE_UP_AFTER`` times in a row, or for ``GIVE_UP_WITHIN``
+  seconds, whichever comes first: that run of the relay is avoided for ``GIVE_UP_AVOID`` seconds and a
+  replacement is chosen among the others at once. The primary is never given up (``relay_url`` is the
+  balancer: its next attempt may reach another relay).
+- While the agent holds fewer live, non-draining tunnels on distinct relays than it wants and knows a
+  fleet, no upgrade may come to refresh its list (its tunnels stay up): ``tunnel_agent.fleetpoll`` then
+  fetches the list through ``relay_url`` every ``FLEET_POLL`` seconds, and it is chosen from as an
+  upgrade's list is.
 - Streams the agent opens take the live, non-draining tunnel with the fewest streams (:meth:`pick`).
 """
 
@@ -42,6 +51,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
 
 from tunnel_agent.config import AgentSettings
+from tunnel_agent.fleetpoll import FleetPoll
 from tunnel_agent.status import TunnelStatus
 from tunnel_agent.tunnel import PRIMARY, Tunnel
 from tunnel_agent.wgtransport import WireGuardTransport
@@ -50,12 +60,15 @@ from tunnel_core.discovery import FLEET_HEADER, DiscoveryError, FleetEntry, choo
 from tunnel_link.aio import cancel_and_wait
 from tunnel_link.session import MuxSession, TunnelStream
 
-__all__ = ["AVOID_FOR", "Fleet"]
+__all__ = ["AVOID_FOR", "GIVE_UP_AFTER", "GIVE_UP_AVOID", "GIVE_UP_WITHIN", "Fleet"]
 
 log = logging.getLogger("agent")
 
 AVOID_FOR = 60.0  # seconds at most a relay's run that said it drains is not dialed again
 RECONCILE_EVERY = 1.0  # seconds between looks at the tunnels when nothing else wakes the supervisor
+GIVE_UP_AFTER = 3  # failed attempts in a row after which an extra tunnel's relay is taken for gone...
+GIVE_UP_WITHIN = 5.0  # ...or seconds of failing, whichever comes first
+GIVE_UP_AVOID = 30.0  # seconds a relay's run given up is not dialed again
 MAX_RETIRED = 8  # retired extra tunnels still finishing; beyond it, the oldest is closed
 SHOWN = 80  # characters of a malformed header a log line may repeat
 
@@ -83,6 +96,7 @@ class Fleet:
         self._tasks: dict[Tunnel, asyncio.Task[None]] = {}
         self.primary = Tunnel(settings, on_stream=on_stream, site_name=site_name, stopping=stopping,
                               wireguard=wireguard, rand=rand, on_upgrade=self._heard, on_goaway=self._going_away)
+        self.poll = FleetPoll(settings, short=self.short, heard=self._listed)
 
     # --- the agent's entry points ----------------------------------------------------------------------
 
@@ -92,6 +106,7 @@ class Fleet:
             await self.primary.run()
             return
         primary = asyncio.create_task(self.primary.run())
+        poll = asyncio.create_task(self.poll.run())
         try:
             while not self._stopping.is_set():
                 self._reconcile()
@@ -102,7 +117,7 @@ class Fleet:
                     pass
             await primary
         finally:
-            for task in [primary, *self._tasks.values()]:
+            for task in [primary, poll, *self._tasks.values()]:
                 await cancel_and_wait(task)
 
     async def close(self, reason: str) -> None:
@@ -135,36 +150,21 @@ class Fleet:
         """Tunnels up and taking new streams."""
         return sum(1 for t in self.tunnels() if t.session is not None and not t.session.draining)
 
+    def short(self) -> bool:
+        """A fleet is known and fewer live, non-draining tunnels on distinct relays than wanted are held."""
+        relays = {t.relay or PRIMARY if t is self.primary else t.name
+                  for t in [self.primary, *self.extras.values()] if _up(t)}
+        return bool(self.entries) and len(relays) < self.wanted
+
     def status(self) -> tuple[TunnelStatus, ...]:
-        rows = []
-        for tunnel in self.tunnels():
-            host = urlsplit(tunnel.target).hostname or ""
-            reached = tunnel.relay if tunnel.name == PRIMARY else None
-            session = tunnel.session
-            state = "draining" if session is not None and session.draining else tunnel.state.value
-            rows.append(TunnelStatus(tunnel.name, reached, host, state, tunnel.connects, tunnel.last_error,
-                                     session.active_streams if session else 0,
-                                     session.connected_at if session else None))
-        return tuple(rows)
+        return tuple(_status_row(tunnel) for tunnel in self.tunnels())
 
     # --- what the tunnels report -----------------------------------------------------------------------
 
     def _heard(self, tunnel: Tunnel, headers: Mapping[str, str]) -> None:
         """An upgrade answer: learn which relay ``tunnel`` reached and the fleet's list, if well-formed."""
-        value = headers.get(FLEET_HEADER)
-        tunnel.relay_since = ""
-        if value is None:
-            tunnel.relay = None
-            if self.wanted > 1:
-                log.info("tunnel %s: the relay sent no %s; keeping the tunnels there are", tunnel.name, FLEET_HEADER)
-            return
-        try:
-            entries = parse_fleet(value)
-        except DiscoveryError as exc:
-            tunnel.relay = None
-            shown = "".join(ch if " " <= ch <= "~" else "?" for ch in value[:SHOWN])
-            log.warning("tunnel %s: ignored the relay's %s (%s): %r%s", tunnel.name, FLEET_HEADER, exc, shown,
-                        "..." if len(value) > SHOWN else "")
+        tunnel.relay, tunnel.relay_since = None, ""
+        if (entries := _fleet_of(tunnel, headers, quiet=self.wanted == 1)) is None:
             return
         reached = entries[0]
         tunnel.relay, tunnel.relay_since = reached.name, reached.since
@@ -174,6 +174,11 @@ class Fleet:
             log.info("tunnel %s: reached relay %s, which serves; no longer avoiding it", tunnel.name, reached.name)
         self.entries = entries
         self._changed.set()  # the supervisor looks again at once, with this list
+
+    def _listed(self, entries: list[FleetEntry]) -> None:
+        """A list fetched on demand (``tunnel_agent.fleetpoll``): chosen from as an upgrade's list is."""
+        self.entries = entries
+        self._changed.set()
 
     def _going_away(self, tunnel: Tunnel, session: MuxSession) -> None:
         """``tunnel``'s relay sent GOAWAY ``GOING_AWAY``: it drains (avoid that run of it), or it took the
@@ -195,7 +200,9 @@ class Fleet:
     # --- keeping the extra tunnels -----------------------------------------------------------------------
 
     def _reconcile(self) -> None:
-        """Retire the extra tunnels that must go, then open the missing ones (see the module doc)."""
+        """Give up the extras whose relay is gone, retire those that must go, open the missing ones."""
+        for tunnel in [t for t in self.extras.values() if _gone(t, self._clock())]:
+            self._give_up(tunnel)
         runs = self.avoided()
         self._avoid = {name: self._avoid[name] for name in runs}
         here = self.primary.relay
@@ -214,7 +221,7 @@ class Fleet:
         for tunnel, task in list(self._tasks.items()):
             if task.done() and tunnel not in kept:
                 del self._tasks[tunnel]
-        wanted = self.wanted - (1 if self._primary_up() else 0)  # a stand-in while the primary drains or is down
+        wanted = self.wanted - (1 if _up(self.primary) else 0)  # a stand-in while the primary drains or is down
         if len(self.extras) > wanted:
             newest_first = reversed(self.extras.values())  # on a tie the newest goes: the stand-in
             self._let_go(min(newest_first, key=lambda t: t.session.active_streams if t.session else -1),
@@ -224,9 +231,14 @@ class Fleet:
             if entry.name not in self.extras and len(self.extras) < wanted:
                 self._start(entry)
 
-    def _primary_up(self) -> bool:
-        session = self.primary.session
-        return session is not None and not session.draining
+    def _give_up(self, tunnel: Tunnel) -> None:
+        """``tunnel`` failed too often: avoid its relay's run (as the list names it) and forget the tunnel."""
+        listed = next((e.since for e in self.entries if e.name == tunnel.name), tunnel.relay_since)
+        self._avoid[tunnel.name] = (listed, self._clock() + GIVE_UP_AVOID)
+        log.info("tunnel %s: %d attempts in a row failed; giving it up, avoiding that relay (run %s) for %.0f s "
+                 "and opening a replacement", tunnel.name, tunnel.failures, listed or "-", GIVE_UP_AVOID)
+        del self.extras[tunnel.name]
+        self._tasks[tunnel].cancel()  # it has no connection; awaited by run() at its end, forgotten once done
 
     def _let_go(self, tunnel: Tunnel, why: str) -> None:
         """An extra tunnel to end gently (one too many, or on the primary's relay): closed once idle."""
@@ -239,7 +251,8 @@ class Fleet:
         tunnel = Tunnel(self.settings, on_stream=self._on_stream, site_name=self._site_name,
                         stopping=asyncio.Event(), rand=self._rand, url=entry.url,
                         server_hostname=self.settings.relay_host, name=entry.name,
-                        on_upgrade=self._heard, on_goaway=self._going_away)
+                        on_upgrade=self._heard, on_goaway=self._going_away,
+                        on_failed=lambda _tunnel: self._changed.set(), clock=self._clock)
         log.info("tunnel %s: opening an extra tunnel to %s (zone %s)", entry.name, entry.url, entry.zone or "-")
         self.extras[entry.name] = tunnel
         self._tasks[tunnel] = asyncio.create_task(tunnel.run())
@@ -257,6 +270,42 @@ class Fleet:
             if oldest.session is not None:
                 oldest.session.close_nowait(ErrorCode.GOING_AWAY, "too many draining tunnels")
             self._tasks[oldest].cancel()  # awaited by run() at its end; forgotten by _reconcile once done
+
+
+def _up(tunnel: Tunnel) -> bool:
+    return tunnel.session is not None and not tunnel.session.draining
+
+
+def _fleet_of(tunnel: Tunnel, headers: Mapping[str, str], *, quiet: bool) -> list[FleetEntry] | None:
+    """The well-formed ``Tunnel-Fleet`` list of an upgrade's answer, or None (said in the log)."""
+    value = headers.get(FLEET_HEADER)
+    if value is None:
+        if not quiet:
+            log.info("tunnel %s: the relay sent no %s; keeping the tunnels there are", tunnel.name, FLEET_HEADER)
+        return None
+    try:
+        return parse_fleet(value)
+    except DiscoveryError as exc:
+        shown = "".join(ch if " " <= ch <= "~" else "?" for ch in value[:SHOWN])
+        log.warning("tunnel %s: ignored the relay's %s (%s): %r%s", tunnel.name, FLEET_HEADER, exc, shown,
+                    "..." if len(value) > SHOWN else "")
+        return None
+
+
+def _gone(extra: Tunnel, now: float) -> bool:
+    """``extra`` has no connection and failed ``GIVE_UP_AFTER`` attempts in a row, or for ``GIVE_UP_WITHIN``
+    seconds (not counting a refusal: that is the registry's answer, the same on every relay)."""
+    failing = extra.session is None and extra.down_since is not None
+    return failing and (extra.failures >= GIVE_UP_AFTER or now - (extra.down_since or now) > GIVE_UP_WITHIN)
+
+
+def _status_row(tunnel: Tunnel) -> TunnelStatus:
+    host = urlsplit(tunnel.target).hostname or ""
+    reached = tunnel.relay if tunnel.name == PRIMARY else None
+    session = tunnel.session
+    state = "draining" if session is not None and session.draining else tunnel.state.value
+    return TunnelStatus(tunnel.name, reached, host, state, tunnel.connects, tunnel.last_error,
+                        session.active_streams if session else 0, session.connected_at if session else None)
 
 
 def _beside(primary: Tunnel, extra: Tunnel) -> bool:
