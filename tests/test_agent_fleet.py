@@ -24,6 +24,7 @@ from tunnel_agent import metrics
 from tunnel_agent.agent import Agent
 from tunnel_agent.cli import _human
 from tunnel_agent.config import load_agent_settings
+from tunnel_agent.fleetpoll import FleetListError, FleetPoll, fetch_fleet
 from tunnel_core.codes import ErrorCode, TargetKind
 from tunnel_core.discovery import AGENT_HEADER, FLEET_HEADER, FLEET_LIST_PATH, FleetEntry, encode_fleet
 from tunnel_core.frames import OpenPayload
@@ -481,3 +482,25 @@ async def test_the_list_is_fetched_only_while_short_of_tunnels(certs, tmp_path, 
             await a.going_away()  # the one tunnel drains: none takes new streams
         await asyncio.sleep(2.5)  # a negative: more than the poll's period
         assert fetched() == (seen if tunnels == 2 else 0)
+
+
+async def test_fetching_the_list_says_why_it_failed_once_per_streak(certs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="agent")
+    async with running(certs, tmp_path, ["z1", "z2"], tunnels=2) as (agent, (a, b)):
+        assert [e.name for e in await fetch_fleet(agent.settings)] == ["r-a", "r-b"]  # relay_url's first
+        a.listing = False
+        with pytest.raises(FleetListError, match="HTTP 404: the relay gives agents no list"):
+            await fetch_fleet(agent.settings)
+        heard: list[list[FleetEntry]] = []
+        poll = FleetPoll(agent.settings, short=lambda: True, heard=heard.append, period=0.05)
+        task = asyncio.create_task(poll.run())
+        try:
+            await until(lambda: poll.fetches >= 3, "three fetches")
+            failed = [r.getMessage() for r in caplog.records if "fleet list" in r.getMessage()]
+            assert len(failed) == 1 and "HTTP 404" in failed[0] and not heard
+            a.listing = True
+            await until(lambda: heard, "a list fetched")
+            assert [e.name for e in heard[0]] == ["r-a", "r-b"]
+            assert sum("fetched again" in r.getMessage() for r in caplog.records) == 1
+        finally:
+            await cancel_and_wait(task)
