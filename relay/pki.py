@@ -229,16 +229,8 @@ def issue_peer_cert(state_dir: Path, relay: str, days: int = PEER_CERT_DAYS) -> 
     ``urn:dicom-tunnel:relay:<name>`` name the relay; it carries no site URI, so no tunnel takes it."""
     if not _RELAY_NAME.fullmatch(relay):
         raise PkiError(f"{relay!r} is not a relay name")
-    ca_cert, ca_key = _load_ca(state_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    cert = (
-        _leaf_builder(ca_cert, key, relay, now - _CLOCK_SKEW, now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(RELAY_URI_PREFIX + relay)]),
-                       critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = _client_certificate(state_dir, key.public_key(), relay, RELAY_URI_PREFIX + relay, days)
     cert_path, key_path = state_dir / PEER_CERT, state_dir / PEER_KEY
     _write_file(key_path, _key_pem(key), mode=0o600, overwrite=True)
     _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=True)
@@ -266,15 +258,7 @@ def sign_site_csr(state_dir: Path, csr_pem: bytes, site: str, days: int = MAX_SI
         raise PkiError("the certificate signing request's signature does not verify")
     public_key = csr.public_key()
     check_public_key(public_key, PkiError)
-    ca_cert, ca_key = _load_ca(state_dir)
-    now = _now()
-    cert = (
-        _leaf_builder(ca_cert, public_key, site, now - _CLOCK_SKEW, now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SITE_URI_PREFIX + site)]),
-                       critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = _client_certificate(state_dir, public_key, site, SITE_URI_PREFIX + site, days)
     return IssuedCertificate(site=site, pem=cert.public_bytes(serialization.Encoding.PEM),
                              serial=cert.serial_number, not_after=cert.not_valid_after_utc)
 
@@ -400,6 +384,20 @@ def _leaf_builder(
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+
+
+def _client_certificate(state_dir: Path, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+                        | ed25519.Ed25519PublicKey, common_name: str, uri: str, days: int) -> x509.Certificate:
+    """A client (clientAuth) certificate from the CA in ``state_dir``: ``common_name``, the one SAN URI
+    ``uri``, valid ``days`` from now (back-dated by the clock skew)."""
+    ca_cert, ca_key = _load_ca(state_dir)
+    now = _now()
+    return (
+        _leaf_builder(ca_cert, public_key, common_name, now - _CLOCK_SKEW, now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
     )
 
 

@@ -146,9 +146,7 @@ def _loop(stop: threading.Event, every: float, once, tally: Loop) -> threading.T
                 tally.count(started, f"error {type(exc).__name__}: {exc}")
             stop.wait(every)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    return _background(run)
 
 
 @dataclass
@@ -172,13 +170,9 @@ def _store(port: int, study: StudyInfo, result: Transfer) -> threading.Thread:
             status = assoc.send_c_store(dcmread(path))
             if status and status.Status == 0x0000:
                 result.acknowledged.append(uid)
-        result.aborted = assoc.is_aborted
-        if assoc.is_established:
-            assoc.release()
+        _finish(assoc, result)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    return _background(run)
 
 
 def _move(port: int, study_uid: str, result: Transfer) -> threading.Thread:
@@ -193,10 +187,18 @@ def _move(port: int, study_uid: str, result: Transfer) -> threading.Thread:
             if status and status.Status not in (0xFF00,):
                 result.final = status.Status
                 result.completed = int(getattr(status, "NumberOfCompletedSuboperations", 0) or 0)
-        result.aborted = assoc.is_aborted
-        if assoc.is_established:
-            assoc.release()
+        _finish(assoc, result)
 
+    return _background(run)
+
+
+def _finish(assoc, result: Transfer) -> None:
+    result.aborted = assoc.is_aborted
+    if assoc.is_established:
+        assoc.release()
+
+
+def _background(run) -> threading.Thread:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
