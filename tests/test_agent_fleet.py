@@ -440,9 +440,10 @@ async def test_a_stale_list_is_fetched_again_while_short_of_tunnels(certs, tmp_p
         await until(lambda: not agent.fleet.retired, "r-b's tunnel ended")
         assert set(agent.fleet.avoided()) == {"r-b", "r-c"} and len(c.sessions) == 1
         c.state, c.since = "serving", "run-2"  # r-c restarted; the primary's tunnel stays up
-        await until(lambda: connected(c), "a tunnel to r-c's new run", within=5.0)
+        # Both ends: the relay's side of the tunnel is up a moment before the agent counts it.
+        await until(lambda: connected(c) and agent.fleet.connected == 2, "a tunnel to r-c's new run", within=5.0)
         assert len(c.sessions) == 2 and len(a.sessions) == 1 and a.list_requests >= 1
-        assert set(agent.fleet.extras) == {"r-c"} and agent.fleet.connected == 2
+        assert set(agent.fleet.extras) == {"r-c"}
 
 
 async def test_an_extra_tunnel_on_a_killed_relay_is_given_up(certs, tmp_path):

@@ -168,6 +168,10 @@ def test_a_full_spool_answers_failure_never_success_and_recovers(procs: ProcessT
     start_relay(procs, relay)  # space comes back as the spool drains
     uid_of = dict(zip(files, big.sop_instance_uids, strict=True))
     wait_until(lambda: {uid_of[f] for f in ok} <= arrived(cloud_dir), 60, message="the stored ones delivered")
+    # Arrived is one step ahead of gone from the spool (the entry is removed once the cloud's answer is in):
+    # the second send must find the space back.
+    wait_until(lambda: status(agent.status_port)["spool"]["cloud"]["instances"] == 0, 30,
+               message="the spool emptied")
     second = storescu(LOOPBACK, agent.listener_port, CLOUD_AE, MODALITY_AE, failed, ["-v", "-nh"],
                       timeout=STORE_TIMEOUT)
     ok2, failed2 = store_responses(second.stdout + second.stderr)
