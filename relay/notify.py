@@ -40,6 +40,7 @@ class RegistryHints:
         self.on_hint = on_hint
         self.received = 0
         self._stop = threading.Event()
+        self.listening = threading.Event()  # set while the session listens (tests wait on it)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -59,6 +60,7 @@ class RegistryHints:
             try:
                 with psycopg.connect(**self.target.connect_args()) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.listening.set()
                     if failing:
                         log.info("registry hints: listening again on %s", self.target.where)
                     failing = False
@@ -70,6 +72,7 @@ class RegistryHints:
                     log.warning("registry hints: %s: %s; the relays' periodic reads go on",
                                 self.target.where, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 failing = True
+                self.listening.clear()
                 self._stop.wait(RETRY)
 
     def _deliver(self, payload: str) -> None:

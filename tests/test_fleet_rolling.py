@@ -37,7 +37,7 @@ from tests.support.dcmtk import start_storescp
 from tests.support.haproxy import haproxy_binary
 from tests.support.orthanc import OrthancHandle, start_orthanc
 from tests.support.ports import free_ports
-from tests.support.procs import wait_for_port, wait_until
+from tests.support.procs import ManagedProcess, wait_for_port, wait_until
 from tests.support.stack import (
     AgentHandle,
     AgentRoute,
@@ -69,6 +69,7 @@ TIMEOUT = 30.0
 @dataclass
 class Fleet:
     relays: dict[str, RelayHandle]
+    haproxy: ManagedProcess
     agents: list[AgentHandle]
     orthanc: OrthancHandle
     dicom_port: int
@@ -213,6 +214,11 @@ def _stored_in(orthanc: OrthancHandle, study_uid: str) -> set[str]:
     return {item["MainDicomTags"]["SOPInstanceUID"] for item in found}
 
 
+def _haproxy_has(haproxy: ManagedProcess, server: str) -> bool:
+    log = haproxy.log_text()
+    return log.count(f"{server} is UP") >= log.count(f"{server} is DOWN")
+
+
 def _ready(relay: RelayHandle) -> bool:
     try:
         return bool(http_json(f"http://127.0.0.1:{relay.admin_port}/readyz", timeout=2)["ready"])
@@ -267,7 +273,7 @@ def fleet(procs, postgres, tmp_path) -> Fleet:
         start_agent(procs, agent, name=f"agent-{i + 1}")
     wait_until(lambda: sum(_tunnels(relays).values()) == 4, TIMEOUT,
                message=lambda: f"two tunnels per agent, have {_tunnels(relays)}")
-    return Fleet(relays, agents, orthanc, dicom_port, cloud_dir, moved, stored)
+    return Fleet(relays, haproxy, agents, orthanc, dicom_port, cloud_dir, moved, stored)
 
 
 def test_a_rolling_restart_of_every_relay_fails_no_new_association(procs, fleet):
@@ -281,14 +287,17 @@ def test_a_rolling_restart_of_every_relay_fails_no_new_association(procs, fleet)
         wait_until(lambda: echoes.outcomes["ok"] >= 20, TIMEOUT, message="the load to be flowing")
         transfers = [_store(fleet.dicom_port, fleet.stored, store), _move(fleet.dicom_port, fleet.moved.study_uid,
                                                                           move)]
-        for name, relay in fleet.relays.items():
+        for index, (name, relay) in enumerate(fleet.relays.items()):
+            server = f"relays-dicom/relay-{index}"  # as devkit.fleet names it for haproxy
             relay.proc.kill(signal.SIGTERM)  # a drain: readiness fails, agents move, callers go elsewhere
             assert relay.proc.wait(DRAIN_DEADLINE + 15) == 0
             start_relay(procs, relay, name=f"relay-{name}-again")
             wait_until(lambda r=relay: _ready(r), TIMEOUT, message=f"relay {name} ready again")
             wait_until(lambda: sum(_tunnels(fleet.relays).values()) >= 4, TIMEOUT,
                        message=lambda: f"the agents' four tunnels back, have {_tunnels(fleet.relays)}")
-            time.sleep(3.0)  # haproxy's check brings the relay back (rise 2 at 1 s) under load
+            # haproxy logs each change of a server's state: as many "UP" as "DOWN" means it takes it again.
+            wait_until(lambda s=server: _haproxy_has(fleet.haproxy, s), TIMEOUT,
+                       message=f"haproxy to take relay {name} back")
         for thread in transfers:
             thread.join(120)
     finally:

@@ -26,7 +26,7 @@ async def test_every_write_is_a_hint_and_the_session_comes_back_with_the_server(
     hints.start()
     writer = Registry.connect(target)
     try:
-        await asyncio.sleep(0.5)  # the hints session is listening (a hint only counts once LISTEN ran)
+        assert await asyncio.to_thread(hints.listening.wait, WAIT)  # a hint only counts once LISTEN ran
         await asyncio.to_thread(writer.add_site, "st-marys", time.time(), "test")
         assert await _next(heard) == "change"
         await asyncio.to_thread(writer.announce, "relay-a", "", "serving", ["st-marys"], time.time(), 15.0)
